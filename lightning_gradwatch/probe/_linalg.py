@@ -1,0 +1,98 @@
+"""Shared per-sample algebra for layers whose weight gradient is ``sum_t delta_t a_t^T``.
+
+Linear layers, convolutions (after unfolding) and grouped convolutions all reduce to: inputs
+``a`` of shape ``(B, T, G, K)`` and output gradients ``delta`` of shape ``(B, T, G, O)``, with
+the per-sample weight gradient ``G_i[g] = sum_t delta[i, t, g]^T a[i, t, g]`` of shape
+``(G, O, K)``. This module picks the cheapest exact route for its squared norm and sums.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .registry import ParamStats
+
+
+def chunk_size(batch: int, elements_per_sample: int, budget: int) -> int:
+    """Largest number of samples whose per-sample tensors fit in ``budget`` elements (>= 1)."""
+    return max(1, min(batch, budget // max(1, elements_per_sample)))
+
+
+def stats_from_grad_sample(
+    grad_sample: Tensor, weight: Tensor, need_sum_sq: bool, keep: bool
+) -> ParamStats:
+    """Statistics from materialised per-sample gradients ``(B, *weight.shape)``."""
+    flat = grad_sample.flatten(1)
+    return ParamStats(
+        dot=flat @ weight.reshape(-1).to(flat.dtype),
+        sq_norm=flat.pow(2).sum(1),
+        sum_sq=grad_sample.pow(2).sum(0) if need_sum_sq else None,
+        grad_sample=grad_sample if keep else None,
+    )
+
+
+def outer_product_stats(
+    a: Tensor,
+    delta: Tensor,
+    need_sum_sq: bool,
+    need_grad_sample: bool,
+    budget: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Squared norm (and optionally sum of squares / per-sample gradients) of
+    ``G_i[g] = sum_t delta[i,t,g]^T a[i,t,g]``.
+
+    Args:
+        a: ``(B, T, G, K)`` layer inputs.
+        delta: ``(B, T, G, O)`` unscaled per-sample output gradients.
+        need_sum_sq: also return ``sum_i G_i**2``.
+        need_grad_sample: also return ``G`` itself.
+        budget: max elements of any temporary per-sample tensor (chunks over samples).
+
+    Returns:
+        ``sq_norm (B,)``, ``sum_sq (G, O, K) | None``, ``grad_sample (B, G, O, K) | None``.
+    """
+    batch, steps, groups, k_in = a.shape
+    k_out = delta.shape[-1]
+    if steps == 1 and not need_grad_sample:
+        # Ghost norm: |d a^T|_F^2 = |d|^2 |a|^2, and sum_i (d_i a_i^T)**2 = (d**2)^T (a**2).
+        a1, d1 = a[:, 0], delta[:, 0]
+        sq_norm = (d1.pow(2).sum(-1) * a1.pow(2).sum(-1)).sum(-1)
+        sum_sq = None
+        if need_sum_sq:
+            sum_sq = (d1.pow(2).permute(1, 2, 0) @ a1.pow(2).permute(1, 0, 2)).contiguous()
+        return sq_norm, sum_sq, None
+
+    gram_cost = steps * steps * (k_in + k_out)
+    materialise_cost = steps * k_in * k_out
+    if not need_sum_sq and not need_grad_sample and gram_cost < materialise_cost:
+        # |G_i|^2 = sum_{t,s} (a_t . a_s)(d_t . d_s): two T x T Gram matrices per sample.
+        sq_norm = a.new_empty(batch)
+        step = chunk_size(batch, groups * steps * steps, budget)
+        for lo in range(0, batch, step):
+            ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
+            dc = delta[lo : lo + step].transpose(1, 2)
+            gram_a = ac @ ac.transpose(-1, -2)
+            gram_d = dc @ dc.transpose(-1, -2)
+            sq_norm[lo : lo + step] = (gram_a * gram_d).sum((1, 2, 3))
+        return sq_norm, None, None
+
+    sq_norm = a.new_empty(batch)
+    sum_sq = a.new_zeros(groups, k_out, k_in) if need_sum_sq else None
+    grad_sample = a.new_empty(batch, groups, k_out, k_in) if need_grad_sample else None
+    step = chunk_size(batch, groups * k_out * k_in, budget)
+    for lo in range(0, batch, step):
+        ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
+        dc = delta[lo : lo + step].transpose(1, 2)  # (n, G, T, O)
+        g = dc.transpose(-1, -2) @ ac  # (n, G, O, K)
+        sq = g.pow(2)
+        sq_norm[lo : lo + step] = sq.sum((1, 2, 3))
+        if sum_sq is not None:
+            sum_sq += sq.sum(0)
+        if grad_sample is not None:
+            grad_sample[lo : lo + step] = g
+    return sq_norm, sum_sq, grad_sample
+
+
+def bias_stats(delta_sum: Tensor, bias: Tensor, need_sum_sq: bool, keep: bool) -> ParamStats:
+    """Statistics of a bias whose per-sample gradient is ``delta_sum`` ``(B, *bias.shape)``."""
+    return stats_from_grad_sample(delta_sum, bias, need_sum_sq, keep)

@@ -1,0 +1,149 @@
+"""Registry of per-layer rules.
+
+A rule turns what a module saw in the forward pass (its inputs and outputs) and what autograd
+handed back (the gradients of its outputs) into per-sample statistics of the module's
+parameters. Supporting a new layer type means adding one file under ``rules/`` that defines a
+:class:`LayerRule` subclass and decorates it with :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Call:
+    """One forward call of a module, captured for the backward pass.
+
+    ``args``/``kwargs`` are the detached forward inputs, ``outputs`` the detached output tensors
+    (flattened), ``output_versions`` their version counters at capture time (an in-place op on
+    an output after the forward bumps it), and ``grads`` the gradient autograd delivered for each
+    output, ``None`` where none arrived (an output that does not reach the loss).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[Tensor]
+    output_versions: list[int]
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    def output_intact(self, k: int = 0) -> bool:
+        """Whether output ``k`` still holds the values the module produced."""
+        return self.outputs[k]._version == self.output_versions[k]
+
+
+@dataclass
+class ParamStats:
+    """Per-sample statistics of one parameter for one backward pass.
+
+    Attributes:
+        dot: ``(B,)`` inner products ``<g_i, theta>``.
+        sq_norm: ``(B,)`` squared norms ``|g_i|^2``.
+        sum_sq: ``param.shape``, ``sum_i g_i**2``; ``None`` unless requested.
+        grad_sample: ``(B, *param.shape)`` per-sample gradients; ``None`` unless requested
+            (only for parameters shared between modules, whose contributions must be summed
+            before taking norms).
+    """
+
+    dot: Tensor
+    sq_norm: Tensor
+    sum_sq: Tensor | None = None
+    grad_sample: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule needs besides the module and its calls.
+
+    Attributes:
+        grad_factor: multiply an output gradient by this (after the cast to ``dtype``) to get
+            the gradient of the *unscaled* per-sample loss: ``1/(c * loss_scale)``, with ``c``
+            the batch reduction constant that the probe resolves from the batch size.
+        dtype: floating dtype for all statistics (at least float32).
+        want: local parameter names (as in ``module.named_parameters``) to compute.
+        need_sum_sq: compute ``sum_i g_i**2``.
+        need_grad_sample: local names whose per-sample gradients must be materialised.
+        chunk_elements: bound on the number of elements of any materialised per-sample tensor.
+    """
+
+    grad_factor: Callable[[int], float]
+    dtype: torch.dtype
+    want: frozenset[str]
+    need_sum_sq: bool
+    need_grad_sample: frozenset[str]
+    chunk_elements: int
+
+
+class SkipModule(Exception):
+    """Raised by a rule that cannot give exact statistics for this call; the probe excludes the
+    module's parameters from the step and warns once with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LayerRule:
+    """Base class for a per-layer rule.
+
+    Subclasses implement :meth:`compute`. ``recursive = True`` makes the rule own the
+    parameters of the module's children too (for modules whose forward uses its children's
+    parameters directly, like ``nn.MultiheadAttention``'s ``out_proj``).
+    """
+
+    recursive: bool = False
+
+    def owned_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """Local name to parameter, for every trainable parameter this rule covers."""
+        return {
+            name: p
+            for name, p in module.named_parameters(recurse=self.recursive)
+            if p.requires_grad
+        }
+
+    def check(self, module: nn.Module) -> str | None:
+        """Return a reason to exclude the module for this forward (e.g. BatchNorm in training
+        mode), or ``None``. Called at forward time."""
+        return None
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        """Per-sample statistics for ``ctx.want``, from all calls of one forward pass."""
+        raise NotImplementedError
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+R = TypeVar("R", bound=type[LayerRule])
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
+    """Class decorator: use this rule for ``module_types`` and their subclasses."""
+
+    def decorate(rule_cls: R) -> R:
+        rule = rule_cls()
+        for module_type in module_types:
+            _RULES[module_type] = rule
+        return rule_cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The registered rule for the most specific registered type in ``module``'s MRO."""
+    for klass in type(module).__mro__:
+        rule = _RULES.get(klass)
+        if rule is not None:
+            return rule
+    return None
+
+
+def registered_types() -> list[type[nn.Module]]:
+    """Module types with a dedicated rule."""
+    return list(_RULES)

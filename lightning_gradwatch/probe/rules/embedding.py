@@ -1,0 +1,85 @@
+"""``nn.Embedding``: sparse per-sample gradients, with repeated indices and ``padding_idx``.
+
+Row ``k`` of ``G_i`` is the sum of ``delta_it`` over the positions where ``idx_it = k``. The
+rule sums the backprops per (sample, row) pair with one ``index_add`` over the unique pairs,
+so repeated indices are summed before squaring and nothing of size ``B x V`` is formed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._linalg import stats_from_grad_sample
+from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    def check(self, module: nn.Module) -> str | None:
+        if getattr(module, "scale_grad_by_freq", False):
+            return (
+                "scale_grad_by_freq=True scales each row's gradient by its frequency in the "
+                "whole batch, so a sample's gradient depends on the other samples"
+            )
+        return None
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        assert isinstance(module, nn.Embedding)
+        if "weight" not in ctx.want:
+            return {}
+        weight = module.weight.detach().to(ctx.dtype)
+        vocab, dim = weight.shape
+        indices, deltas, dots = [], [], []
+        for call in calls:
+            idx, grad = call.args[0], call.grads[0]
+            if grad is None:
+                continue
+            if idx.dim() < 1:
+                raise SkipModule("a 0-d index has no sample dimension")
+            batch = idx.shape[0]
+            idx = idx.reshape(batch, -1)
+            delta = grad.to(ctx.dtype).reshape(batch, -1, dim) * ctx.grad_factor(batch)
+            if module.padding_idx is not None:
+                # The padding row receives no gradient: drop those positions.
+                delta = delta * (idx != module.padding_idx).unsqueeze(-1).to(delta.dtype)
+            rows = (
+                call.outputs[0].to(ctx.dtype).reshape(batch, -1, dim)
+                if call.output_intact()
+                else weight[idx]
+            )
+            dots.append((delta * rows).sum((1, 2)))
+            indices.append(idx)
+            deltas.append(delta)
+        if not deltas:
+            return {}
+        idx = torch.cat(indices, 1)
+        delta = torch.cat(deltas, 1)
+        batch = idx.shape[0]
+        dot = torch.stack(dots).sum(0)
+        if "weight" in ctx.need_grad_sample:
+            grad_sample = weight.new_zeros(batch, vocab, dim)
+            grad_sample.view(batch * vocab, dim).index_add_(
+                0, (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1),
+                delta.reshape(-1, dim),
+            )
+            stats = stats_from_grad_sample(grad_sample, weight, ctx.need_sum_sq, keep=True)
+            stats.dot = dot
+            return {"weight": stats}
+
+        # One key per (sample, row); segment-sum the backprops over each key.
+        keys = (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1)
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        segment = delta.new_zeros(unique_keys.numel(), dim).index_add_(
+            0, inverse, delta.reshape(-1, dim)
+        )
+        segment_sq = segment.pow(2)
+        sq_norm = delta.new_zeros(batch).index_add_(
+            0, torch.div(unique_keys, vocab, rounding_mode="floor"), segment_sq.sum(1)
+        )
+        sum_sq = None
+        if ctx.need_sum_sq:
+            sum_sq = weight.new_zeros(vocab, dim).index_add_(0, unique_keys % vocab, segment_sq)
+        return {"weight": ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq)}

@@ -1,0 +1,106 @@
+"""Generic rule for any module with parameters: per-sample vector-Jacobian products.
+
+``G_i`` is the VJP of ``theta -> module(x_i; theta)`` at ``delta_i``, computed with
+``torch.func.grad`` under ``torch.func.vmap`` over samples, from the captured inputs and output
+gradients, in chunks of samples to bound memory. It is exact for every module that treats
+samples independently and uses no randomness in its forward pass.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._linalg import chunk_size, stats_from_grad_sample
+from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule
+
+
+class FallbackRule(LayerRule):
+    """Used for every module with direct trainable parameters and no dedicated rule."""
+
+    def batch_dim(self, module: nn.Module) -> int:
+        """Dimension of the module's tensor inputs and outputs that indexes samples."""
+        return 0
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        owned = self.owned_parameters(module)
+        names = [n for n in owned if n in ctx.want]
+        if not names:
+            return {}
+        params = {n: owned[n].detach().to(ctx.dtype) for n in names}
+        bdim = self.batch_dim(module)
+        totals: dict[str, Tensor] | None = None
+        for call in calls:
+            grad_sample = self._call_grad_sample(module, call, params, bdim, ctx)
+            if grad_sample is None:
+                continue
+            if totals is None:
+                totals = grad_sample
+            else:  # several calls in one forward: per-sample gradients add
+                totals = {n: totals[n] + grad_sample[n] for n in names}
+        if totals is None:
+            return {}
+        return {
+            n: stats_from_grad_sample(
+                totals[n], params[n], ctx.need_sum_sq, n in ctx.need_grad_sample
+            )
+            for n in names
+        }
+
+    def _call_grad_sample(
+        self,
+        module: nn.Module,
+        call: Call,
+        params: dict[str, Tensor],
+        bdim: int,
+        ctx: RuleContext,
+    ) -> dict[str, Tensor] | None:
+        live = [(o, g) for o, g in zip(call.outputs, call.grads, strict=True) if g is not None]
+        if not live:
+            return None
+        batch = live[0][1].shape[bdim]
+        factor = ctx.grad_factor(batch)
+        deltas = [g.to(ctx.dtype) * factor for _, g in live]
+        live_index = [k for k, g in enumerate(call.grads) if g is not None]
+
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        # A tensor leaf with the batch size along the batch dim is per-sample; others broadcast.
+        batched = [
+            isinstance(x, Tensor) and x.dim() > bdim and x.shape[bdim] == batch for x in leaves
+        ]
+        leaves = [
+            x.to(ctx.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+            for x in leaves
+        ]
+        per_sample = [x for x, b in zip(leaves, batched, strict=True) if b]
+
+        def sample_loss(p: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> Tensor:
+            it = iter(x.unsqueeze(bdim) for x in xs)
+            full = [next(it) if b else x for x, b in zip(leaves, batched, strict=True)]
+            args, kwargs = tree_unflatten(full, spec)
+            out_leaves, _ = tree_flatten(functional_call(module, p, tuple(args), kwargs))
+            outs = [o for o in out_leaves if isinstance(o, Tensor)]
+            return sum(
+                ((outs[k] * d.unsqueeze(bdim)).sum() for k, d in zip(live_index, ds, strict=True)),
+                torch.zeros((), dtype=ctx.dtype, device=ds[0].device),
+            )
+
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, bdim, bdim))
+        elements = sum(p.numel() for p in params.values())
+        step = chunk_size(batch, elements, ctx.chunk_elements)
+        pieces: list[dict[str, Tensor]] = []
+        try:
+            for lo in range(0, batch, step):
+                xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
+                ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
+                pieces.append(per_sample_grad(params, xs, ds))
+        except RuntimeError as err:  # e.g. dropout inside the module: not reproducible
+            raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
+        return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
+
+

@@ -1,0 +1,120 @@
+"""Affine parameters of LayerNorm, GroupNorm, RMSNorm and eval-mode BatchNorm.
+
+Their per-sample gradients are small (``(B, C)`` or ``(B, *normalized_shape)``), so the rule
+forms them directly: ``G_i = sum_t delta_it * xhat_it`` for the weight and
+``sum_t delta_it`` for the bias, with ``xhat`` recomputed from the captured input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._linalg import stats_from_grad_sample
+from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+
+
+class _AffineNormRule(LayerRule):
+    """Shared logic: subclasses give ``xhat`` and the dims that belong to one parameter entry."""
+
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        """Dims of ``(B, ...)`` summed to get a per-sample gradient of the parameter's shape."""
+        raise NotImplementedError
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        weight_grads, bias_grads = [], []
+        for call in calls:
+            x, grad = call.args[0], call.grads[0]
+            if grad is None:
+                continue
+            x = x.detach().to(ctx.dtype)
+            dims = self.reduce_dims(module, x)
+            delta = grad.to(ctx.dtype) * ctx.grad_factor(x.shape[0])
+            if "weight" in ctx.want:
+                xhat = self.normalise(module, x)
+                weight_grads.append((delta * xhat).sum(dims) if dims else delta * xhat)
+            if "bias" in ctx.want:
+                bias_grads.append(delta.sum(dims) if dims else delta)
+        out: dict[str, ParamStats] = {}
+        for name, grads in (("weight", weight_grads), ("bias", bias_grads)):
+            if not grads:
+                continue
+            param = getattr(module, name).detach().to(ctx.dtype)
+            grad_sample = torch.stack(grads).sum(0).reshape(-1, *param.shape)
+            out[name] = stats_from_grad_sample(
+                grad_sample, param, ctx.need_sum_sq, name in ctx.need_grad_sample
+            )
+        return out
+
+
+def _trailing_dims(x: Tensor, n_trailing: int) -> tuple[int, ...]:
+    if x.dim() <= n_trailing:
+        raise SkipModule("input has no sample dimension in front of the normalised shape")
+    return tuple(range(1, x.dim() - n_trailing))
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(_AffineNormRule):
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        assert isinstance(module, nn.LayerNorm)
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        assert isinstance(module, nn.LayerNorm)
+        return _trailing_dims(x, len(module.normalized_shape))
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(_AffineNormRule):
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        assert isinstance(module, nn.RMSNorm)
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        assert isinstance(module, nn.RMSNorm)
+        return _trailing_dims(x, len(module.normalized_shape))
+
+
+class _ChannelNormRule(_AffineNormRule):
+    """Norms with a per-channel parameter over ``(B, C, *spatial)``."""
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        if x.dim() < 2:
+            raise SkipModule("input has no sample dimension")
+        return tuple(range(2, x.dim()))
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(_ChannelNormRule):
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        assert isinstance(module, nn.GroupNorm)
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(_ChannelNormRule):
+    """Eval-mode BatchNorm is a per-sample affine map; training mode mixes samples."""
+
+    def check(self, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if module.training or module.running_mean is None:
+            return (
+                "BatchNorm normalises with batch statistics in training mode, so a sample's "
+                "gradient depends on the whole batch and per-sample gradients are not defined. "
+                "Its parameters are left out of per-sample statistics; layers before it see "
+                "each sample's share of the batch backprop, an approximation"
+            )
+        return None
+
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = module.running_mean.to(x.dtype).view(shape)
+        var = module.running_var.to(x.dtype).view(shape)
+        return (x - mean) * torch.rsqrt(var + module.eps)

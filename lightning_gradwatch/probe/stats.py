@@ -1,0 +1,72 @@
+"""The result of one probed backward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..functional.alignment import cosine_alignment
+
+
+@dataclass
+class ProbeStats:
+    """Per-sample gradient statistics of one backward pass.
+
+    Keys are parameter names as in ``model.named_parameters()``. ``g_i`` is the gradient of
+    sample ``i``'s own, unscaled loss (the probe removes the batch reduction and any loss
+    scale).
+
+    Attributes:
+        batch_size: ``B``.
+        dot: name to ``(B,)`` ``<g_i, theta>``.
+        sq_norm: name to ``(B,)`` ``|g_i|^2``.
+        sum_sq: name to ``param.shape`` ``sum_i g_i**2`` (only with ``sum_grad_squared``).
+        grad_sum: name to ``param.shape`` ``sum_i g_i`` as autograd computed it for this
+            backward (only with ``sum_grad_squared``).
+        param_sq_norm: name to ``()`` ``|theta|^2`` at the time of the backward.
+        excluded: name to the reason it has no statistics this step (e.g. BatchNorm in
+            training mode).
+    """
+
+    batch_size: int
+    dot: dict[str, Tensor] = field(default_factory=dict)
+    sq_norm: dict[str, Tensor] = field(default_factory=dict)
+    sum_sq: dict[str, Tensor] = field(default_factory=dict)
+    grad_sum: dict[str, Tensor] = field(default_factory=dict)
+    param_sq_norm: dict[str, Tensor] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Parameters with statistics this step."""
+        return list(self.dot)
+
+    def _select(self, names: Iterable[str] | None) -> list[str]:
+        if names is None:
+            return self.names
+        names = list(names)
+        missing = [n for n in names if n not in self.dot]
+        if missing:
+            reasons = {n: self.excluded.get(n, "not tracked by the probe") for n in missing}
+            raise KeyError(f"no per-sample statistics for {reasons}")
+        return names
+
+    def grad_sq_norm(self, names: Iterable[str] | None = None) -> Tensor:
+        """``(B,)`` squared norm of ``g_i`` restricted to ``names`` (all if None)."""
+        selected = self._select(names)
+        return torch.stack([self.sq_norm[n] for n in selected]).sum(0)
+
+    def alignment(self, names: Iterable[str] | None = None) -> Tensor:
+        """``(B,)`` ``cos(-g_i, theta)`` with ``theta`` the concatenation of ``names``."""
+        selected = self._select(names)
+        dot = torch.stack([self.dot[n] for n in selected]).sum(0)
+        weight_sq = torch.stack([self.param_sq_norm[n] for n in selected]).sum(0)
+        return cosine_alignment(dot, self.grad_sq_norm(selected), weight_sq)
+
+    def is_finite(self) -> bool:
+        """False when any statistic holds NaN or Inf (e.g. an AMP overflow step)."""
+        tensors = [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
