@@ -1,0 +1,70 @@
+"""Logging helpers shared by the callbacks: TensorBoard extras beyond ``pl_module.log``.
+
+Scalars always go through ``pl_module.log`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can
+monitor them and every logger gets them). Histograms, images and custom-scalar layouts are
+TensorBoard-only; these helpers find the TensorBoard writer among the trainer's loggers and do
+nothing (returning False) when there is none.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def warn_if_no_logger(trainer: pl.Trainer, owner: str) -> None:
+    """One warning when metrics would go nowhere; the callback keeps working."""
+    if not trainer.loggers:
+        warnings.warn(
+            f"{owner}: the Trainer has no logger, so its metrics are computed but not written. "
+            f"Pass logger=TensorBoardLogger(...) (or leave logger=True) to record them.",
+            stacklevel=2,
+        )
+
+
+def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> bool:
+    """Write a TensorBoard histogram of ``values`` (any shape). Rank zero only."""
+    writer = tensorboard_writer(trainer)
+    if writer is None or not trainer.is_global_zero or values.numel() == 0:
+        return False
+    writer.add_histogram(tag, values.detach().float().cpu(), global_step=step)
+    return True
+
+
+def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> bool:
+    """Write a ``(3, H, W)`` float image in ``[0, 1]`` to TensorBoard. Rank zero only."""
+    writer = tensorboard_writer(trainer)
+    if writer is None or not trainer.is_global_zero:
+        return False
+    writer.add_image(tag, image.detach().float().cpu().clamp(0, 1), global_step=step)
+    return True
+
+
+def add_custom_scalars(
+    trainer: pl.Trainer, category: str, charts: dict[str, list[str]]
+) -> bool:
+    """Register a TensorBoard custom-scalars layout: one chart per entry, each overlaying the
+    scalars whose tags match the listed regular expressions.
+
+    Several callbacks may each add their own category; the layouts are merged in TensorBoard's
+    "Custom Scalars" tab.
+    """
+    writer = tensorboard_writer(trainer)
+    if writer is None or not trainer.is_global_zero:
+        return False
+    layout = {category: {title: ["Multiline", tags] for title, tags in charts.items()}}
+    writer.add_custom_scalars(layout)
+    return True
