@@ -1,14 +1,32 @@
-"""``nn.MultiheadAttention``: the fallback rule, owning ``out_proj`` too.
+"""``nn.MultiheadAttention``: ``in_proj`` and ``out_proj`` as outer products.
 
-Its forward uses ``out_proj.weight`` directly (through ``F.multi_head_attention_forward``)
-without calling ``out_proj``, so the attention module must own every parameter beneath it.
+The attention module uses ``out_proj.weight`` directly (through
+``F.multi_head_attention_forward``) without calling ``out_proj``, so this rule owns every
+parameter beneath the module.
+
+Both projections are linear maps applied per position, so their per-sample gradients are the
+usual ``sum_t delta_t a_t^T``. Only the backprops at the projected queries, keys and values are
+hidden inside the functional call. The rule recovers them by replaying the attention core once,
+batched, on the projected inputs (identity projections, which are exact in floating point) and
+taking one vector-Jacobian product. That costs about one attention forward and backward, far
+less than replaying the module per sample.
+
+Configurations the replay does not mirror (``add_bias_kv``, ``add_zero_attn``, separate
+q/k/v projection weights, gradients flowing into the returned attention weights, the module
+called several times in one forward, or parameters shared with another module) use the generic
+per-sample ``torch.func`` replay of :class:`FallbackRule`.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import inspect
 
-from ..registry import register_rule
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._linalg import bias_stats, outer_product_stats
+from ..registry import Call, ParamStats, RuleContext, register_rule
 from .fallback import FallbackRule
 
 
@@ -19,3 +37,138 @@ class MultiheadAttentionRule(FallbackRule):
     def batch_dim(self, module: nn.Module) -> int:
         assert isinstance(module, nn.MultiheadAttention)
         return 0 if module.batch_first else 1
+
+    @staticmethod
+    def _replayable(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> bool:
+        return (
+            len(calls) == 1
+            and module._qkv_same_embed_dim
+            and module.bias_k is None
+            and not module.add_zero_attn
+            and not (module.training and module.dropout > 0)
+            and all(g is None for g in calls[0].grads[1:])
+            and not ctx.need_grad_sample
+        )
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        assert isinstance(module, nn.MultiheadAttention)
+        if not self._replayable(module, calls, ctx):
+            return super().compute(module, calls, ctx)
+        call = calls[0]
+        bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        arg = bound.arguments
+        dtype = ctx.dtype
+
+        def seq_first(x: Tensor) -> Tensor:  # (L, B, E), as the functional form expects
+            x = x.to(dtype)
+            return x.transpose(0, 1) if module.batch_first else x
+
+        def batch_major(x: Tensor) -> Tensor:  # (L, B, E) -> (B, L, E)
+            return x.transpose(0, 1)
+
+        def as_mask(mask: Tensor | None) -> Tensor | None:
+            return mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
+
+        query, key, value = (seq_first(arg[n]) for n in ("query", "key", "value"))
+        embed = module.embed_dim
+        w_in = module.in_proj_weight.detach().to(dtype)
+        b_in = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
+        w_out = module.out_proj.weight.detach().to(dtype)
+        b_out = module.out_proj.bias.detach().to(dtype) if module.out_proj.bias is not None else None
+        w_q, w_k, w_v = w_in.chunk(3)
+        b_q, b_k, b_v = b_in.chunk(3) if b_in is not None else (None, None, None)
+
+        grad = call.grads[0]
+        assert grad is not None
+        batch = grad.shape[0 if module.batch_first else 1]
+        delta = seq_first(grad) * ctx.grad_factor(batch)  # (L, B, E)
+
+        eye = torch.eye(embed, dtype=dtype, device=query.device)
+        with torch.enable_grad():
+            projected = [
+                F.linear(x, w, None).detach().requires_grad_()
+                for x, w in ((query, w_q), (key, w_k), (value, w_v))
+            ]
+            biased = [
+                p + b if b is not None else p
+                for p, b in zip(projected, (b_q, b_k, b_v), strict=True)
+            ]
+            core, _ = F.multi_head_attention_forward(
+                *biased,
+                embed,
+                module.num_heads,
+                None,
+                None,
+                None,
+                None,
+                False,
+                0.0,
+                eye,
+                None,
+                training=module.training,
+                key_padding_mask=as_mask(arg["key_padding_mask"]),
+                need_weights=False,
+                attn_mask=as_mask(arg["attn_mask"]),
+                use_separate_proj_weight=True,
+                q_proj_weight=eye,
+                k_proj_weight=eye,
+                v_proj_weight=eye,
+                is_causal=arg["is_causal"],
+            )
+            d_core = delta @ w_out
+            d_q, d_k, d_v = torch.autograd.grad(core, projected, d_core)
+
+        out: dict[str, ParamStats] = {}
+        core_b, delta_b = batch_major(core.detach()), batch_major(delta)
+        if "out_proj.weight" in ctx.want:
+            if call.output_intact():
+                z = batch_major(seq_first(call.outputs[0]))
+                z = z - b_out if b_out is not None else z
+            else:
+                z = core_b @ w_out.T
+            sq_norm, sum_sq, _ = outer_product_stats(
+                core_b.unsqueeze(2), delta_b.unsqueeze(2), ctx.need_sum_sq, False,
+                ctx.chunk_elements,
+            )
+            out["out_proj.weight"] = ParamStats(
+                dot=(delta_b * z).sum((1, 2)), sq_norm=sq_norm, sum_sq=sum_sq.squeeze(0)
+                if sum_sq is not None else None,
+            )
+        if b_out is not None and "out_proj.bias" in ctx.want:
+            out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
+
+        inputs = [batch_major(x) for x in (query, key, value)]
+        grads = [batch_major(d) for d in (d_q, d_k, d_v)]
+        if "in_proj_weight" in ctx.want:
+            dot = sum(
+                (d * batch_major(p.detach())).sum((1, 2))
+                for d, p in zip(grads, projected, strict=True)
+            )
+            if query.shape[0] == key.shape[0]:
+                # Same length: the three projections are three groups of one outer product.
+                sq_norm, sum_sq, _ = outer_product_stats(
+                    torch.stack(inputs, 2), torch.stack(grads, 2), ctx.need_sum_sq, False,
+                    ctx.chunk_elements,
+                )
+            else:
+                parts = [
+                    outer_product_stats(
+                        a.unsqueeze(2), d.unsqueeze(2), ctx.need_sum_sq, False,
+                        ctx.chunk_elements,
+                    )
+                    for a, d in zip(inputs, grads, strict=True)
+                ]
+                sq_norm = sum(p[0] for p in parts)
+                sum_sq = torch.cat([p[1] for p in parts]) if ctx.need_sum_sq else None
+            out["in_proj_weight"] = ParamStats(
+                dot=dot,
+                sq_norm=sq_norm,
+                sum_sq=sum_sq.reshape(w_in.shape) if sum_sq is not None else None,
+            )
+        if b_in is not None and "in_proj_bias" in ctx.want:
+            bias_grad = torch.cat([d.sum(1) for d in grads], -1)
+            out["in_proj_bias"] = bias_stats(bias_grad, b_in, ctx.need_sum_sq, False)
+        return out
