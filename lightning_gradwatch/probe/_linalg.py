@@ -8,9 +8,21 @@ the per-sample weight gradient ``G_i[g] = sum_t delta[i, t, g]^T a[i, t, g]`` of
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .registry import ParamStats
+
+
+def rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample inner product of two ``(B, ...)`` tensors, as one fused reduction: ``(B,)``."""
+    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+
+
+def row_sq_norm(x: Tensor) -> Tensor:
+    """Per-sample squared norm of a ``(B, ...)`` tensor: ``(B,)``, with no temporary the size of
+    ``x`` (``x.pow(2).sum()`` allocates one, which costs more than the arithmetic)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 def chunk_size(batch: int, elements_per_sample: int, budget: int) -> int:
@@ -25,7 +37,7 @@ def stats_from_grad_sample(
     flat = grad_sample.flatten(1)
     return ParamStats(
         dot=flat @ weight.reshape(-1).to(flat.dtype),
-        sq_norm=flat.pow(2).sum(1),
+        sq_norm=row_sq_norm(flat),
         sum_sq=grad_sample.pow(2).sum(0) if need_sum_sq else None,
         grad_sample=grad_sample if keep else None,
     )
@@ -56,7 +68,11 @@ def outer_product_stats(
     if steps == 1 and not need_grad_sample:
         # Ghost norm: |d a^T|_F^2 = |d|^2 |a|^2, and sum_i (d_i a_i^T)**2 = (d**2)^T (a**2).
         a1, d1 = a[:, 0], delta[:, 0]
-        sq_norm = (d1.pow(2).sum(-1) * a1.pow(2).sum(-1)).sum(-1)
+        if groups == 1:
+            sq_norm = row_sq_norm(d1) * row_sq_norm(a1)
+        else:
+            d_sq = torch.linalg.vector_norm(d1, dim=-1).square()
+            sq_norm = (d_sq * torch.linalg.vector_norm(a1, dim=-1).square()).sum(-1)
         sum_sq = None
         if need_sum_sq:
             sum_sq = (d1.pow(2).permute(1, 2, 0) @ a1.pow(2).permute(1, 0, 2)).contiguous()

@@ -195,9 +195,7 @@ class GradientProbe:
         self._active = True
         for owner in self._owners:
             self._handles.append(
-                owner.module.register_forward_hook(
-                    self._make_forward_hook(owner), with_kwargs=True
-                )
+                owner.module.register_forward_hook(self._make_forward_hook(owner), with_kwargs=True)
             )
         if self.sum_grad_squared:
             for name, param in self._params.items():
@@ -279,7 +277,6 @@ class GradientProbe:
             return
         sample = next(g for c in calls for g in c.grads if g is not None)
         ctx = RuleContext(
-            grad_factor=self._grad_factor,
             dtype=torch.promote_types(sample.dtype, torch.float32),
             want=frozenset(owner.local_to_name),
             need_sum_sq=self.sum_grad_squared,
@@ -296,7 +293,20 @@ class GradientProbe:
             return
         finally:
             self._replaying = False
-        owner.result = {owner.local_to_name[local]: s for local, s in result.items()}
+        owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
+
+    def _unscale(self, s: ParamStats) -> ParamStats:
+        """Rescale a rule's result from autograd's backprops to unscaled per-sample losses."""
+        factor = self._grad_factor(s.dot.shape[0])
+        if factor == 1.0:
+            return s
+        s.dot.mul_(factor)
+        s.sq_norm.mul_(factor * factor)
+        if s.sum_sq is not None:
+            s.sum_sq.mul_(factor * factor)
+        if s.grad_sample is not None:
+            s.grad_sample.mul_(factor)
+        return s
 
     def _exclude(self, owner: _Owner, reason: str) -> None:
         owner.skip_reason = reason
@@ -364,7 +374,8 @@ class GradientProbe:
                 continue
             stats.dot[name] = s.dot
             stats.sq_norm[name] = s.sq_norm
-            stats.param_sq_norm[name] = param.to(s.dot.dtype).pow(2).sum()
+            flat = param.reshape(-1).to(s.dot.dtype)
+            stats.param_sq_norm[name] = flat @ flat
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
                 if name in self._grad_sum:

@@ -60,10 +60,12 @@ class ParamStats:
 class RuleContext:
     """What a rule needs besides the module and its calls.
 
+    Rules work on the output gradients exactly as autograd delivers them, that is on
+    ``c * loss_scale * dl_i/dz``; the probe rescales the results (``dot`` and ``grad_sample``
+    by ``1/(c * loss_scale)``, squares by its square), which is cheaper than rescaling every
+    backprop.
+
     Attributes:
-        grad_factor: multiply an output gradient by this (after the cast to ``dtype``) to get
-            the gradient of the *unscaled* per-sample loss: ``1/(c * loss_scale)``, with ``c``
-            the batch reduction constant that the probe resolves from the batch size.
         dtype: floating dtype for all statistics (at least float32).
         want: local parameter names (as in ``module.named_parameters``) to compute.
         need_sum_sq: compute ``sum_i g_i**2``.
@@ -71,7 +73,6 @@ class RuleContext:
         chunk_elements: bound on the number of elements of any materialised per-sample tensor.
     """
 
-    grad_factor: Callable[[int], float]
     dtype: torch.dtype
     want: frozenset[str]
     need_sum_sq: bool

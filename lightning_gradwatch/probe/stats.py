@@ -68,5 +68,8 @@ class ProbeStats:
 
     def is_finite(self) -> bool:
         """False when any statistic holds NaN or Inf (e.g. an AMP overflow step)."""
+        # One reduction and one sync: any NaN or Inf makes the total non-finite.
         tensors = [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not tensors:
+            return True
+        return bool(torch.stack([t.sum() for t in tensors]).sum().isfinite())

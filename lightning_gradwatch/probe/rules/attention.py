@@ -77,14 +77,15 @@ class MultiheadAttentionRule(FallbackRule):
         w_in = module.in_proj_weight.detach().to(dtype)
         b_in = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
         w_out = module.out_proj.weight.detach().to(dtype)
-        b_out = module.out_proj.bias.detach().to(dtype) if module.out_proj.bias is not None else None
+        b_out = (
+            module.out_proj.bias.detach().to(dtype) if module.out_proj.bias is not None else None
+        )
         w_q, w_k, w_v = w_in.chunk(3)
         b_q, b_k, b_v = b_in.chunk(3) if b_in is not None else (None, None, None)
 
         grad = call.grads[0]
         assert grad is not None
-        batch = grad.shape[0 if module.batch_first else 1]
-        delta = seq_first(grad) * ctx.grad_factor(batch)  # (L, B, E)
+        delta = seq_first(grad)  # (L, B, E)
 
         eye = torch.eye(embed, dtype=dtype, device=query.device)
         with torch.enable_grad():
@@ -130,12 +131,16 @@ class MultiheadAttentionRule(FallbackRule):
             else:
                 z = core_b @ w_out.T
             sq_norm, sum_sq, _ = outer_product_stats(
-                core_b.unsqueeze(2), delta_b.unsqueeze(2), ctx.need_sum_sq, False,
+                core_b.unsqueeze(2),
+                delta_b.unsqueeze(2),
+                ctx.need_sum_sq,
+                False,
                 ctx.chunk_elements,
             )
             out["out_proj.weight"] = ParamStats(
-                dot=(delta_b * z).sum((1, 2)), sq_norm=sq_norm, sum_sq=sum_sq.squeeze(0)
-                if sum_sq is not None else None,
+                dot=(delta_b * z).sum((1, 2)),
+                sq_norm=sq_norm,
+                sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
             )
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
@@ -150,13 +155,19 @@ class MultiheadAttentionRule(FallbackRule):
             if query.shape[0] == key.shape[0]:
                 # Same length: the three projections are three groups of one outer product.
                 sq_norm, sum_sq, _ = outer_product_stats(
-                    torch.stack(inputs, 2), torch.stack(grads, 2), ctx.need_sum_sq, False,
+                    torch.stack(inputs, 2),
+                    torch.stack(grads, 2),
+                    ctx.need_sum_sq,
+                    False,
                     ctx.chunk_elements,
                 )
             else:
                 parts = [
                     outer_product_stats(
-                        a.unsqueeze(2), d.unsqueeze(2), ctx.need_sum_sq, False,
+                        a.unsqueeze(2),
+                        d.unsqueeze(2),
+                        ctx.need_sum_sq,
+                        False,
                         ctx.chunk_elements,
                     )
                     for a, d in zip(inputs, grads, strict=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats
+from .._linalg import bias_stats, outer_product_stats, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -73,15 +73,14 @@ class ConvRule(LayerRule):
                 raise SkipModule("unbatched input has no sample dimension")
             batch = x.shape[0]
             x = x.detach().to(ctx.dtype)
-            delta = grad.to(ctx.dtype) * ctx.grad_factor(batch)  # (B, C_out, *O)
-            if call.output_intact():
-                z = call.outputs[0].to(ctx.dtype)
-                if bias is not None:
-                    z = z - bias.view(1, -1, *([1] * nd))
+            delta = grad.to(ctx.dtype)  # (B, C_out, *O)
+            bias_grad = delta.flatten(2).sum(2)  # (B, C_out)
+            if call.output_intact():  # <G_i, W> = sum delta . (z - b), bias folded out
+                dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
+                dots.append(dot - bias_grad @ bias if bias is not None else dot)
             else:
-                z = module._conv_forward(x, weight, None)
-            dots.append((delta * z).flatten(1).sum(1))
-            bias_grads.append(delta.flatten(2).sum(2))
+                dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
+            bias_grads.append(bias_grad)
             if "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))

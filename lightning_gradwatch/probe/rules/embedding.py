@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._linalg import stats_from_grad_sample
+from .._linalg import rowdot, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -41,7 +41,7 @@ class EmbeddingRule(LayerRule):
                 raise SkipModule("a 0-d index has no sample dimension")
             batch = idx.shape[0]
             idx = idx.reshape(batch, -1)
-            delta = grad.to(ctx.dtype).reshape(batch, -1, dim) * ctx.grad_factor(batch)
+            delta = grad.to(ctx.dtype).reshape(batch, -1, dim)
             if module.padding_idx is not None:
                 # The padding row receives no gradient: drop those positions.
                 delta = delta * (idx != module.padding_idx).unsqueeze(-1).to(delta.dtype)
@@ -50,7 +50,7 @@ class EmbeddingRule(LayerRule):
                 if call.output_intact()
                 else weight[idx]
             )
-            dots.append((delta * rows).sum((1, 2)))
+            dots.append(rowdot(delta, rows))
             indices.append(idx)
             deltas.append(delta)
         if not deltas:
@@ -62,7 +62,8 @@ class EmbeddingRule(LayerRule):
         if "weight" in ctx.need_grad_sample:
             grad_sample = weight.new_zeros(batch, vocab, dim)
             grad_sample.view(batch * vocab, dim).index_add_(
-                0, (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1),
+                0,
+                (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1),
                 delta.reshape(-1, dim),
             )
             stats = stats_from_grad_sample(grad_sample, weight, ctx.need_sum_sq, keep=True)

@@ -8,7 +8,6 @@ samples independently and uses no randomness in its forward pass.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -64,8 +63,7 @@ class FallbackRule(LayerRule):
         if not live:
             return None
         batch = live[0][1].shape[bdim]
-        factor = ctx.grad_factor(batch)
-        deltas = [g.to(ctx.dtype) * factor for _, g in live]
+        deltas = [g.to(ctx.dtype) for _, g in live]
         live_index = [k for k, g in enumerate(call.grads) if g is not None]
 
         leaves, spec = tree_flatten((call.args, call.kwargs))
@@ -102,5 +100,3 @@ class FallbackRule(LayerRule):
         except RuntimeError as err:  # e.g. dropout inside the module: not reproducible
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
-
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._linalg import bias_stats, outer_product_stats
+from .._linalg import bias_stats, outer_product_stats, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -15,9 +15,9 @@ class LinearRule(LayerRule):
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
         assert isinstance(module, nn.Linear)
-        weight = module.weight.detach().to(ctx.dtype)
+        weight = module.weight.detach()
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
-        inputs, deltas, centred = [], [], []
+        inputs, deltas, dots = [], [], []
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:
@@ -27,23 +27,26 @@ class LinearRule(LayerRule):
             batch = x.shape[0]
             a = x.detach().to(ctx.dtype).reshape(batch, -1, module.in_features)
             delta = grad.to(ctx.dtype).reshape(batch, -1, module.out_features)
-            delta = delta * ctx.grad_factor(batch)
+            # <G_i, W> = sum_t delta_t . (z_t - b), from the output already in memory; the bias
+            # term is folded out afterwards rather than subtracted from every position.
             if call.output_intact():
-                # <G_i, W> = sum_t delta_t . (z_t - b): the output is already in memory.
-                z = call.outputs[0].to(ctx.dtype).reshape(batch, -1, module.out_features)
-                z = z - bias if bias is not None else z
+                z = call.outputs[0].to(ctx.dtype)
             else:  # an in-place op overwrote the output after the forward: recompute W a
-                z = a @ weight.T
+                z = a @ weight.to(ctx.dtype).T
+                z = z + bias if bias is not None else z
+            dots.append(rowdot(delta, z))
             inputs.append(a)
             deltas.append(delta)
-            centred.append(z)
         if not deltas:
             return {}
         # Calls of the same module in one forward (weight sharing) add their outer products,
         # which is the same as one call over the concatenated positions.
         a = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
         delta = torch.cat(deltas, 1) if len(deltas) > 1 else deltas[0]
-        z = torch.cat(centred, 1) if len(centred) > 1 else centred[0]
+        dot = torch.stack(dots).sum(0) if len(dots) > 1 else dots[0]
+        bias_grad = delta.sum(1) if bias is not None else None
+        if bias_grad is not None:
+            dot = dot - bias_grad @ bias
 
         out: dict[str, ParamStats] = {}
         if "weight" in ctx.want:
@@ -52,15 +55,13 @@ class LinearRule(LayerRule):
                 a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
             )
             out["weight"] = ParamStats(
-                dot=(delta * z).sum((1, 2)),
+                dot=dot,
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
             )
-        if bias is not None and "bias" in ctx.want:
+        if bias is not None and bias_grad is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
-                delta.sum(1), bias, ctx.need_sum_sq, "bias" in ctx.need_grad_sample
+                bias_grad, bias, ctx.need_sum_sq, "bias" in ctx.need_grad_sample
             )
         return out
-
-

@@ -35,7 +35,7 @@ class _AffineNormRule(LayerRule):
                 continue
             x = x.detach().to(ctx.dtype)
             dims = self.reduce_dims(module, x)
-            delta = grad.to(ctx.dtype) * ctx.grad_factor(x.shape[0])
+            delta = grad.to(ctx.dtype)
             if "weight" in ctx.want:
                 xhat = self.normalise(module, x)
                 weight_grads.append((delta * xhat).sum(dims) if dims else delta * xhat)
