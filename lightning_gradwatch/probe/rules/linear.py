@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, rowdot
+from .._linalg import bias_stats, outer_product_stats, row_sq_norm, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -39,6 +39,8 @@ class LinearRule(LayerRule):
             deltas.append(delta)
         if not deltas:
             return {}
+        if len(deltas) == 1 and deltas[0].shape[1] == 1 and not ctx.need_grad_sample:
+            return self._single_position(module, inputs[0][:, 0], deltas[0][:, 0], dots[0], ctx)
         # Calls of the same module in one forward (weight sharing) add their outer products,
         # which is the same as one call over the concatenated positions.
         a = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
@@ -63,5 +65,35 @@ class LinearRule(LayerRule):
         if bias is not None and bias_grad is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
                 bias_grad, bias, ctx.need_sum_sq, "bias" in ctx.need_grad_sample
+            )
+        return out
+
+    @staticmethod
+    def _single_position(
+        module: nn.Linear, a: Tensor, delta: Tensor, dot_z: Tensor, ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        """The common 2-D case, in four fused passes: the bias's statistics reuse the weight's
+        ``|delta_i|^2`` and ``delta_i . b``.
+
+        Args:
+            a: ``(B, in)``; delta: ``(B, out)``; dot_z: ``(B,)`` ``delta_i . z_i``.
+        """
+        delta_sq = row_sq_norm(delta)
+        out: dict[str, ParamStats] = {}
+        bias_dot = None
+        if module.bias is not None:
+            bias = module.bias.detach().to(ctx.dtype)
+            bias_dot = delta @ bias
+            if "bias" in ctx.want:
+                out["bias"] = ParamStats(
+                    dot=bias_dot,
+                    sq_norm=delta_sq,
+                    sum_sq=delta.pow(2).sum(0) if ctx.need_sum_sq else None,
+                )
+        if "weight" in ctx.want:
+            out["weight"] = ParamStats(
+                dot=dot_z - bias_dot if bias_dot is not None else dot_z,
+                sq_norm=delta_sq * row_sq_norm(a),
+                sum_sq=delta.pow(2).T @ a.pow(2) if ctx.need_sum_sq else None,
             )
         return out
