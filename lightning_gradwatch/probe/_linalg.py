@@ -100,10 +100,9 @@ def outer_product_stats(
         ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
         dc = delta[lo : lo + step].transpose(1, 2)  # (n, G, T, O)
         g = dc.transpose(-1, -2) @ ac  # (n, G, O, K)
-        sq = g.pow(2)
-        sq_norm[lo : lo + step] = sq.sum((1, 2, 3))
+        sq_norm[lo : lo + step] = row_sq_norm(g)
         if sum_sq is not None:
-            sum_sq += sq.sum(0)
+            sum_sq += g.pow(2).sum(0)
         if grad_sample is not None:
             grad_sample[lo : lo + step] = g
     return sq_norm, sum_sq, grad_sample
