@@ -8,7 +8,7 @@ samples that do not reach a parameter) compare sensibly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -306,8 +306,14 @@ def test_loss_scale_gives_unscaled_statistics(reduction: str, scale: str) -> Non
     model, idx, y = _mixed_batch()
     loss_scale = 1024.0 if scale == "constant" else (lambda: 1024.0)
     scaled = run_probe(
-        model, idx, y, _cross_entropy, reduction, loss_multiplier=1024.0,
-        loss_scale=loss_scale, sum_grad_squared=True,
+        model,
+        idx,
+        y,
+        _cross_entropy,
+        reduction,
+        loss_multiplier=1024.0,
+        loss_scale=loss_scale,
+        sum_grad_squared=True,
     )
     plain = run_probe(model, idx, y, _cross_entropy, reduction, sum_grad_squared=True)
     assert scaled.names == plain.names
@@ -317,7 +323,12 @@ def test_loss_scale_gives_unscaled_statistics(reduction: str, scale: str) -> Non
     torch.testing.assert_close(scaled.alignment(), plain.alignment(), rtol=1e-6, atol=0)
     # And the scaled run is itself exact against the oracle.
     assert_matches_oracle(
-        model, idx, y, _cross_entropy, reduction, loss_scale=loss_scale,
+        model,
+        idx,
+        y,
+        _cross_entropy,
+        reduction,
+        loss_scale=loss_scale,
         loss_multiplier=1024.0,
     )
 
@@ -347,7 +358,9 @@ def test_loss_scale_callable_is_evaluated_per_backward() -> None:
             (_cross_entropy(model(idx), y).mean() * s).backward()
             results.append(probe.stats)
     for name in results[0].names:
-        torch.testing.assert_close(results[0].sq_norm[name], results[1].sq_norm[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            results[0].sq_norm[name], results[1].sq_norm[name], rtol=1e-6, atol=0
+        )
 
 
 # --------------------------------------------------------------------------- chunking, routes

@@ -42,8 +42,12 @@ def test_linear_property(
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=bias), nn.Tanh()).double()
     x = torch.randn(batch, *lead, in_features, dtype=torch.float64)
     assert_matches_oracle(
-        model, x, _target(model, x, seed), reduction=reduction,
-        sum_grad_squared=sum_grad_squared, chunk_elements=chunk_elements,
+        model,
+        x,
+        _target(model, x, seed),
+        reduction=reduction,
+        sum_grad_squared=sum_grad_squared,
+        chunk_elements=chunk_elements,
     )
 
 
@@ -128,8 +132,12 @@ def test_conv_property(cfg, batch, reduction, sum_grad_squared, chunk_elements, 
     model = nn.Sequential(conv, nn.Tanh()).double()
     x = torch.randn(batch, cfg["in_channels"], *spatial, dtype=torch.float64)
     assert_matches_oracle(
-        model, x, _target(model, x, seed), reduction=reduction,
-        sum_grad_squared=sum_grad_squared, chunk_elements=chunk_elements,
+        model,
+        x,
+        _target(model, x, seed),
+        reduction=reduction,
+        sum_grad_squared=sum_grad_squared,
+        chunk_elements=chunk_elements,
     )
 
 
@@ -154,7 +162,10 @@ def test_embedding_property(
     shape = (batch,) if steps is None else (batch, steps)
     idx = torch.randint(0, vocab, shape)  # small vocabularies: many repeated indices
     assert_matches_oracle(
-        model, idx, _target(model, idx, seed), reduction=reduction,
+        model,
+        idx,
+        _target(model, idx, seed),
+        reduction=reduction,
         sum_grad_squared=sum_grad_squared,
     )
 

@@ -130,6 +130,8 @@ class GradientProbe:
         self._verified = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
+        # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
+        self._view_outputs: dict[int, set[int]] = {}
         self._warned: set[str] = set()
         self._stats: ProbeStats | None = None
         self._listeners: list[Callable[[ProbeStats], None]] = []
@@ -195,9 +197,7 @@ class GradientProbe:
         self._active = True
         for owner in self._owners:
             self._handles.append(
-                owner.module.register_forward_hook(
-                    self._make_forward_hook(owner), with_kwargs=True
-                )
+                owner.module.register_forward_hook(self._make_forward_hook(owner), with_kwargs=True)
             )
         if self.sum_grad_squared:
             for name, param in self._params.items():
@@ -235,15 +235,27 @@ class GradientProbe:
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
+            exposed = {id(t) for t in tree_flatten((args, kwargs, output))[0]}
             for k in live:
-                outputs[k].register_hook(self._make_grad_hook(owner, call, k))
+                target = _hook_target(outputs[k], exposed)
+                if target is outputs[k]:
+                    if outputs[k]._is_view():
+                        call_views = self._view_outputs.setdefault(id(call), set())
+                        call_views.add(k)
+                    target.register_hook(self._make_grad_hook(owner, call, k))
+                else:
+                    target.register_hook(
+                        self._make_grad_hook(owner, call, k, shape=outputs[k].shape)
+                    )
 
         return hook
 
-    def _make_grad_hook(self, owner: _Owner, call: Call, k: int) -> Callable[[Tensor], None]:
+    def _make_grad_hook(
+        self, owner: _Owner, call: Call, k: int, shape: torch.Size | None = None
+    ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self._start_backward()
-            call.grads[k] = grad
+            call.grads[k] = grad if shape is None else grad.reshape(shape)
             owner.missing_grads -= 1
             if owner.missing_grads == 0:
                 # Every output of every call has its gradient: compute now and free early.
@@ -273,6 +285,22 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ computation
     def _compute(self, owner: _Owner) -> None:
+        for call in owner.calls:
+            lost = [
+                k
+                for k in self._view_outputs.get(id(call), ())
+                if call.grads[k] is None and not call.output_intact(k)
+            ]
+            if lost:
+                # Autograd drops a hook registered on a view once the view is modified in
+                # place, so this output's gradient never arrived: refuse rather than report 0.
+                self._exclude(
+                    owner,
+                    "an in-place operation modified its output (a view) after the forward, "
+                    "so autograd dropped the hook that collects its gradient; make that "
+                    "operation out-of-place (e.g. inplace=False)",
+                )
+                return
         calls = [c for c in owner.calls if any(g is not None for g in c.grads)]
         owner.calls = []
         if not calls or owner.skip_reason is not None:
@@ -383,7 +411,32 @@ class GradientProbe:
             owner.result = None
             owner.skip_reason = None
         self._grad_sum = {}
+        self._view_outputs = {}
         self._finalize_queued = False
+
+
+def _hook_target(output: Tensor, exposed: set[int]) -> Tensor:
+    """The tensor to register an output's gradient hook on.
+
+    A hook registered on a view is silently dropped when the view is later modified in place
+    (autograd rebases the view onto a new node), e.g. ``nn.ReLU(inplace=True)`` after a
+    Linear on ``(B, T, K)`` inputs, whose output is a reshaped view of a 2-D matmul result. A
+    hook on the base survives and receives the same gradient, so when the output is a plain
+    reshape of a base that is internal to the module (neither an input nor an output of the
+    call), hook the base and reshape its gradient.
+    """
+    base = output._base
+    if (
+        base is None
+        or base.grad_fn is None
+        or id(base) in exposed
+        or base.numel() != output.numel()
+        or base.storage_offset() != output.storage_offset()
+        or not base.is_contiguous()
+        or not output.is_contiguous()
+    ):
+        return output
+    return base
 
 
 def _detach(x: Any) -> Any:

@@ -8,7 +8,6 @@ samples independently and uses no randomness in its forward pass.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
