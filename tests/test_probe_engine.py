@@ -78,6 +78,33 @@ def test_parameter_shared_by_two_modules(reduction: str, sum_grad_squared: bool)
     assert "emb.weight" in stats.names
 
 
+class _TiedConvAndNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(3, 3, 1)
+        self.b = nn.Conv1d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.n1 = nn.GroupNorm(1, 3)
+        self.n2 = nn.GroupNorm(1, 3)
+        self.n2.weight = self.n1.weight
+        with torch.no_grad():
+            self.n1.weight.normal_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.n1(torch.tanh(self.a(x)))
+        return self.n2(torch.tanh(self.b(h)) * 2)
+
+
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_parameter_shared_by_conv_and_norm_modules(sum_grad_squared: bool) -> None:
+    torch.manual_seed(0)
+    model = _TiedConvAndNorm().double()
+    x = torch.randn(3, 3, 5, dtype=torch.float64)
+    assert_matches_oracle(
+        model, x, _target_like(model, x), sum_grad_squared=sum_grad_squared, chunk_elements=4
+    )
+
+
 class _ParentUsesChildWeight(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -100,6 +127,7 @@ def test_parameter_used_inside_another_modules_forward_is_refused() -> None:
     assert "'emb.weight'" in message
     assert "does not own it" in message
     assert "params=" in message  # says how to fix it
+    _assert_no_hooks(model, probe)  # the error left nothing behind
     # Leaving the parameter out is the documented remedy and works.
     names = ["mix.weight", "mix.bias"]
     y = torch.randint(0, 6, idx.shape)

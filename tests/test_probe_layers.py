@@ -396,3 +396,84 @@ def test_gram_and_materialise_routes(steps: int, width: int, chunk_elements: int
     via_gram_or_not, _, _ = _linalg.outer_product_stats(a, d, False, False, chunk_elements)
     materialised, _, _ = _linalg.outer_product_stats(a, d, False, True, chunk_elements)
     torch.testing.assert_close(via_gram_or_not, materialised, rtol=1e-12, atol=0)
+
+
+class _MaskedAttention(nn.Module):
+    """Cross-attention over the first ``keys`` positions with a mask."""
+
+    def __init__(self, batch_first: bool, mask: str, keys: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.batch_first, self.mask, self.keys = batch_first, mask, keys
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, E)
+        batch, steps, _ = x.shape
+        kv = x[:, : self.keys]
+        q, k = (x, kv) if self.batch_first else (x.transpose(0, 1), kv.transpose(0, 1))
+        kwargs = {}
+        if self.mask == "key_padding":  # (B, S) in both layouts
+            padding = torch.zeros(batch, self.keys, dtype=torch.bool)
+            padding[0, -1] = True
+            kwargs["key_padding_mask"] = padding
+        else:  # (T, S)
+            kwargs["attn_mask"] = torch.triu(torch.ones(steps, self.keys, dtype=torch.bool), 1)
+        out, _ = self.attn(q, k, k, **kwargs)
+        return torch.tanh(out if self.batch_first else out.transpose(0, 1))
+
+
+@pytest.mark.parametrize("keys", [3, 4])  # 3 == B: a mask dim that equals the batch size
+@pytest.mark.parametrize("mask", ["key_padding", "attn"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_masked_attention_is_exact_or_excluded(batch_first: bool, mask: str, keys: int) -> None:
+    """Through the public API: either exact, or left out with a warning; never a crash and
+    never a silently wrong number. (batch_first=False with masks whose dims are not
+    sequence-first is currently left out: the fallback guesses the sample dim per input.)"""
+    _setup()
+    model = _MaskedAttention(batch_first, mask, keys).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    target = _target_like(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = run_probe(model, x, target)
+    if stats.excluded:
+        assert not stats.names
+        assert any("left out" in str(w.message) for w in caught)
+        assert all("cannot be replayed" in r for r in stats.excluded.values())
+    else:
+        assert_matches_oracle(model, x, target)
+    if batch_first:  # the layout the fallback handles: must be exact
+        assert not stats.excluded
+
+
+class _RootParameter(nn.Module):
+    """A parameter on the root module (a ViT-style class token): the whole model is replayed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.fc(x)], 1)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_parameter_on_the_root_module() -> None:
+    _setup()
+    model = _RootParameter().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(nn.Linear(3, 2), torch.randn(3)), (nn.Conv1d(2, 2, 3), torch.randn(2, 5))],
+    ids=["linear_1d", "conv_unbatched"],
+)
+def test_unbatched_input_is_excluded_with_a_warning(layer: nn.Module, x: Tensor) -> None:
+    model = nn.Sequential(layer)
+    with pytest.warns(UserWarning, match="no sample dimension"):
+        stats = run_probe(model, x, torch.zeros(()), loss_fn=lambda out, t: out.sum().reshape(1))
+    assert set(stats.excluded) == {"0.weight", "0.bias"}
+    assert not stats.names

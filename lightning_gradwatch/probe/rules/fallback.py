@@ -98,7 +98,10 @@ class FallbackRule(LayerRule):
                 xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
                 ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
                 pieces.append(per_sample_grad(params, xs, ds))
-        except RuntimeError as err:  # e.g. dropout inside the module: not reproducible
+        except Exception as err:
+            # Dropout inside the module (vmap refuses randomness), or an input whose sample
+            # dimension the rule guessed wrong (modules validate shapes with assert/ValueError
+            # too): the module is left out with a warning rather than crashing the backward.
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
 
