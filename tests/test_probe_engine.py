@@ -360,6 +360,47 @@ def test_captures_released_after_backward() -> None:
     _assert_no_hooks(model, probe)
 
 
+def test_captures_released_while_the_caller_keeps_the_graph() -> None:
+    # The grad hooks live on the graph, which the caller keeps alive through `loss`: the
+    # captured inputs, outputs and output gradients must not stay alive with it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2), nn.LayerNorm(2))
+    probe = GradientProbe(model, sum_grad_squared=True)
+    with probe:
+        loss = model(torch.randn(6, 3, 4)).pow(2).sum()
+        calls = [call for owner in probe._owners for call in owner.calls]
+        captured = [weakref.ref(t) for call in calls for t in (*call.args, *call.outputs)]
+        loss.backward()
+        gc.collect()
+        assert len(calls) == 3 and len(captured) == 6
+        assert all(ref() is None for ref in captured)
+        assert all(g is None for call in calls for g in call.grads)  # output grads dropped
+    assert loss.grad_fn is not None  # the graph is still referenced
+
+
+def test_second_backward_through_a_retained_graph_is_not_probed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    probe = GradientProbe(model)
+    seen = []
+    probe.add_listener(seen.append)
+    with probe:
+        out = model(x)
+        out.pow(2).sum().backward(retain_graph=True)
+        first = probe.stats
+        with pytest.warns(UserWarning, match="retain_graph=True"):
+            out.sum().backward()
+        assert not probe.has_stats  # not the first backward's numbers under a new name
+        # A fresh forward is probed again, exactly.
+        model(x).pow(2).sum().backward()
+        again = probe.stats
+    assert len(seen) == 2
+    for name in first.names:
+        torch.testing.assert_close(again.sq_norm[name], first.sq_norm[name], rtol=1e-12, atol=0)
+    _assert_no_hooks(model, probe)
+
+
 def test_forward_without_backward_is_freed_on_exit() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))

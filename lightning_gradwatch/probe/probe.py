@@ -127,6 +127,7 @@ class GradientProbe:
         self._active = False
         self._replaying = False
         self._finalize_queued = False
+        self._incomplete = False
         self._verified = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
@@ -255,6 +256,11 @@ class GradientProbe:
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self._start_backward()
+            if not call.outputs:  # released: its tensors are gone
+                # A second backward through a graph kept with retain_graph=True reaches calls
+                # that an earlier backward consumed: this backward cannot be probed.
+                self._incomplete |= call.consumed
+                return
             call.grads[k] = grad if shape is None else grad.reshape(shape)
             owner.missing_grads -= 1
             if owner.missing_grads == 0:
@@ -301,8 +307,15 @@ class GradientProbe:
                     "operation out-of-place (e.g. inplace=False)",
                 )
                 return
-        calls = [c for c in owner.calls if any(g is not None for g in c.grads)]
-        owner.calls = []
+        captured, owner.calls = owner.calls, []
+        try:
+            self._compute_calls(owner, captured)
+        finally:
+            for call in captured:
+                _release(call, consumed=True)
+
+    def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
+        calls = [c for c in captured if any(g is not None for g in c.grads)]
         if not calls or owner.skip_reason is not None:
             return
         sample = next(g for c in calls for g in c.grads if g is not None)
@@ -328,6 +341,8 @@ class GradientProbe:
 
     def _exclude(self, owner: _Owner, reason: str) -> None:
         owner.skip_reason = reason
+        for call in owner.calls:
+            _release(call, consumed=False)
         owner.calls = []
         key = f"{type(owner.module).__name__}:{reason}"
         if key not in self._warned:
@@ -340,6 +355,18 @@ class GradientProbe:
 
     def _finalize(self) -> None:
         try:
+            if self._incomplete:
+                self._stats = None
+                if "incomplete" not in self._warned:
+                    self._warned.add("incomplete")
+                    warnings.warn(
+                        "lightning_gradwatch: a backward pass went through a graph whose "
+                        "captures an earlier backward already used (retain_graph=True); it "
+                        "has no per-sample statistics. Run the forward again for each "
+                        "backward you want probed.",
+                        stacklevel=2,
+                    )
+                return
             for owner in self._owners:
                 if owner.calls:
                     self._compute(owner)
@@ -406,13 +433,25 @@ class GradientProbe:
 
     def _clear_captures(self) -> None:
         for owner in self._owners:
+            for call in owner.calls:  # their grad hooks may outlive this backward
+                _release(call, consumed=True)
             owner.calls = []
             owner.missing_grads = 0
             owner.result = None
             owner.skip_reason = None
         self._grad_sum = {}
         self._view_outputs = {}
+        self._incomplete = False
         self._finalize_queued = False
+
+
+def _release(call: Call, consumed: bool) -> None:
+    """Drop a call's captured tensors. Its grad hooks stay registered on the graph for as long
+    as the caller keeps any tensor of that graph (e.g. the loss), and they reference the call,
+    so the tensors must be dropped explicitly to be freed after the backward."""
+    call.args, call.kwargs, call.outputs = (), {}, []
+    call.grads = [None] * len(call.grads)
+    call.consumed = consumed
 
 
 def _hook_target(output: Tensor, exposed: set[int]) -> Tensor:

@@ -104,5 +104,3 @@ class FallbackRule(LayerRule):
             # too): the module is left out with a warning rather than crashing the backward.
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
-
-
