@@ -590,3 +590,58 @@ def test_unused_tracked_parameter_has_zero_gradients() -> None:
     x = torch.randn(4, 3, dtype=torch.float64)
     stats = assert_matches_oracle(model, x, torch.randn(4, 2).double())
     assert torch.equal(stats.sq_norm["unused.weight"], torch.zeros(4, dtype=torch.float64))
+
+
+def test_cpu_autocast_with_scaled_loss() -> None:
+    """bfloat16 autocast and a 1024 loss scale: float32 statistics, within bfloat16 rounding
+    (loose bound, ~1% observed) of the float32 run without autocast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(1),
+        nn.Linear(24, 8),
+        nn.LayerNorm(8),
+        nn.Linear(8, 3),
+    )
+    x, y = torch.randn(4, 2, 6), torch.randn(4, 3)
+    reference = run_probe(model, x, y, sum_grad_squared=True)
+    probe = GradientProbe(model, sum_grad_squared=True, loss_scale=lambda: 1024.0)
+    with probe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        (squared_error(out.float(), y).mean() * 1024.0).backward()
+    stats = probe.stats
+    assert stats.names == reference.names and stats.is_finite()
+    for field in ("dot", "sq_norm", "sum_sq", "grad_sum"):
+        for name, value in getattr(reference, field).items():
+            assert getattr(stats, field)[name].dtype == torch.float32
+            torch.testing.assert_close(
+                getattr(stats, field)[name], value, rtol=5e-2, atol=5e-2 * value.abs().max()
+            )
+
+
+class _SeededDropout(nn.Module):
+    """Re-seeds before each forward so that the probed run and the oracle draw the same masks."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch.manual_seed(1234)
+        return self.inner(x)
+
+
+def test_dropout_outside_fallback_modules_stays_exact() -> None:
+    """Dropout between modules is part of each sample's own computation: the rules see the
+    realised masks through the captured inputs and backprops. Only the attention module, whose
+    dropout is inside its own forward, is left out."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+    model = _SeededDropout(layer).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters() if "self_attn" not in n]
+    with pytest.warns(UserWarning, match="cannot be replayed"):
+        stats = assert_matches_oracle(model, x, torch.randn(3, 5, 8).double(), names=names)
+    assert all("self_attn" in n for n in stats.excluded)
