@@ -238,30 +238,37 @@ class GradientProbe:
             owner.missing_grads += len(live)
             exposed = {id(t) for t in tree_flatten((args, kwargs, output))[0]}
             for k in live:
-                target = _hook_target(outputs[k], exposed)
-                if target is outputs[k]:
-                    if outputs[k]._is_view():
-                        call_views = self._view_outputs.setdefault(id(call), set())
-                        call_views.add(k)
-                    target.register_hook(self._make_grad_hook(owner, call, k))
+                out = outputs[k]
+                out.register_hook(self._make_grad_hook(owner, call, k))
+                if not out._is_view():
+                    continue
+                base = _reshaped_base(out, exposed)
+                if base is None:  # cannot be backed up: detect a lost hook at backward
+                    self._view_outputs.setdefault(id(call), set()).add(k)
                 else:
-                    target.register_hook(
-                        self._make_grad_hook(owner, call, k, shape=outputs[k].shape)
-                    )
+                    base.register_hook(self._make_grad_hook(owner, call, k, backup_shape=out.shape))
 
         return hook
 
     def _make_grad_hook(
-        self, owner: _Owner, call: Call, k: int, shape: torch.Size | None = None
+        self, owner: _Owner, call: Call, k: int, backup_shape: torch.Size | None = None
     ) -> Callable[[Tensor], None]:
+        """The hook collecting output ``k``'s gradient; with ``backup_shape``, the backup hook
+        on a view output's base (see :func:`_reshaped_base`), which acts only when the view's
+        own hook did not deliver (autograd runs the view's hook first when it is alive)."""
+
         def hook(grad: Tensor) -> None:
             self._start_backward()
+            if backup_shape is not None:
+                if not call.outputs or call.grads[k] is not None:
+                    return  # the view's own hook delivered it
+                grad = grad.reshape(backup_shape)
             if not call.outputs:  # released: its tensors are gone
                 # A second backward through a graph kept with retain_graph=True reaches calls
                 # that an earlier backward consumed: this backward cannot be probed.
                 self._incomplete |= call.consumed
                 return
-            call.grads[k] = grad if shape is None else grad.reshape(shape)
+            call.grads[k] = grad
             owner.missing_grads -= 1
             if owner.missing_grads == 0:
                 # Every output of every call has its gradient: compute now and free early.
@@ -454,15 +461,15 @@ def _release(call: Call, consumed: bool) -> None:
     call.consumed = consumed
 
 
-def _hook_target(output: Tensor, exposed: set[int]) -> Tensor:
-    """The tensor to register an output's gradient hook on.
+def _reshaped_base(output: Tensor, exposed: set[int]) -> Tensor | None:
+    """The base of a view output that is a plain reshape of it, to back up the output's hook.
 
     A hook registered on a view is silently dropped when the view is later modified in place
     (autograd rebases the view onto a new node), e.g. ``nn.ReLU(inplace=True)`` after a
     Linear on ``(B, T, K)`` inputs, whose output is a reshaped view of a 2-D matmul result. A
-    hook on the base survives and receives the same gradient, so when the output is a plain
-    reshape of a base that is internal to the module (neither an input nor an output of the
-    call), hook the base and reshape its gradient.
+    hook on the base survives and receives the gradient of the base's original value, which
+    is the output's gradient reshaped when the output is a plain reshape of a base internal
+    to the module (neither an input nor an output of the call). ``None`` otherwise.
     """
     base = output._base
     if (
@@ -474,7 +481,7 @@ def _hook_target(output: Tensor, exposed: set[int]) -> Tensor:
         or not base.is_contiguous()
         or not output.is_contiguous()
     ):
-        return output
+        return None
     return base
 
 
