@@ -325,16 +325,7 @@ def test_loss_scale_gives_unscaled_statistics(reduction: str, scale: str) -> Non
         for name, value in getattr(plain, field).items():
             torch.testing.assert_close(getattr(scaled, field)[name], value, rtol=1e-6, atol=0)
     torch.testing.assert_close(scaled.alignment(), plain.alignment(), rtol=1e-6, atol=0)
-    # And the scaled run is itself exact against the oracle.
-    assert_matches_oracle(
-        model,
-        idx,
-        y,
-        _cross_entropy,
-        reduction,
-        loss_scale=loss_scale,
-        loss_multiplier=1024.0,
-    )
+    # (plain itself is checked against the oracle in test_every_rule_together.)
 
 
 def test_non_power_of_two_loss_scale() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 SETTINGS = settings(
-    max_examples=25,
+    max_examples=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
