@@ -645,3 +645,41 @@ def test_dropout_outside_fallback_modules_stays_exact() -> None:
     with pytest.warns(UserWarning, match="cannot be replayed"):
         stats = assert_matches_oracle(model, x, torch.randn(3, 5, 8).double(), names=names)
     assert all("self_attn" in n for n in stats.excluded)
+
+
+class _Subset(nn.Module):
+    """``sub`` sees only some rows of the batch (once, or twice with different row counts)."""
+
+    def __init__(self, sub: nn.Module, row_counts: tuple[int, ...]) -> None:
+        super().__init__()
+        self.sub = sub  # registered first: the batch must not be taken from the first module
+        self.main = nn.Linear(3, 3)
+        self.row_counts = row_counts
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.main(x))
+        for rows in self.row_counts:
+            extra = self.sub(x[:rows])
+            h = h + torch.cat([extra, torch.zeros_like(x[rows:])], 0)
+        return h
+
+
+@pytest.mark.parametrize("row_counts", [(2,), (4, 1), (2, 1)])
+@pytest.mark.parametrize(
+    "make_sub",
+    [lambda: nn.Linear(3, 3), lambda: nn.LayerNorm(3), lambda: nn.PReLU(3)],
+    ids=["linear", "layernorm", "fallback"],
+)
+def test_module_on_a_subset_of_the_batch_is_excluded(make_sub, row_counts) -> None:
+    """The batch is the model input's; a module that saw fewer rows cannot be attributed to
+    samples: it is left out (never broadcast, never a crash) and the rest stays exact."""
+    torch.manual_seed(0)
+    model = _Subset(make_sub(), row_counts).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    names = ["main.weight", "main.bias"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = assert_matches_oracle(model, x, _target_like(model, x), names=names)
+    assert stats.batch_size == 4
+    sub_names = [n for n, _ in model.named_parameters() if n.startswith("sub.")]
+    assert set(stats.excluded) == set(sub_names)

@@ -128,6 +128,7 @@ class GradientProbe:
         self._replaying = False
         self._finalize_queued = False
         self._incomplete = False
+        self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
@@ -196,6 +197,9 @@ class GradientProbe:
         if self._active:
             return
         self._active = True
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._record_model_batch, with_kwargs=True)
+        )
         for owner in self._owners:
             self._handles.append(
                 owner.module.register_forward_hook(self._make_forward_hook(owner), with_kwargs=True)
@@ -215,6 +219,14 @@ class GradientProbe:
         self._active = False
 
     # ------------------------------------------------------------------ hooks
+    def _record_model_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._model_batch is not None or self._replaying or not torch.is_grad_enabled():
+            return
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, Tensor) and leaf.dim() > 0:
+                self._model_batch = leaf.shape[0]
+                return
+
     def _make_forward_hook(self, owner: _Owner) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._replaying or not torch.is_grad_enabled():
@@ -342,6 +354,11 @@ class GradientProbe:
         except SkipModule as skip:
             self._exclude(owner, skip.reason)
             return
+        except Exception as err:
+            # E.g. calls of one module over different numbers of rows (subsets of the batch).
+            # Monitoring must not crash the backward: leave the module out, with a warning.
+            self._exclude(owner, f"its rule failed on this step ({type(err).__name__}: {err})")
+            return
         finally:
             self._replaying = False
         owner.result = {owner.local_to_name[local]: s for local, s in result.items()}
@@ -388,7 +405,11 @@ class GradientProbe:
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
         excluded: dict[str, str] = {}
-        batch = None
+        # The batch is the model's: dim 0 of the first tensor its forward received. A module
+        # that saw another number of rows (a subset of the batch, or flattened positions) has
+        # no per-sample statistics to report. Without a model forward (submodules called
+        # directly), the first module's batch is the reference.
+        batch = self._model_batch
         for owner in self._owners:
             if owner.skip_reason is not None:
                 for name in owner.local_to_name.values():
@@ -449,6 +470,7 @@ class GradientProbe:
         self._grad_sum = {}
         self._view_outputs = {}
         self._incomplete = False
+        self._model_batch = None
         self._finalize_queued = False
 
 

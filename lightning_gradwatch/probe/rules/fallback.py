@@ -41,6 +41,9 @@ class FallbackRule(LayerRule):
             if totals is None:
                 totals = grad_sample
             else:  # several calls in one forward: per-sample gradients add
+                if any(totals[n].shape != grad_sample[n].shape for n in names):
+                    # Not broadcast: a call over fewer rows is not the same samples.
+                    raise SkipModule("its calls in one forward saw different numbers of samples")
                 totals = {n: totals[n] + grad_sample[n] for n in names}
         if totals is None:
             return {}
