@@ -220,7 +220,8 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ hooks
     def _record_model_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._model_batch is not None or self._replaying or not torch.is_grad_enabled():
+        # The latest forward with grad: a forward whose backward never came is superseded.
+        if self._replaying or not torch.is_grad_enabled():
             return
         for leaf in tree_flatten((args, kwargs))[0]:
             if isinstance(leaf, Tensor) and leaf.dim() > 0:
@@ -405,10 +406,10 @@ class GradientProbe:
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
         excluded: dict[str, str] = {}
-        # The batch is the model's: dim 0 of the first tensor its forward received. A module
-        # that saw another number of rows (a subset of the batch, or flattened positions) has
-        # no per-sample statistics to report. Without a model forward (submodules called
-        # directly), the first module's batch is the reference.
+        # The batch is the model's: dim 0 of the first tensor its latest forward received. A
+        # module that saw another number of rows (a subset of the batch, or flattened
+        # positions) has no per-sample statistics to report. Without a model forward
+        # (submodules called directly), the first module's batch is the reference.
         batch = self._model_batch
         for owner in self._owners:
             if owner.skip_reason is not None:
