@@ -48,6 +48,12 @@ class GradientProbe:
     to ``.grad``, never changes a gradient, keeps no graph alive, and frees what it captured at
     the end of each backward.
 
+    Samples are indexed by dim 0 of every module's input (dim 1 for sequence-first
+    ``nn.MultiheadAttention``); the batch size ``B`` is dim 0 of the first tensor the model's
+    latest forward received. A module that saw a different number of rows (a subset of the
+    batch, flattened positions) is listed in ``stats.excluded``. A second backward through a
+    graph kept with ``retain_graph=True`` is not probed (warning, no statistics).
+
     Example::
 
         >>> import torch, torch.nn.functional as F
