@@ -48,6 +48,12 @@ class GradientProbe:
     to ``.grad``, never changes a gradient, keeps no graph alive, and frees what it captured at
     the end of each backward.
 
+    Samples are indexed by dim 0 of every module's input (dim 1 for sequence-first
+    ``nn.MultiheadAttention``); the batch size ``B`` is dim 0 of the first tensor the model's
+    latest forward received. A module that saw a different number of rows (a subset of the
+    batch, flattened positions) is listed in ``stats.excluded``. A second backward through a
+    graph kept with ``retain_graph=True`` is not probed (warning, no statistics).
+
     Example::
 
         >>> import torch, torch.nn.functional as F
@@ -127,9 +133,13 @@ class GradientProbe:
         self._active = False
         self._replaying = False
         self._finalize_queued = False
+        self._incomplete = False
+        self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
+        # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
+        self._view_outputs: dict[int, set[int]] = {}
         self._warned: set[str] = set()
         self._stats: ProbeStats | None = None
         self._listeners: list[Callable[[ProbeStats], None]] = []
@@ -193,6 +203,9 @@ class GradientProbe:
         if self._active:
             return
         self._active = True
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._record_model_batch, with_kwargs=True)
+        )
         for owner in self._owners:
             self._handles.append(
                 owner.module.register_forward_hook(self._make_forward_hook(owner), with_kwargs=True)
@@ -212,6 +225,15 @@ class GradientProbe:
         self._active = False
 
     # ------------------------------------------------------------------ hooks
+    def _record_model_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The latest forward with grad: a forward whose backward never came is superseded.
+        if self._replaying or not torch.is_grad_enabled():
+            return
+        for leaf in tree_flatten((args, kwargs))[0]:
+            if isinstance(leaf, Tensor) and leaf.dim() > 0:
+                self._model_batch = leaf.shape[0]
+                return
+
     def _make_forward_hook(self, owner: _Owner) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._replaying or not torch.is_grad_enabled():
@@ -233,14 +255,38 @@ class GradientProbe:
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
+            exposed = {id(t) for t in tree_flatten((args, kwargs, output))[0]}
             for k in live:
-                outputs[k].register_hook(self._make_grad_hook(owner, call, k))
+                out = outputs[k]
+                out.register_hook(self._make_grad_hook(owner, call, k))
+                if not out._is_view():
+                    continue
+                base = _reshaped_base(out, exposed)
+                if base is None:  # cannot be backed up: detect a lost hook at backward
+                    self._view_outputs.setdefault(id(call), set()).add(k)
+                else:
+                    base.register_hook(self._make_grad_hook(owner, call, k, backup_shape=out.shape))
 
         return hook
 
-    def _make_grad_hook(self, owner: _Owner, call: Call, k: int) -> Callable[[Tensor], None]:
+    def _make_grad_hook(
+        self, owner: _Owner, call: Call, k: int, backup_shape: torch.Size | None = None
+    ) -> Callable[[Tensor], None]:
+        """The hook collecting output ``k``'s gradient; with ``backup_shape``, the backup hook
+        on a view output's base (see :func:`_reshaped_base`), which acts only when the view's
+        own hook did not deliver (autograd runs the view's hook first when it is alive)."""
+
         def hook(grad: Tensor) -> None:
             self._start_backward()
+            if backup_shape is not None:
+                if not call.outputs or call.grads[k] is not None:
+                    return  # the view's own hook delivered it
+                grad = grad.reshape(backup_shape)
+            if not call.outputs:  # released: its tensors are gone
+                # A second backward through a graph kept with retain_graph=True reaches calls
+                # that an earlier backward consumed: this backward cannot be probed.
+                self._incomplete |= call.consumed
+                return
             call.grads[k] = grad
             owner.missing_grads -= 1
             if owner.missing_grads == 0:
@@ -271,8 +317,31 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ computation
     def _compute(self, owner: _Owner) -> None:
-        calls = [c for c in owner.calls if any(g is not None for g in c.grads)]
-        owner.calls = []
+        for call in owner.calls:
+            lost = [
+                k
+                for k in self._view_outputs.get(id(call), ())
+                if call.grads[k] is None and not call.output_intact(k)
+            ]
+            if lost:
+                # Autograd drops a hook registered on a view once the view is modified in
+                # place, so this output's gradient never arrived: refuse rather than report 0.
+                self._exclude(
+                    owner,
+                    "an in-place operation modified its output (a view) after the forward, "
+                    "so autograd dropped the hook that collects its gradient; make that "
+                    "operation out-of-place (e.g. inplace=False)",
+                )
+                return
+        captured, owner.calls = owner.calls, []
+        try:
+            self._compute_calls(owner, captured)
+        finally:
+            for call in captured:
+                _release(call, consumed=True)
+
+    def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
+        calls = [c for c in captured if any(g is not None for g in c.grads)]
         if not calls or owner.skip_reason is not None:
             return
         sample = next(g for c in calls for g in c.grads if g is not None)
@@ -290,6 +359,11 @@ class GradientProbe:
             result = owner.rule.compute(owner.module, calls, ctx)
         except SkipModule as skip:
             self._exclude(owner, skip.reason)
+            return
+        except Exception as err:
+            # E.g. calls of one module over different numbers of rows (subsets of the batch).
+            # Monitoring must not crash the backward: leave the module out, with a warning.
+            self._exclude(owner, f"its rule failed on this step ({type(err).__name__}: {err})")
             return
         finally:
             self._replaying = False
@@ -310,6 +384,8 @@ class GradientProbe:
 
     def _exclude(self, owner: _Owner, reason: str) -> None:
         owner.skip_reason = reason
+        for call in owner.calls:
+            _release(call, consumed=False)
         owner.calls = []
         key = f"{type(owner.module).__name__}:{reason}"
         if key not in self._warned:
@@ -322,6 +398,18 @@ class GradientProbe:
 
     def _finalize(self) -> None:
         try:
+            if self._incomplete:
+                self._stats = None
+                if "incomplete" not in self._warned:
+                    self._warned.add("incomplete")
+                    warnings.warn(
+                        "lightning_gradwatch: a backward pass went through a graph whose "
+                        "captures an earlier backward already used (retain_graph=True); it "
+                        "has no per-sample statistics. Run the forward again for each "
+                        "backward you want probed.",
+                        stacklevel=2,
+                    )
+                return
             for owner in self._owners:
                 if owner.calls:
                     self._compute(owner)
@@ -336,7 +424,11 @@ class GradientProbe:
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
         excluded: dict[str, str] = {}
-        batch = None
+        # The batch is the model's: dim 0 of the first tensor its latest forward received. A
+        # module that saw another number of rows (a subset of the batch, or flattened
+        # positions) has no per-sample statistics to report. Without a model forward
+        # (submodules called directly), the first module's batch is the reference.
+        batch = self._model_batch
         for owner in self._owners:
             if owner.skip_reason is not None:
                 for name in owner.local_to_name.values():
@@ -389,12 +481,50 @@ class GradientProbe:
 
     def _clear_captures(self) -> None:
         for owner in self._owners:
+            for call in owner.calls:  # their grad hooks may outlive this backward
+                _release(call, consumed=True)
             owner.calls = []
             owner.missing_grads = 0
             owner.result = None
             owner.skip_reason = None
         self._grad_sum = {}
+        self._view_outputs = {}
+        self._incomplete = False
+        self._model_batch = None
         self._finalize_queued = False
+
+
+def _release(call: Call, consumed: bool) -> None:
+    """Drop a call's captured tensors. Its grad hooks stay registered on the graph for as long
+    as the caller keeps any tensor of that graph (e.g. the loss), and they reference the call,
+    so the tensors must be dropped explicitly to be freed after the backward."""
+    call.args, call.kwargs, call.outputs = (), {}, []
+    call.grads = [None] * len(call.grads)
+    call.consumed = consumed
+
+
+def _reshaped_base(output: Tensor, exposed: set[int]) -> Tensor | None:
+    """The base of a view output that is a plain reshape of it, to back up the output's hook.
+
+    A hook registered on a view is silently dropped when the view is later modified in place
+    (autograd rebases the view onto a new node), e.g. ``nn.ReLU(inplace=True)`` after a
+    Linear on ``(B, T, K)`` inputs, whose output is a reshaped view of a 2-D matmul result. A
+    hook on the base survives and receives the gradient of the base's original value, which
+    is the output's gradient reshaped when the output is a plain reshape of a base internal
+    to the module (neither an input nor an output of the call). ``None`` otherwise.
+    """
+    base = output._base
+    if (
+        base is None
+        or base.grad_fn is None
+        or id(base) in exposed
+        or base.numel() != output.numel()
+        or base.storage_offset() != output.storage_offset()
+        or not base.is_contiguous()
+        or not output.is_contiguous()
+    ):
+        return None
+    return base
 
 
 def _detach(x: Any) -> Any:

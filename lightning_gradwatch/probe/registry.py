@@ -24,6 +24,8 @@ class Call:
     (flattened), ``output_versions`` their version counters at capture time (an in-place op on
     an output after the forward bumps it), and ``grads`` the gradient autograd delivered for each
     output, ``None`` where none arrived (an output that does not reach the loss).
+    ``consumed`` is set once a backward pass has used the call and the probe has dropped its
+    tensors (``outputs`` is then empty).
     """
 
     args: tuple[Any, ...]
@@ -31,6 +33,7 @@ class Call:
     outputs: list[Tensor]
     output_versions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
+    consumed: bool = False
 
     def output_intact(self, k: int = 0) -> bool:
         """Whether output ``k`` still holds the values the module produced."""

@@ -41,6 +41,9 @@ class FallbackRule(LayerRule):
             if totals is None:
                 totals = grad_sample
             else:  # several calls in one forward: per-sample gradients add
+                if any(totals[n].shape != grad_sample[n].shape for n in names):
+                    # Not broadcast: a call over fewer rows is not the same samples.
+                    raise SkipModule("its calls in one forward saw different numbers of samples")
                 totals = {n: totals[n] + grad_sample[n] for n in names}
         if totals is None:
             return {}
@@ -97,6 +100,9 @@ class FallbackRule(LayerRule):
                 xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
                 ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
                 pieces.append(per_sample_grad(params, xs, ds))
-        except RuntimeError as err:  # e.g. dropout inside the module: not reproducible
+        except Exception as err:
+            # Dropout inside the module (vmap refuses randomness), or an input whose sample
+            # dimension the rule guessed wrong (modules validate shapes with assert/ValueError
+            # too): the module is left out with a warning rather than crashing the backward.
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
