@@ -54,7 +54,9 @@ def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> bool:
     return True
 
 
-def add_custom_scalars(trainer: pl.Trainer, category: str, charts: dict[str, list[str]]) -> bool:
+def add_custom_scalars(
+    trainer: pl.Trainer, category: str, charts: dict[str, list[str]]
+) -> bool:
     """Register a TensorBoard custom-scalars layout: one chart per entry, each overlaying the
     scalars whose tags match the listed regular expressions.
 

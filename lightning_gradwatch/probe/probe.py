@@ -195,7 +195,9 @@ class GradientProbe:
         self._active = True
         for owner in self._owners:
             self._handles.append(
-                owner.module.register_forward_hook(self._make_forward_hook(owner), with_kwargs=True)
+                owner.module.register_forward_hook(
+                    self._make_forward_hook(owner), with_kwargs=True
+                )
             )
         if self.sum_grad_squared:
             for name, param in self._params.items():

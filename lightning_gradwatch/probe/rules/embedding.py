@@ -62,8 +62,7 @@ class EmbeddingRule(LayerRule):
         if "weight" in ctx.need_grad_sample:
             grad_sample = weight.new_zeros(batch, vocab, dim)
             grad_sample.view(batch * vocab, dim).index_add_(
-                0,
-                (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1),
+                0, (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1),
                 delta.reshape(-1, dim),
             )
             stats = stats_from_grad_sample(grad_sample, weight, ctx.need_sum_sq, keep=True)

@@ -102,3 +102,5 @@ class FallbackRule(LayerRule):
         except RuntimeError as err:  # e.g. dropout inside the module: not reproducible
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}
+
+

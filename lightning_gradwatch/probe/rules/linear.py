@@ -62,3 +62,5 @@ class LinearRule(LayerRule):
                 delta.sum(1), bias, ctx.need_sum_sq, "bias" in ctx.need_grad_sample
             )
         return out
+
+
