@@ -121,6 +121,7 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum: Tensor | None = None
         self._epoch_count: Tensor | None = None
         self._score_history: list[Tensor] = []
+        self._num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -381,7 +382,8 @@ class GradientWeightAlignment(ProbeCallback):
             return
         if int(indices.min()) < 0:
             raise ValueError("dataset indices must be non-negative")
-        self._grow(int(indices.max()) + 1, scores.device)
+        self._num_indices = max(self._num_indices, int(indices.max()) + 1)
+        self._grow(self._num_indices, scores.device)
         assert self._latest is not None and self._epoch_sum is not None
         assert self._epoch_count is not None
         self._latest[indices] = scores
@@ -395,11 +397,12 @@ class GradientWeightAlignment(ProbeCallback):
         world = trainer.world_size
         if world > 1 and dist.is_available() and dist.is_initialized():
             device = self._epoch_metric.count.device
-            size = torch.tensor(0 if self._latest is None else self._latest.numel(), device=device)
+            size = torch.tensor(self._num_indices, device=device)
             dist.all_reduce(size, op=dist.ReduceOp.MAX)
             if int(size) == 0:
                 return
-            self._grow(int(size), device)
+            self._num_indices = int(size)
+            self._grow(self._num_indices, device)
             assert self._latest is not None and self._epoch_sum is not None
             assert self._epoch_count is not None
             seen = (self._epoch_count > 0).to(torch.float64)
@@ -413,8 +416,9 @@ class GradientWeightAlignment(ProbeCallback):
             self._latest = torch.where(packed[3] > 0, merged, self._latest)
         if self._latest is None or self._epoch_sum is None or self._epoch_count is None:
             return
-        epoch_mean = self._epoch_sum / self._epoch_count
-        epoch_mean[self._epoch_count == 0] = float("nan")
+        size = self._num_indices
+        epoch_mean = self._epoch_sum[:size] / self._epoch_count[:size]
+        epoch_mean[self._epoch_count[:size] == 0] = float("nan")
         self._last_epoch_mean = epoch_mean.float().cpu()
         if self.keep_history:
             self._score_history.append(self._last_epoch_mean)
@@ -444,7 +448,7 @@ class GradientWeightAlignment(ProbeCallback):
         if self._latest is None:
             empty = torch.zeros(0, dtype=torch.float64)
             return {"index": torch.zeros(0, dtype=torch.int64), "score": empty, "epoch_mean": empty}
-        latest = self._latest.cpu()
+        latest = self._latest[: self._num_indices].cpu()
         index = torch.nonzero(~torch.isnan(latest)).flatten()
         last = getattr(self, "_last_epoch_mean", None)
         epoch_mean = torch.full((index.numel(),), float("nan"), dtype=torch.float64)
@@ -485,6 +489,7 @@ class GradientWeightAlignment(ProbeCallback):
             epoch_sum=None if self._epoch_sum is None else self._epoch_sum.cpu(),
             epoch_count=None if self._epoch_count is None else self._epoch_count.cpu(),
             score_history=list(self._score_history),
+            num_indices=self._num_indices,
             last_epoch_mean=getattr(self, "_last_epoch_mean", None),
         )
         return state
@@ -505,6 +510,7 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum = state_dict.get("epoch_sum")
         self._epoch_count = state_dict.get("epoch_count")
         self._score_history = list(state_dict.get("score_history", []))
+        self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]
 
@@ -529,7 +535,13 @@ def _load_metric_state(metric: AlignmentMoments, state: dict[str, Tensor]) -> No
 class _HeadDetector:
     """Watches one training forward pass to find the head: the last ``nn.Linear`` (among the
     candidates) whose output tensor is, unchanged, an output of an outermost module call of
-    the LightningModule's tree (the model output handed to the loss)."""
+    the LightningModule's tree (the model output handed to the loss).
+
+    Outputs of a model (a container such as the LightningModule's ``forward`` or an
+    ``nn.Sequential``) are preferred to a bare ``nn.Linear`` called directly from
+    ``training_step`` (e.g. an auxiliary probe); the latter is the head only when no model
+    output is a Linear output.
+    """
 
     def __init__(self, pl_module: nn.Module, candidates: set[str]) -> None:
         self.names = {id(m): n for n, m in pl_module.named_modules()}
@@ -540,7 +552,8 @@ class _HeadDetector:
         }
         self.depth = 0
         self.linear_outputs: list[tuple[str, Tensor]] = []
-        self.top_outputs: list[Tensor] = []
+        self.model_outputs: list[Tensor] = []
+        self.bare_outputs: list[Tensor] = []
         module_hooks = torch.nn.modules.module
         self.handles = [
             module_hooks.register_module_forward_pre_hook(self._pre),
@@ -560,13 +573,18 @@ class _HeadDetector:
         if name is not None and len(tensors) == 1:
             self.linear_outputs.append((name, tensors[0]))
         if self.depth == 0:
-            self.top_outputs.extend(tensors)
+            bare = isinstance(module, nn.Linear)
+            (self.bare_outputs if bare else self.model_outputs).extend(tensors)
 
     def finish(self) -> str | None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        top = {id(t) for t in self.top_outputs}
-        found = [name for name, out in self.linear_outputs if id(out) in top]
-        self.linear_outputs, self.top_outputs = [], []
+        found: list[str] = []
+        for outputs in (self.model_outputs, self.bare_outputs):
+            top = {id(t) for t in outputs}
+            found = [name for name, out in self.linear_outputs if id(out) in top]
+            if found:
+                break
+        self.linear_outputs, self.model_outputs, self.bare_outputs = [], [], []
         return found[-1] if found else None
