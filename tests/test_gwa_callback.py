@@ -78,13 +78,13 @@ def fit(
 ) -> pl.Trainer:
     dataset = dataset if dataset is not None else TensorDataset(*make_data())
     data = IndexedDataset(dataset) if indexed else dataset
+    trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         precision="64-true",
         logger=logger,  # type: ignore[arg-type]
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,

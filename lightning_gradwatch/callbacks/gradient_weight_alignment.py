@@ -405,15 +405,18 @@ class GradientWeightAlignment(ProbeCallback):
             self._grow(self._num_indices, device)
             assert self._latest is not None and self._epoch_sum is not None
             assert self._epoch_count is not None
-            seen = (self._epoch_count > 0).to(torch.float64)
-            latest = torch.where(seen > 0, self._latest, torch.zeros_like(self._latest))
-            packed = torch.stack([self._epoch_sum, self._epoch_count, latest, seen])
+            # Buffers may have grown to different capacities: exchange the common prefix.
+            size = self._num_indices
+            count, latest_all = self._epoch_count[:size], self._latest[:size]
+            seen = (count > 0).to(torch.float64)
+            latest = torch.where(seen > 0, latest_all, torch.zeros_like(latest_all))
+            packed = torch.stack([self._epoch_sum[:size], count, latest, seen])
             dist.all_reduce(packed)
-            self._epoch_sum, self._epoch_count = packed[0], packed[1]
+            self._epoch_sum, self._epoch_count = packed[0].clone(), packed[1].clone()
             # A sample seen on several ranks this epoch (DistributedSampler padding) keeps the
             # mean of their latest scores.
             merged = packed[2] / packed[3].clamp_min(1)
-            self._latest = torch.where(packed[3] > 0, merged, self._latest)
+            self._latest = torch.where(packed[3] > 0, merged, latest_all)
         if self._latest is None or self._epoch_sum is None or self._epoch_count is None:
             return
         size = self._num_indices
