@@ -20,7 +20,7 @@ scores_strategy = st.lists(
 ).filter(lambda xs: np.ptp(xs) > 1e-3)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     scores=scores_strategy,
     split=st.integers(min_value=0, max_value=300),
