@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent(
     import torch.nn.functional as F
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
+    from lightning.pytorch.loggers import TensorBoardLogger
     from lightning_gradwatch import GradientWeightAlignment, IndexedDataset
 
     class Model(pl.LightningModule):
@@ -46,7 +47,8 @@ SCRIPT = textwrap.dedent(
         gwa = GradientWeightAlignment(params="all", indices=-1)
         trainer = pl.Trainer(
             max_epochs=2, accelerator="cpu", devices=devices,
-            strategy="ddp" if devices > 1 else "auto", logger=False, callbacks=[gwa],
+            strategy="ddp" if devices > 1 else "auto", callbacks=[gwa],
+            logger=TensorBoardLogger(out, name=f"tb_{devices}"),
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
         loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=False)
@@ -98,3 +100,9 @@ def test_ddp_aggregate_equals_single_process_union(tmp_path: Path) -> None:
         assert ddp["index"] == single["index"]
         assert ddp["scores"] == pytest.approx(single["scores"], rel=1e-5, abs=1e-7)
         assert ddp["gwa_epoch"] == pytest.approx(single["gwa_epoch"], rel=1e-6)
+    # the TensorBoard histogram (rank zero) counts both ranks' scores
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb_2" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [h.histogram_value.num for h in events.Histograms("gwa/scores")] == [40, 40]

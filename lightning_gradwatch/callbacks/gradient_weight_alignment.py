@@ -327,7 +327,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_finalized = True
         result = self._epoch_metric.compute()
         layer_results = {name: m.compute() for name, m in self._layer_metrics.items()}
-        edges, counts = self._epoch_metric.histogram()
+        edges, _ = self._epoch_metric.histogram()
+        counts = result["histogram_counts"]  # summed over ranks
         self._finalize_samples(trainer)
         # Next epoch's power sums are taken around this epoch's mean (identical on all ranks):
         # that keeps float64 cancellation negligible (see metrics/alignment.py).

@@ -36,7 +36,8 @@ class AlignmentMoments(Metric):
 
     ``compute()`` returns a dict with ``"count"``, ``"mean"``, ``"kurtosis"`` (biased Fisher
     excess kurtosis, as ``scipy.stats.kurtosis``), ``"gwa"`` (``mean / (kurtosis + 1.2)``) and
-    ``"sum_squares"`` (``sum x^2``, for histogram summaries).
+    ``"sum_squares"`` (``sum x^2``) and ``"histogram_counts"`` (``(bins,)``), for histogram
+    summaries; under DDP all of them are over every rank's scores.
     With no scores, or all scores equal, kurtosis and gwa are NaN.
 
     Example::
@@ -97,7 +98,14 @@ class AlignmentMoments(Metric):
         n = self.count
         if float(n) == 0:
             nan = torch.full((), float("nan"), dtype=torch.float64, device=n.device)
-            return {"count": n, "mean": nan, "kurtosis": nan, "gwa": nan, "sum_squares": nan}
+            return {
+                "count": n,
+                "mean": nan,
+                "kurtosis": nan,
+                "gwa": nan,
+                "sum_squares": nan,
+                "histogram_counts": self.histogram_counts.clone(),
+            }
         s1, s2, s3, s4 = self.power_sums / n  # raw moments E[y^k] of y = x - shift
         mean = s1 + self.shift
         m2 = (s2 - s1**2).clamp_min(0.0)  # central moments are shift-invariant
@@ -111,6 +119,8 @@ class AlignmentMoments(Metric):
             "sum_squares": self.power_sums[1]
             + 2 * self.shift * self.power_sums[0]
             + n * self.shift**2,
+            # synced here (inside compute); histogram() outside compute sees local counts
+            "histogram_counts": self.histogram_counts.clone(),
         }
 
     def set_shift(self, shift: float) -> None:
@@ -120,6 +130,7 @@ class AlignmentMoments(Metric):
         self.shift = float(shift)
 
     def histogram(self) -> tuple[Tensor, Tensor]:
-        """``(bin_edges (bins+1,), counts (bins,))`` of the scores seen so far (synced)."""
+        """``(bin_edges (bins+1,), counts (bins,))`` of this process's scores so far (use
+        ``compute()["histogram_counts"]`` for the counts over all ranks)."""
         edges = torch.linspace(-1.0, 1.0, self.histogram_bins + 1, dtype=torch.float64)
         return edges, self.histogram_counts
