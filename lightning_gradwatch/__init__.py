@@ -1,6 +1,17 @@
 """lightning-gradwatch: per-sample gradient statistics for PyTorch Lightning, from hooks."""
 
+from .callbacks.gradient_weight_alignment import GradientWeightAlignment
+from .callbacks.gwa_early_stopping import GWAEarlyStopping
+from .data import IndexedDataset
 from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
 
-__all__ = ["GradientProbe", "ParameterUseError", "ProbeStats", "register_rule"]
+__all__ = [
+    "GWAEarlyStopping",
+    "GradientProbe",
+    "GradientWeightAlignment",
+    "IndexedDataset",
+    "ParameterUseError",
+    "ProbeStats",
+    "register_rule",
+]
 __version__ = "0.1.0"

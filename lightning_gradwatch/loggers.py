@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 
@@ -65,4 +66,41 @@ def add_custom_scalars(trainer: pl.Trainer, category: str, charts: dict[str, lis
         return False
     layout = {category: {title: ["Multiline", tags] for title, tags in charts.items()}}
     writer.add_custom_scalars(layout)
+    return True
+
+
+def log_histogram_raw(
+    trainer: pl.Trainer,
+    tag: str,
+    bin_edges: Tensor,
+    counts: Tensor,
+    total: float,
+    total_squares: float,
+    step: int,
+) -> bool:
+    """Write a TensorBoard histogram from precomputed bins (e.g. counts summed across ranks by
+    a torchmetrics state), without the raw values. Rank zero only.
+
+    Args:
+        bin_edges: ``(K+1,)`` increasing edges.
+        counts: ``(K,)`` samples per bin.
+        total: sum of the values; ``total_squares``: sum of their squares.
+    """
+    writer = tensorboard_writer(trainer)
+    counts = counts.detach().double().cpu()
+    if writer is None or not trainer.is_global_zero or float(counts.sum()) == 0:
+        return False
+    edges = bin_edges.detach().double().cpu()
+    filled = torch.nonzero(counts).flatten()
+    writer.add_histogram_raw(
+        tag,
+        min=float(edges[filled[0]]),
+        max=float(edges[filled[-1] + 1]),
+        num=int(counts.sum()),
+        sum=total,
+        sum_squares=total_squares,
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=step,
+    )
     return True

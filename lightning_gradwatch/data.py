@@ -1,0 +1,89 @@
+"""Dataset indices for per-sample attribution.
+
+:class:`GradientWeightAlignment` keeps per-sample scores when it can tell which dataset
+sample each row of a training batch is. The convention:
+
+- dict batches: the indices are under the key ``"index"`` (``indices="index"``, the
+  default); any other key can be named;
+- tuple/list batches: name the position, e.g. ``indices=-1`` for the last element;
+- anything else: pass a callable ``batch -> (B,) integer tensor``.
+
+:class:`IndexedDataset` adds the index to each item so that the default collate function
+produces such batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+#: How to find indices in a batch: a dict key, a tuple position, a callable, or None.
+IndexSpec = str | int | Callable[[Any], Tensor] | None
+
+INDEX_KEY = "index"
+
+
+class IndexedDataset(Dataset):
+    """Wraps a map-style dataset so that every item carries its index.
+
+    - A dict item gets an extra key ``"index"``.
+    - A tuple/list item gets the index appended as its last element: ``(x, y) -> (x, y, i)``.
+      Unpack it in ``training_step`` (``x, y, _ = batch``) and pass ``indices=-1`` to the
+      callback.
+    - Any other item ``v`` becomes ``{"input": v, "index": i}``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_gradwatch.data import IndexedDataset
+        >>> ds = IndexedDataset(TensorDataset(torch.randn(4, 2), torch.arange(4)))
+        >>> ds[2][2]
+        2
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, Mapping):
+            return {**item, INDEX_KEY: index}
+        if isinstance(item, tuple | list):
+            return (*item, index)
+        return {"input": item, INDEX_KEY: index}
+
+
+def batch_indices(batch: Any, spec: IndexSpec, batch_size: int) -> Tensor | None:
+    """The ``(B,)`` int64 dataset indices of a batch, or None when ``spec`` finds none.
+
+    Raises:
+        ValueError: the indices found do not have one entry per sample.
+    """
+    if spec is None:
+        return None
+    if callable(spec):
+        found = spec(batch)
+    elif isinstance(spec, str):
+        found = batch.get(spec) if isinstance(batch, Mapping) else None
+    elif isinstance(spec, int) and isinstance(batch, Sequence) and not isinstance(batch, str):
+        found = batch[spec] if -len(batch) <= spec < len(batch) else None
+    else:
+        found = None
+    if found is None:
+        return None
+    found = torch.as_tensor(found).reshape(-1)
+    if found.numel() != batch_size or found.is_floating_point():
+        raise ValueError(
+            f"dataset indices must be {batch_size} integers, one per sample, got a tensor of "
+            f"shape {tuple(found.shape)} and dtype {found.dtype}; check the `indices` argument "
+            f"of GradientWeightAlignment (a dict key, a tuple position or a callable)"
+        )
+    return found.to(torch.int64)
