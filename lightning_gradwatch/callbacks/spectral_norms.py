@@ -226,6 +226,7 @@ class SpectralNorms(Callback):
         self._unconverged_warned: set[str] = set()
         self._conv_grid: dict[str, tuple[int, ...]] = {}
         self._hooks: list[Any] = []
+        self._step_keys: list[str] = []  # Lightning result keys logged on_step this batch
         #: Logged-step values of the last weight read, exact check and gradient read, by key.
         self.last_values: dict[str, float] = {}
         #: Gradient reads skipped because a gradient was not finite (e.g. AMP overflow).
@@ -592,11 +593,43 @@ class SpectralNorms(Callback):
         log_image(trainer, f"{PREFIX}/heatmap/log_sigma_max", _render(log_sigma), step)
 
     # -- logging -------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._hide_flushed_step_values(trainer)
+
+    def _hide_flushed_step_values(self, trainer: pl.Trainer) -> None:
+        """Stop Lightning from writing our step values again at later logging steps.
+
+        Lightning keeps every ``on_step`` value of the epoch and re-sends its last value to the
+        loggers at each logging step, so a gradient spectrum read at step 0 would appear again,
+        unchanged, at steps 1, 2, ... of a plot as if it had been measured there. Our values were
+        written at the end of the batch that logged them; marking them reset hides them until
+        they are logged again (``trainer.callback_metrics`` keeps the last value for
+        ``EarlyStopping`` and ``ModelCheckpoint``).
+        """
+        results = getattr(trainer, "_results", None)
+        for key in self._step_keys:
+            item = results.get(key) if results is not None else None
+            if item is not None and hasattr(item, "has_reset"):
+                item.has_reset = True
+        self._step_keys.clear()
+
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], on_epoch: bool) -> None:
         self.last_values.update(values)
+        if not on_epoch:
+            fx = pl_module._current_fx_name
+            self._step_keys.extend(f"{fx}.{key}" for key in values)
         for key, value in values.items():
+            # A float64 CPU tensor: a Python float would be rounded to float32 by Lightning.
             pl_module.log(
-                key, value, on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False
+                key,
+                torch.tensor(value, dtype=torch.float64),
+                on_step=not on_epoch,
+                on_epoch=on_epoch,
+                batch_size=1,
+                sync_dist=False,
             )
 
     # -- state ---------------------------------------------------------------------------------
