@@ -582,3 +582,88 @@ def test_same_values_on_cuda_as_on_cpu():
     torch.testing.assert_close(
         gradient_spectrum(w.cuda())[2].cpu(), gradient_spectrum(w)[2], rtol=1e-5, atol=0
     )
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from lightning_gradwatch import SpectralNorms
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Grab(pl.Callback):
+    def __init__(self):
+        self.grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 2:
+            self.grads = {n: p.grad.tolist() for n, p in pl_module.named_parameters()}
+
+
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(0)
+data = torch.utils.data.TensorDataset(
+    torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+)
+cb, grab = SpectralNorms(grad_every_n_steps=2), Grab()
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, log_every_n_steps=1,
+    logger=False, callbacks=[cb, grab], enable_progress_bar=False, enable_model_summary=False,
+    enable_checkpointing=False,
+)
+trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+u = {k: v.tolist() for k, v in cb._u.items()}
+out = {"values": cb.last_values, "u": u, "grads": grab.grads}
+with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_without_collectives(tmp_path: Path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_spectral.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    # Each rank sees different samples, so identical gradient spectra mean they were read after
+    # DDP's all-reduce; identical weights give identical norms and vectors with no collective.
+    assert rank0["grads"] == rank1["grads"] and rank0["grads"]
+    assert rank0["values"] == rank1["values"]
+    assert any("grad_sigma_max" in k for k in rank0["values"])
+    assert rank0["u"] == rank1["u"]
+    # The gradient spectrum logged at step 2 is that of the all-reduced gradient.
+    w = torch.tensor(rank0["grads"]["net.0.weight"], dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    assert rank0["values"]["spectral/net.0.weight/grad_nuclear_norm"] == pytest.approx(
+        float(s.sum()), rel=1e-5
+    )
