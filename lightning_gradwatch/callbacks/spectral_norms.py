@@ -421,7 +421,7 @@ class SpectralNorms(Callback):
                 sigma = self._iterate(t, matrix, self._iterations[t.name])
                 self._last_sigma[t.name] = sigma
                 sigmas.append(sigma)
-                fro_sq.append(matrix.pow(2).sum())
+                fro_sq.append(torch.linalg.vector_norm(matrix).square())
             values = _to_cpu([torch.stack([s, f]) for s, f in zip(sigmas, fro_sq, strict=True)])
         self._last_read_step = step
         logged: dict[str, float] = {}
@@ -737,4 +737,7 @@ def _render(values: Tensor, diverging: bool = False) -> Tensor:
     layers, steps = values.shape
     row_px = max(1, 256 // max(layers, 1))
     col_px = max(1, 512 // max(steps, 1))
-    return image.repeat_interleave(row_px, dim=1).repeat_interleave(col_px, dim=2).float()
+    image = image.repeat_interleave(row_px, dim=1).repeat_interleave(col_px, dim=2).float()
+    if layers > 1 and row_px >= 6:
+        image[:, row_px::row_px, :] = 0.75  # a thin grey line between layers
+    return image
