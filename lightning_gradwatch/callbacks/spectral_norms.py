@@ -236,6 +236,13 @@ class SpectralNorms(Callback):
 
     # -- setup -----------------------------------------------------------------------
     @property
+    @override
+    def state_key(self) -> str:
+        # Two instances tracking different weights keep separate checkpoint entries.
+        types = None if self.module_types is None else [t.__name__ for t in self.module_types]
+        return self._generate_state_key(params=self.params, module_types=types)
+
+    @property
     def tracked_names(self) -> list[str]:
         """Names of the tracked parameters, in model order (the heatmaps' rows)."""
         return [t.name for t in self._tracked]
