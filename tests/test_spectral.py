@@ -667,3 +667,21 @@ def test_ddp_ranks_agree_without_collectives(tmp_path: Path):
     assert rank0["values"]["spectral/net.0.weight/grad_nuclear_norm"] == pytest.approx(
         float(s.sum()), rel=1e-5
     )
+
+
+def test_gradient_accumulation_reads_once_per_optimizer_step():
+    grads: list[torch.Tensor] = []
+
+    class GrabGrads(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append(pl_module.net[0].weight.grad.detach().clone())
+
+    logger = RecordingLogger()
+    cb = SpectralNorms(grad_every_n_steps=1)
+    fit(MLP(), [cb, GrabGrads()], logger=logger, max_epochs=1, accumulate_grad_batches=2)
+    assert len(grads) == 2  # 4 batches, 2 optimizer steps
+    assert len(cb._history_steps) == 2  # one weight read per optimizer step
+    series = logger.series("spectral/net.0.weight/grad_sigma_max")
+    assert [v for _, v in series] == pytest.approx(
+        [float(torch.linalg.svdvals(g)[0]) for g in grads], rel=1e-9
+    )

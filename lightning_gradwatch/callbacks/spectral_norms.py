@@ -227,6 +227,7 @@ class SpectralNorms(Callback):
         self._conv_grid: dict[str, tuple[int, ...]] = {}
         self._hooks: list[Any] = []
         self._step_keys: list[str] = []  # Lightning result keys logged on_step this batch
+        self._optimizer_stepped = False  # set in on_before_optimizer_step, read at batch end
         #: Logged-step values of the last weight read, exact check and gradient read, by key.
         self.last_values: dict[str, float] = {}
         #: Gradient reads skipped because a gradient was not finite (e.g. AMP overflow).
@@ -410,9 +411,10 @@ class SpectralNorms(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        stepped, self._optimizer_stepped = self._optimizer_stepped, False
         step = trainer.global_step
-        if step == self._last_read_step or not self._is_logging_step(trainer):
-            return  # no optimizer step since the last read (accumulation), or not logged
+        if not stepped or step == self._last_read_step or not self._is_logging_step(trainer):
+            return  # weights unchanged (an accumulation micro-batch), or a step not logged
         self._read_weights(trainer, pl_module, step)
         if self.exact_every_n_steps is not None and step >= self._next_exact_step:
             self._exact_check(pl_module, on_epoch=False)
@@ -557,6 +559,7 @@ class SpectralNorms(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._optimizer_stepped = True
         if self.grad_every_n_steps is None:
             return
         step = trainer.global_step
