@@ -2,6 +2,7 @@
 
 from .callbacks.gradient_weight_alignment import GradientWeightAlignment
 from .callbacks.gwa_early_stopping import GWAEarlyStopping
+from .callbacks.spectral_norms import SpectralNorms
 from .data import IndexedDataset
 from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
 
@@ -12,6 +13,7 @@ __all__ = [
     "IndexedDataset",
     "ParameterUseError",
     "ProbeStats",
+    "SpectralNorms",
     "register_rule",
 ]
 __version__ = "0.1.0"
