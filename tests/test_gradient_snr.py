@@ -307,6 +307,31 @@ def test_functional_from_sums_matches_definitions(
     assert 0.0 <= float(got["gsnr/coherence"]) <= 1.0 + 1e-12
     per_entry = fn.gsnr_per_entry(s, q, batch)
     assert bool(torch.isnan(per_entry[0])) == dead
+    # The fused routine the callback uses agrees with the single-quantity functions.
+    sizes_now = [g.shape[1] for g in grads.values()]
+    norms = torch.stack([g.pow(2).sum() for g in grads.values()])
+    for eps in (0.0, 1e-3):
+        fused = fn.noise_statistics(s, q, norms, batch, sizes_now, eps=eps)
+        single = {
+            "gsnr_mean": fn.gsnr_mean(s, q, batch, eps=eps),
+            "eb_criterion": fn.eb_criterion(s, q, batch, eps=eps),
+            "noise_scale": got["gsnr/noise_scale"],
+            "coherence": got["gsnr/coherence"],
+        }
+        for key, want_value in single.items():
+            torch.testing.assert_close(fused[key], want_value, rtol=1e-10, atol=1e-12)
+        parts = zip(s.split(sizes_now), q.split(sizes_now), norms, strict=True)
+        for k, (s_k, q_k, n_k) in enumerate(parts):
+            torch.testing.assert_close(
+                fused["layer_gsnr"][k],
+                fn.gsnr_mean(s_k, q_k, batch, eps=eps),
+                rtol=1e-10,
+                atol=0.0,
+                equal_nan=True,
+            )
+            torch.testing.assert_close(
+                fused["layer_coherence"][k], fn.coherence(s_k, n_k, batch), rtol=1e-10, atol=0.0
+            )
     # EB criterion = 1 - (B - 1) * mean GSNR over the same entries (s^2 = B/(B-1) var).
     assert float(got["gsnr/eb_criterion"]) == pytest.approx(
         1 - (batch - 1) * float(got["gsnr/mean"]), rel=1e-10, abs=1e-10

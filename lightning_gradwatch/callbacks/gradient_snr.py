@@ -220,6 +220,8 @@ class GradientSNR(ProbeCallback):
         if int(sums.nonfinite) > 0:
             return None  # counted in skipped_steps on the rank that saw it
         count = int(sums.count)
+        if count == 0:
+            return None  # no probed backward this step (e.g. training_step returned None)
         if count < 2:
             if not self._warned_small_batch:
                 self._warned_small_batch = True
@@ -248,30 +250,35 @@ class GradientSNR(ProbeCallback):
         index = [self.sums.layer_names.index(n) for n in names]
         if len(names) == len(self.sums.layer_names):
             grad_sum, grad_sq_sum = sums.grad_sum, sums.grad_sq_sum
+            sample_sq_norm_sum = sums.sample_sq_norm_sum
         else:
             grad_sum = torch.cat([sums.grad_sum[s] for s in slices])
             grad_sq_sum = torch.cat([sums.grad_sq_sum[s] for s in slices])
-        sample_sq_norm_sum = sums.sample_sq_norm_sum[index].sum()
-        opts = {"eps": self.eps, "zero_variance_rtol": self.zero_variance_rtol}
-
-        trace = F.trace_covariance(grad_sum, sample_sq_norm_sum, count)
-        true_sq = F.true_grad_sq_norm(grad_sum, sample_sq_norm_sum, count)
-        self.noise_scale_ema.update(trace, true_sq)
+            sample_sq_norm_sum = sums.sample_sq_norm_sum[index]
+        stats = F.noise_statistics(
+            grad_sum,
+            grad_sq_sum,
+            sample_sq_norm_sum,
+            count,
+            [s.stop - s.start for s in slices],
+            eps=self.eps,
+            zero_variance_rtol=self.zero_variance_rtol,
+        )
+        self.noise_scale_ema.update(stats["trace_sigma"], stats["grad_sq_norm"])
         values: dict[str, Tensor] = {
-            "gsnr/mean": F.gsnr_mean(grad_sum, grad_sq_sum, count, **opts),
-            "gsnr/noise_scale": trace / true_sq,
-            "gsnr/noise_scale_smoothed": self.noise_scale_ema.compute().to(trace.dtype),
-            "gsnr/trace_sigma": trace,
-            "gsnr/grad_sq_norm": true_sq,
-            "gsnr/coherence": F.coherence(grad_sum, sample_sq_norm_sum, count),
-            "gsnr/eb_criterion": F.eb_criterion(grad_sum, grad_sq_sum, count, **opts),
+            "gsnr/mean": stats["gsnr_mean"],
+            "gsnr/noise_scale": stats["noise_scale"],
+            "gsnr/noise_scale_smoothed": self.noise_scale_ema.compute().to(grad_sum.dtype),
+            "gsnr/trace_sigma": stats["trace_sigma"],
+            "gsnr/grad_sq_norm": stats["grad_sq_norm"],
+            "gsnr/coherence": stats["coherence"],
+            "gsnr/eb_criterion": stats["eb_criterion"],
             "gsnr/batch_size": torch.tensor(float(count)),
         }
         if self.per_layer:
-            for name, where, k in zip(names, slices, index, strict=True):
-                s, q = sums.grad_sum[where], sums.grad_sq_sum[where]
-                values[f"gsnr/layer/{name}"] = F.gsnr_mean(s, q, count, **opts)
-                values[f"gsnr/coherence/{name}"] = F.coherence(s, sums.sample_sq_norm_sum[k], count)
+            for k, name in enumerate(names):
+                values[f"gsnr/layer/{name}"] = stats["layer_gsnr"][k]
+                values[f"gsnr/coherence/{name}"] = stats["layer_coherence"][k]
         return values
 
     # -- state -------------------------------------------------------------------------
@@ -306,8 +313,8 @@ class EBEarlyStopping(EarlyStopping):
     reads every value :class:`GradientSNR` computes, keeps the last ``window`` of them, logs
     their mean as ``gsnr/eb_criterion_window``, and stops (on every rank) as soon as a full
     window's mean is above ``threshold``. Patience-based stopping is disabled: only the
-    threshold stops. Needs a :class:`GradientSNR` in the trainer's callbacks, placed before
-    this one; the criterion is derived for plain SGD.
+    threshold stops. Needs a :class:`GradientSNR` in the trainer's callbacks; the criterion
+    is derived for plain SGD.
 
     Example::
 

@@ -169,3 +169,73 @@ def eb_criterion(
         excluded = zero_variance_mask(grad_sum, grad_sq_sum, count, zero_variance_rtol)
         ratio = (mean.pow(2) / unbiased.masked_fill(excluded, 1.0))[~excluded]
     return 1 - count * ratio.mean()
+
+
+def noise_statistics(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    sample_sq_norm_sum: Tensor,
+    count: int,
+    layer_sizes: list[int],
+    eps: float = 0.0,
+    zero_variance_rtol: float | None = None,
+) -> dict[str, Tensor]:
+    """Every quantity at once, in a few passes over the ``(D,)`` sums (what the callback uses).
+
+    Equal to the single-quantity functions above (tests check both against the definitions),
+    but shares the per-entry work: mean, variance, zero-variance mask and GSNR are formed once,
+    and the EB criterion uses ``gbar_j**2 / s_j**2 = (B-1)/B * r_j`` when ``eps == 0``.
+
+    Args:
+        grad_sum: ``(D,)`` ``S``, the parameters' entries concatenated layer by layer.
+        grad_sq_sum: ``(D,)`` ``Q``.
+        sample_sq_norm_sum: ``(L,)`` per layer ``sum_i |g_i|^2``.
+        count: ``B >= 2``.
+        layer_sizes: the ``L`` layer sizes, summing to ``D``.
+
+    Returns:
+        ``()`` tensors: ``gsnr_mean``, ``noise_scale``, ``trace_sigma``, ``grad_sq_norm``,
+        ``coherence``, ``eb_criterion``; ``(L,)`` tensors ``layer_gsnr`` (NaN for a layer
+        with every entry left out) and ``layer_coherence``.
+    """
+    if zero_variance_rtol is None:
+        zero_variance_rtol = default_zero_variance_rtol(grad_sum.dtype)
+    mean = grad_sum / count
+    mean_sq = mean * mean
+    variance = grad_sq_sum / count
+    mean_square = variance if eps > 0 else variance.clone()
+    variance -= mean_sq
+    if eps > 0:
+        ratio = mean_sq / (variance + eps)
+        unbiased = variance.mul_(count / (count - 1)).add_(eps)
+        eb_ratio_sum = (mean_sq / unbiased).sum()
+        included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
+    else:
+        excluded = variance <= mean_square.mul_(zero_variance_rtol)
+        ratio = (mean_sq / variance).masked_fill_(excluded, 0.0)
+        kept = (~excluded).to(grad_sum.dtype)
+        included = torch.stack([part.sum() for part in kept.split(layer_sizes)])
+        eb_ratio_sum = None
+    layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
+    layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
+    total_included = included.sum()
+    gsnr = layer_ratio_sum.sum() / total_included
+    if eb_ratio_sum is None:
+        eb = 1 - (count - 1) * gsnr
+    else:
+        eb = 1 - count * eb_ratio_sum / total_included
+    norm_sum = sample_sq_norm_sum.sum()
+    mean_sq_norm = layer_mean_sq.sum()
+    trace = (norm_sum - count * mean_sq_norm) / (count - 1)
+    true_sq = mean_sq_norm - trace / count
+    return {
+        "gsnr_mean": gsnr,
+        "noise_scale": trace / true_sq,
+        "trace_sigma": trace,
+        "grad_sq_norm": true_sq,
+        # |S|^2 / (B N) = B^2 |gbar|^2 / (B N)
+        "coherence": count * mean_sq_norm / norm_sum,
+        "eb_criterion": eb,
+        "layer_gsnr": layer_ratio_sum / included,
+        "layer_coherence": count * layer_mean_sq / sample_sq_norm_sum,
+    }
