@@ -1,7 +1,7 @@
 """GSNR, gradient noise scale, coherence and the EB criterion on MNIST-1D, in TensorBoard.
 
-Trains a small 1-D CNN on MNIST-1D (generated locally with ``mnist1d.data.make_dataset``, no
-download) with plain SGD, with and without 20% label noise, and logs every gradient-noise
+Trains a small MLP on MNIST-1D (generated locally with ``mnist1d.data.make_dataset``, no
+download) with SGD and momentum, with and without 20% label noise, and logs every gradient-noise
 quantity each step. About a minute on a laptop CPU::
 
     python examples/gsnr_mnist1d.py
@@ -37,22 +37,19 @@ from lightning_gradwatch import EBEarlyStopping, GradientSNR
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr, self.momentum = lr, momentum
         self.net = nn.Sequential(
-            nn.Conv1d(1, 16, 5, padding=2),
+            nn.Linear(40, 128),
             nn.ReLU(),
-            nn.Conv1d(16, 16, 5, padding=2, stride=2),
+            nn.Linear(128, 128),
             nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(16 * 20, 64),
-            nn.ReLU(),
-            nn.Linear(64, 10),
+            nn.Linear(128, 10),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.unsqueeze(1))
+        return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -65,7 +62,7 @@ class Classifier(pl.LightningModule):
         self.log("val/acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 def loaders(label_noise: float, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
@@ -90,7 +87,7 @@ def loaders(label_noise: float, batch_size: int, seed: int) -> tuple[DataLoader,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--logdir", default="runs/gsnr_mnist1d")
     args = parser.parse_args()
@@ -108,6 +105,7 @@ def main() -> None:
             callbacks=[gsnr, stopper],
             enable_checkpointing=False,
             enable_model_summary=False,
+            enable_progress_bar=False,
             accelerator="cpu",
         )
         trainer.fit(Classifier(), train, val)

@@ -37,6 +37,9 @@ def optimizer_steps_done(trainer: pl.Trainer) -> int:
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
+_PER_LAYER_PREFIXES = ("gsnr/layer/", "gsnr/coherence/")
+
+
 class GradientSNR(ProbeCallback):
     """Logs the gradient signal-to-noise ratio and its relatives from exact per-sample sums.
 
@@ -78,7 +81,9 @@ class GradientSNR(ProbeCallback):
         zero_variance_rtol: an entry counts as zero-variance when its variance is at most this
             fraction of its mean square; ``None`` uses ``64 * finfo(dtype).eps``.
         noise_scale_decay: EMA decay for ``gsnr/noise_scale_smoothed``, in ``[0, 1)``.
-        per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``.
+        per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``
+            (through ``pl_module.log`` on Lightning's logging steps only; always in
+            :attr:`latest`). Each costs two ``pl_module.log`` calls per parameter tensor.
 
     Raises:
         ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
@@ -211,7 +216,13 @@ class GradientSNR(ProbeCallback):
         if values is None:
             return
         self.latest, self.latest_step = values, step
+        # Each pl_module.log costs about half a millisecond of Lightning bookkeeping; the
+        # per-layer values are only worth it on steps the loggers will write.
+        interval = trainer.log_every_n_steps
+        logging_step = interval > 0 and (step + 1) % interval == 0
         for name, value in values.items():
+            if not logging_step and name.startswith(_PER_LAYER_PREFIXES):
+                continue
             if not torch.isnan(value):
                 pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
 
