@@ -16,8 +16,9 @@ What to look at (Scalars tab, section ``gsnr``; or the "gradient noise" Custom S
 - ``gsnr/coherence`` starts high (samples agree) and decays towards ``1/B``.
 - ``gsnr/eb_criterion`` (raw) and ``gsnr/eb_criterion_window`` (``EBEarlyStopping``'s
   window mean): the run stops when the window mean crosses 0. In the default 15 epochs both
-  runs stay below 0 (measured: EB about -0.03 without and -0.2 with label noise at
-  step 750; last per-step values), i.e. the gradient still carries signal; pass ``--epochs 100`` to train longer.
+  runs stay below 0 (measured: last per-step EB about -0.03 without and -0.2 with label
+  noise at step 750), i.e. the gradient still carries signal; pass ``--epochs 100`` to
+  train longer.
 
 Measured at the end of the default run (B = 64): smoothed noise scale about 360 (clean) and
 460 (label noise), several times the batch size, so larger batches would still pay off.
