@@ -330,7 +330,11 @@ def test_functional_from_sums_matches_definitions(
                 equal_nan=True,
             )
             torch.testing.assert_close(
-                fused["layer_coherence"][k], fn.coherence(s_k, n_k, batch), rtol=1e-10, atol=0.0
+                fused["layer_coherence"][k],
+                fn.coherence(s_k, n_k, batch),
+                rtol=1e-10,
+                atol=0.0,
+                equal_nan=True,
             )
     # EB criterion = 1 - (B - 1) * mean GSNR over the same entries (s^2 = B/(B-1) var).
     assert float(got["gsnr/eb_criterion"]) == pytest.approx(
