@@ -1,5 +1,6 @@
 """lightning-gradwatch: per-sample gradient statistics for PyTorch Lightning, from hooks."""
 
+from .callbacks.gradient_snr import EBEarlyStopping, GradientSNR
 from .callbacks.gradient_weight_alignment import GradientWeightAlignment
 from .callbacks.gwa_early_stopping import GWAEarlyStopping
 from .callbacks.spectral_norms import SpectralNorms
@@ -7,8 +8,10 @@ from .data import IndexedDataset
 from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
 
 __all__ = [
+    "EBEarlyStopping",
     "GWAEarlyStopping",
     "GradientProbe",
+    "GradientSNR",
     "GradientWeightAlignment",
     "IndexedDataset",
     "ParameterUseError",

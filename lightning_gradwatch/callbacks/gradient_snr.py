@@ -1,0 +1,429 @@
+"""``GradientSNR``: GSNR, gradient noise scale, coherence and the EB criterion per step.
+
+``EBEarlyStopping`` stops training on a windowed mean of the EB criterion.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from torch import Tensor
+from typing_extensions import override
+
+from ..functional import noise as F
+from ..loggers import add_custom_scalars, warn_if_no_logger
+from ..metrics.noise import GradientNoiseSums, RatioEMA
+from ..probe import ProbeStats
+from ..probe.probe import LossReduction
+from ._probe_callback import ProbeCallback
+
+
+def optimizer_steps_done(trainer: pl.Trainer) -> int:
+    """Optimizer steps completed so far: the counter Lightning's logging schedule uses.
+
+    Lightning writes step metrics when ``(_batches_that_stepped + 1) % log_every_n_steps == 0``
+    (``LoggerConnector.should_update_logs``); the counter is constant over the micro-batches
+    of one optimizer step.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+_PER_LAYER_PREFIXES = ("gsnr/layer/", "gsnr/coherence/")
+
+
+class GradientSNR(ProbeCallback):
+    """Logs the gradient signal-to-noise ratio and its relatives from exact per-sample sums.
+
+    On scheduled optimizer steps the probe's hooks are attached for every micro-batch of the
+    step; the per-sample sums ``sum_i g_i``, ``sum_i g_i**2`` (per entry) and
+    ``sum_i |g_i|^2`` (per layer) are accumulated over the micro-batches, all-reduced over DDP
+    ranks, and turned into statistics of the effective global batch just before the optimizer
+    step. On other steps no hook is attached.
+
+    Logged (``pl_module.log``, ``on_step=True``):
+
+    - ``gsnr/mean``: mean GSNR ``mean_i(g)^2 / var_i(g)`` over all tracked entries;
+      ``gsnr/layer/<param>`` the same per parameter tensor.
+    - ``gsnr/noise_scale``: ``B_simple = tr(Sigma) / |G|^2``; ``gsnr/noise_scale_smoothed``
+      the ratio of EMAs of numerator and denominator; ``gsnr/trace_sigma`` and
+      ``gsnr/grad_sq_norm`` the two estimates themselves.
+    - ``gsnr/coherence``: ``|sum g_i|^2 / (B sum |g_i|^2)``; ``gsnr/coherence/<param>`` per
+      parameter tensor.
+    - ``gsnr/eb_criterion``: Mahsereci et al.'s EB criterion; above 0 means the batch gradient
+      is indistinguishable from noise.
+    - ``gsnr/batch_size``: the effective global batch ``B`` the statistics describe.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_gradwatch import GradientSNR
+        >>> trainer = pl.Trainer(callbacks=[GradientSNR()], log_every_n_steps=10)
+
+    Args:
+        every_n_steps: compute every this many optimizer steps; ``None`` follows the
+            trainer's ``log_every_n_steps`` (and computes nothing when it is 0). Values
+            computed off Lightning's logging steps still reach ``trainer.callback_metrics``
+            (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
+        params: parameter names to include (``None``: every trainable parameter).
+        loss_reduction: how ``training_step`` reduces the per-sample losses (``"mean"`` or
+            ``"sum"``).
+        eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
+            every entry and adds ``eps`` to the variance (Cockpit's ``MeanGSNR`` convention).
+        zero_variance_rtol: an entry counts as zero-variance when its variance is at most this
+            fraction of its mean square; ``None`` uses ``64 * finfo(dtype).eps``.
+        noise_scale_decay: EMA decay for ``gsnr/noise_scale_smoothed``, in ``[0, 1)``.
+        per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``
+            (through ``pl_module.log`` on Lightning's logging steps only; always in
+            :attr:`latest`). Each costs two ``pl_module.log`` calls per parameter tensor.
+
+    Raises:
+        ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
+            unknown parameter names or no parameter to track.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        params: list[str] | None = None,
+        loss_reduction: LossReduction = "mean",
+        eps: float = 0.0,
+        zero_variance_rtol: float | None = None,
+        noise_scale_decay: float = 0.9,
+        per_layer: bool = True,
+    ) -> None:
+        super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True)
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(
+                f"every_n_steps must be a positive int or None (follow log_every_n_steps), "
+                f"got {every_n_steps!r}"
+            )
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0 (0 leaves zero-variance entries out), got {eps}")
+        self.every_n_steps = every_n_steps
+        self.params = list(params) if params is not None else None
+        self.eps = float(eps)
+        self.zero_variance_rtol = zero_variance_rtol
+        self.per_layer = per_layer
+        self.noise_scale_ema = RatioEMA(noise_scale_decay)
+        self.sums: GradientNoiseSums | None = None
+        #: The quantities of the last computed step, as logged (``name -> 0-dim tensor``).
+        self.latest: dict[str, Tensor] = {}
+        #: ``optimizer_steps_done`` at the last computed step (``None`` before the first).
+        self.latest_step: int | None = None
+        self._sums_step: int | None = None
+        self._warned_small_batch = False
+        self._warned_partial: set[str] = set()
+
+    # -- ProbeCallback interface ---------------------------------------------------------
+    @override
+    def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
+        return self.params
+
+    @override
+    def should_probe(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        interval = self.every_n_steps or trainer.log_every_n_steps
+        if interval <= 0:
+            return False
+        return (optimizer_steps_done(trainer) + 1) % interval == 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.probe is None:
+            return
+        named = dict(pl_module.named_parameters())
+        names = self.probe.param_names
+        if not names:
+            raise ValueError(
+                "GradientSNR found no trainable parameter to track: pass params=[...] with "
+                "names from model.named_parameters() that require grad"
+            )
+        dtype = torch.promote_types(named[names[0]].dtype, torch.float32)
+        self.sums = GradientNoiseSums({n: named[n].numel() for n in names}, dtype=dtype)
+        warn_if_no_logger(trainer, "GradientSNR")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        add_custom_scalars(
+            trainer,
+            "gradient noise",
+            {
+                "noise scale (raw, smoothed) and batch size": [
+                    r"gsnr/noise_scale.*",
+                    r"gsnr/batch_size",
+                ],
+                "GSNR per layer": [r"gsnr/layer/.*", r"gsnr/mean"],
+                "coherence per layer": [r"gsnr/coherence.*"],
+                "EB criterion": [r"gsnr/eb_criterion.*"],
+            },
+        )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        step = optimizer_steps_done(trainer)
+        attached = self.sums is not None and self.probe is not None and self.probe._active
+        if attached and self._sums_step != step:
+            # First micro-batch of a scheduled optimizer step.
+            assert self.sums is not None
+            self.sums.reset()
+            self._sums_step = step
+            self.sums.to(pl_module.device)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skipped_before = self.skipped_steps
+        super().on_after_backward(trainer, pl_module)
+        if self.skipped_steps != skipped_before and self.sums is not None:
+            self.sums.update({}, {}, {}, 0, finite=False)
+
+    @override
+    def on_probe_stats(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stats: ProbeStats,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        assert self.sums is not None
+        self.sums.update(stats.grad_sum, stats.sum_sq, stats.sq_norm, stats.batch_size)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        step = optimizer_steps_done(trainer)
+        if self.sums is None or self._sums_step != step:
+            return
+        self._sums_step = None  # consumed: a second optimizer in this step computes nothing
+        # Collective on every rank (all ranks share the schedule): one all-reduce per state.
+        sums = self.sums.compute()
+        self.sums.reset()
+        with torch.no_grad():
+            values = self._quantities(sums)
+        if values is None:
+            return
+        self.latest, self.latest_step = values, step
+        # Each pl_module.log costs about half a millisecond of Lightning bookkeeping; the
+        # per-layer values are only worth it on steps the loggers will write.
+        interval = trainer.log_every_n_steps
+        logging_step = interval > 0 and (step + 1) % interval == 0
+        for name, value in values.items():
+            if not logging_step and name.startswith(_PER_LAYER_PREFIXES):
+                continue
+            if not torch.isnan(value):
+                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+
+    # -- computation -----------------------------------------------------------------
+    def _quantities(self, sums: Any) -> dict[str, Tensor] | None:
+        if int(sums.nonfinite) > 0:
+            return None  # counted in skipped_steps on the rank that saw it
+        count = int(sums.count)
+        if count == 0:
+            return None  # no probed backward this step (e.g. training_step returned None)
+        if count < 2:
+            if not self._warned_small_batch:
+                self._warned_small_batch = True
+                warnings.warn(
+                    f"GradientSNR: the effective batch has {count} sample(s); variance, GSNR, "
+                    f"noise scale and the EB criterion need at least 2, so these steps are "
+                    f"skipped. Use a batch size >= 2 (or accumulate_grad_batches >= 2).",
+                    stacklevel=2,
+                )
+            return None
+        assert self.sums is not None
+        complete = (sums.layer_count == count).tolist()
+        names = [n for n, ok in zip(self.sums.layer_names, complete, strict=True) if ok]
+        for name, ok in zip(self.sums.layer_names, complete, strict=True):
+            if not ok and name not in self._warned_partial:
+                self._warned_partial.add(name)
+                warnings.warn(
+                    f"GradientSNR: parameter '{name}' had no per-sample statistics for part of "
+                    f"the batch (see the probe's warning for why) and is left out of the "
+                    f"noise statistics on such steps.",
+                    stacklevel=2,
+                )
+        if not names:
+            return None
+        slices = [self.sums.layer_slice(n) for n in names]
+        index = [self.sums.layer_names.index(n) for n in names]
+        if len(names) == len(self.sums.layer_names):
+            grad_sum, grad_sq_sum = sums.grad_sum, sums.grad_sq_sum
+            sample_sq_norm_sum = sums.sample_sq_norm_sum
+        else:
+            grad_sum = torch.cat([sums.grad_sum[s] for s in slices])
+            grad_sq_sum = torch.cat([sums.grad_sq_sum[s] for s in slices])
+            sample_sq_norm_sum = sums.sample_sq_norm_sum[index]
+        stats = F.noise_statistics(
+            grad_sum,
+            grad_sq_sum,
+            sample_sq_norm_sum,
+            count,
+            [s.stop - s.start for s in slices],
+            eps=self.eps,
+            zero_variance_rtol=self.zero_variance_rtol,
+        )
+        self.noise_scale_ema.update(stats["trace_sigma"], stats["grad_sq_norm"])
+        values: dict[str, Tensor] = {
+            "gsnr/mean": stats["gsnr_mean"],
+            "gsnr/noise_scale": stats["noise_scale"],
+            "gsnr/noise_scale_smoothed": self.noise_scale_ema.compute().to(grad_sum.dtype),
+            "gsnr/trace_sigma": stats["trace_sigma"],
+            "gsnr/grad_sq_norm": stats["grad_sq_norm"],
+            "gsnr/coherence": stats["coherence"],
+            "gsnr/eb_criterion": stats["eb_criterion"],
+            "gsnr/batch_size": torch.tensor(float(count)),
+        }
+        if self.per_layer:
+            for k, name in enumerate(names):
+                values[f"gsnr/layer/{name}"] = stats["layer_gsnr"][k]
+                values[f"gsnr/coherence/{name}"] = stats["layer_coherence"][k]
+        return values
+
+    # -- state -------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        ema = self.noise_scale_ema
+        state["noise_scale_ema"] = {
+            "numerator": float(ema.numerator),
+            "denominator": float(ema.denominator),
+            "updates": int(ema.updates),
+        }
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("noise_scale_ema")
+        if saved is not None:
+            ema = self.noise_scale_ema
+            ema.numerator = torch.tensor(saved["numerator"], dtype=torch.float64)
+            ema.denominator = torch.tensor(saved["denominator"], dtype=torch.float64)
+            ema.updates = torch.tensor(saved["updates"], dtype=torch.long)
+
+
+class EBEarlyStopping(EarlyStopping):
+    """Stops training when the EB criterion, averaged over a window of steps, exceeds a
+    threshold (Mahsereci et al. 2017: above 0 the gradient is indistinguishable from noise).
+
+    The per-step criterion is noisy, so a plain ``EarlyStopping`` on ``gsnr/eb_criterion``
+    would stop on the first unlucky batch, and it only checks once per epoch. This subclass
+    reads every value :class:`GradientSNR` computes, keeps the last ``window`` of them, logs
+    their mean as ``gsnr/eb_criterion_window``, and stops (on every rank) as soon as a full
+    window's mean is above ``threshold``. Patience-based stopping is disabled: only the
+    threshold stops. Needs a :class:`GradientSNR` in the trainer's callbacks; the criterion
+    is derived for plain SGD.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_gradwatch import EBEarlyStopping, GradientSNR
+        >>> trainer = pl.Trainer(
+        ...     callbacks=[GradientSNR(every_n_steps=1), EBEarlyStopping(window=20)],
+        ...     log_every_n_steps=1,
+        ... )
+
+    Args:
+        window: number of computed steps to average.
+        threshold: stop when the window mean is above this.
+        verbose: print a message when stopping.
+    """
+
+    def __init__(self, window: int = 20, threshold: float = 0.0, verbose: bool = False) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        super().__init__(
+            monitor="gsnr/eb_criterion_window",
+            mode="max",
+            stopping_threshold=threshold,
+            patience=sys.maxsize,
+            check_finite=False,
+            verbose=verbose,
+        )
+        self.window = window
+        self.threshold = float(threshold)
+        self.values: deque[float] = deque(maxlen=window)
+        self._source: GradientSNR | None = None
+        self._last_seen: int | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        sources = [cb for cb in trainer.callbacks if isinstance(cb, GradientSNR)]  # type: ignore[attr-defined]
+        if not sources:
+            raise ValueError(
+                "EBEarlyStopping needs a GradientSNR callback to compute the EB criterion: "
+                "pass callbacks=[GradientSNR(...), EBEarlyStopping(...)] to the Trainer"
+            )
+        self._source = sources[0]
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        source = self._source
+        if source is None or source.latest_step is None or source.latest_step == self._last_seen:
+            return
+        self._last_seen = source.latest_step
+        value = float(source.latest["gsnr/eb_criterion"])
+        if math.isfinite(value):
+            self.values.append(value)
+        if len(self.values) < self.window:
+            return
+        mean = sum(self.values) / len(self.values)
+        pl_module.log(
+            self.monitor, torch.tensor(mean, dtype=torch.float64), on_step=True, on_epoch=False
+        )
+        should_stop = mean > self.threshold
+        # Every rank sees the same global statistics; reduce anyway so ranks never disagree.
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        if should_stop and not trainer.should_stop and not self._should_skip_check(trainer):
+            trainer.should_stop = True
+            self.stopped_epoch = trainer.current_epoch
+            reason = (
+                f"EB criterion averaged over the last {self.window} computed steps is "
+                f"{mean:.4f} > {self.threshold}: the gradient is indistinguishable from noise."
+            )
+            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            self.stopping_reason_message = reason
+            if self.verbose:
+                self._log_info(trainer, reason, self.log_rank_zero_only)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The check runs per step in ``on_train_batch_end``."""
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The check runs per step in ``on_train_batch_end``."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["eb_values"] = list(self.values)
+        state["last_seen"] = self._last_seen
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.values = deque(state_dict.get("eb_values", []), maxlen=self.window)
+        self._last_seen = state_dict.get("last_seen")

@@ -1,0 +1,241 @@
+"""Gradient noise statistics from per-sample sums: GSNR, noise scale, coherence, EB criterion.
+
+Every function takes the sums over the ``B`` samples of a batch (the effective batch of one
+optimizer step, across micro-batches and ranks) and returns the quantity that
+``docs/gsnr.md`` and the metrics reference define. Notation:
+
+- ``grad_sum`` ``S = sum_i g_i`` (``(D,)``, or any shape: it is flattened),
+- ``grad_sq_sum`` ``Q = sum_i g_i**2`` (same shape as ``S``),
+- ``sample_sq_norm_sum`` ``N = sum_i |g_i|^2`` (a scalar; equals ``Q.sum()`` in exact arithmetic),
+- ``count`` ``B``.
+
+**Zero-variance entries.** An entry whose biased variance ``Q/B - (S/B)**2`` is at most
+``zero_variance_rtol * Q/B`` (its mean square) has no resolvable noise: its GSNR is ``0/0``
+for a dead unit, or pure rounding error when every sample agrees. With ``eps == 0`` (the
+default) such entries are *left out*: their per-entry value is NaN and means are taken over
+the remaining entries. With ``eps > 0`` every entry is kept and ``eps`` is added to the
+variance, which is Cockpit's ``MeanGSNR`` convention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Default ``zero_variance_rtol`` in units of the dtype's machine epsilon: variances below
+#: this fraction of the mean square are within the cancellation error of ``Q/B - (S/B)**2``.
+ZERO_VARIANCE_EPS_FACTOR = 64.0
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1)
+
+
+def default_zero_variance_rtol(dtype: torch.dtype) -> float:
+    """``64 * finfo(dtype).eps``: the relative variance below which an entry counts as zero."""
+    return ZERO_VARIANCE_EPS_FACTOR * torch.finfo(dtype).eps
+
+
+def gradient_mean_and_variance(
+    grad_sum: Tensor, grad_sq_sum: Tensor, count: int | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-entry mean ``S/B`` and biased variance ``Q/B - (S/B)**2`` over the samples.
+
+    Args:
+        grad_sum: ``S``, any shape.
+        grad_sq_sum: ``Q``, same shape.
+        count: ``B``.
+
+    Returns:
+        ``(mean, variance)``, both flattened to ``(D,)``.
+    """
+    mean = _flat(grad_sum) / count
+    variance = _flat(grad_sq_sum) / count - mean.pow(2)
+    return mean, variance
+
+
+def zero_variance_mask(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    count: int | Tensor,
+    zero_variance_rtol: float | None = None,
+) -> Tensor:
+    """``(D,)`` bool: entries whose variance is at most ``rtol`` times their mean square.
+
+    ``zero_variance_rtol=None`` uses :func:`default_zero_variance_rtol` of the input dtype.
+    Entries with every ``g_ij == 0`` (dead units, unused parameters) are always in the mask.
+    """
+    if zero_variance_rtol is None:
+        zero_variance_rtol = default_zero_variance_rtol(grad_sum.dtype)
+    _, variance = gradient_mean_and_variance(grad_sum, grad_sq_sum, count)
+    mean_square = _flat(grad_sq_sum) / count
+    return variance <= zero_variance_rtol * mean_square
+
+
+def gsnr_per_entry(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    count: int | Tensor,
+    eps: float = 0.0,
+    zero_variance_rtol: float | None = None,
+) -> Tensor:
+    """GSNR of every parameter entry, ``r_j = mean_i(g_ij)**2 / var_i(g_ij)`` (Liu et al. 2020).
+
+    ``var`` is the biased variance over the ``B`` samples. With ``eps > 0`` the denominator is
+    ``var + eps`` for every entry (Cockpit's ``MeanGSNR``); with ``eps == 0`` zero-variance
+    entries (see :func:`zero_variance_mask`) are NaN.
+
+    Returns:
+        ``(D,)`` GSNR per entry, in the dtype of ``grad_sum``.
+    """
+    mean, variance = gradient_mean_and_variance(grad_sum, grad_sq_sum, count)
+    if eps > 0:
+        return mean.pow(2) / (variance + eps)
+    excluded = zero_variance_mask(grad_sum, grad_sq_sum, count, zero_variance_rtol)
+    ratio = mean.pow(2) / variance.masked_fill(excluded, 1.0)
+    return ratio.masked_fill(excluded, float("nan"))
+
+
+def gsnr_mean(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    count: int | Tensor,
+    eps: float = 0.0,
+    zero_variance_rtol: float | None = None,
+) -> Tensor:
+    """``()`` mean GSNR over the entries (NaN when every entry has zero variance).
+
+    The mean is over entries, so a model-wide value weights each layer by its size, like
+    Cockpit's ``MeanGSNR`` on the concatenated parameters.
+    """
+    return gsnr_per_entry(grad_sum, grad_sq_sum, count, eps, zero_variance_rtol).nanmean()
+
+
+def trace_covariance(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``()`` unbiased ``tr(Sigma) = (N - B |gbar|^2) / (B - 1)`` with ``gbar = S/B``.
+
+    Needs ``B >= 2``.
+    """
+    mean_sq_norm = (_flat(grad_sum) / count).pow(2).sum()
+    return (sample_sq_norm_sum - count * mean_sq_norm) / (count - 1)
+
+
+def true_grad_sq_norm(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``()`` unbiased estimate of ``|G|^2``: ``|gbar|^2 - tr(Sigma)/B``. Can be negative."""
+    mean_sq_norm = (_flat(grad_sum) / count).pow(2).sum()
+    return mean_sq_norm - trace_covariance(grad_sum, sample_sq_norm_sum, count) / count
+
+
+def noise_scale(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``()`` simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al.).
+
+    Both numerator and denominator are the unbiased single-batch estimates of
+    :func:`trace_covariance` and :func:`true_grad_sq_norm`; the ratio is negative (or
+    infinite) on steps where the ``|G|^2`` estimate is not positive, i.e. when the batch
+    gradient is dominated by noise.
+    """
+    return trace_covariance(grad_sum, sample_sq_norm_sum, count) / true_grad_sq_norm(
+        grad_sum, sample_sq_norm_sum, count
+    )
+
+
+def coherence(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``()`` coherence ``alpha = |sum_i g_i|^2 / (B sum_i |g_i|^2)`` in ``[0, 1]``.
+
+    Chatterjee & Zielinski; ``B * alpha`` is the m-coherence. NaN when every ``g_i`` is zero.
+    """
+    return _flat(grad_sum).pow(2).sum() / (count * sample_sq_norm_sum)
+
+
+def eb_criterion(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    count: int | Tensor,
+    eps: float = 0.0,
+    zero_variance_rtol: float | None = None,
+) -> Tensor:
+    """``()`` EB criterion ``1 - (B/D) sum_j gbar_j**2 / s_j**2`` (Mahsereci et al. 2017).
+
+    ``s_j**2 = (Q_j - B gbar_j**2) / (B - 1)`` is the unbiased per-sample variance. With
+    ``eps == 0`` zero-variance entries are left out and ``D`` counts the remaining entries;
+    with ``eps > 0`` every entry uses ``s_j**2 + eps``. Above 0 means the batch gradient is
+    indistinguishable from noise (stop). Needs ``B >= 2``.
+    """
+    mean, variance = gradient_mean_and_variance(grad_sum, grad_sq_sum, count)
+    unbiased = variance * (count / (count - 1))
+    if eps > 0:
+        ratio = mean.pow(2) / (unbiased + eps)
+    else:
+        excluded = zero_variance_mask(grad_sum, grad_sq_sum, count, zero_variance_rtol)
+        ratio = (mean.pow(2) / unbiased.masked_fill(excluded, 1.0))[~excluded]
+    return 1 - count * ratio.mean()
+
+
+def noise_statistics(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    sample_sq_norm_sum: Tensor,
+    count: int,
+    layer_sizes: list[int],
+    eps: float = 0.0,
+    zero_variance_rtol: float | None = None,
+) -> dict[str, Tensor]:
+    """Every quantity at once, in a few passes over the ``(D,)`` sums (what the callback uses).
+
+    Equal to the single-quantity functions above (tests check both against the definitions),
+    but shares the per-entry work: mean, variance, zero-variance mask and GSNR are formed once,
+    and the EB criterion uses ``gbar_j**2 / s_j**2 = (B-1)/B * r_j`` when ``eps == 0``.
+
+    Args:
+        grad_sum: ``(D,)`` ``S``, the parameters' entries concatenated layer by layer.
+        grad_sq_sum: ``(D,)`` ``Q``.
+        sample_sq_norm_sum: ``(L,)`` per layer ``sum_i |g_i|^2``.
+        count: ``B >= 2``.
+        layer_sizes: the ``L`` layer sizes, summing to ``D``.
+
+    Returns:
+        ``()`` tensors: ``gsnr_mean``, ``noise_scale``, ``trace_sigma``, ``grad_sq_norm``,
+        ``coherence``, ``eb_criterion``; ``(L,)`` tensors ``layer_gsnr`` (NaN for a layer
+        with every entry left out) and ``layer_coherence``.
+    """
+    if zero_variance_rtol is None:
+        zero_variance_rtol = default_zero_variance_rtol(grad_sum.dtype)
+    mean = grad_sum / count
+    mean_sq = mean * mean
+    variance = grad_sq_sum / count
+    mean_square = variance if eps > 0 else variance.clone()
+    variance -= mean_sq
+    if eps > 0:
+        ratio = mean_sq / (variance + eps)
+        unbiased = variance.mul_(count / (count - 1)).add_(eps)
+        eb_ratio_sum = (mean_sq / unbiased).sum()
+        included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
+    else:
+        excluded = variance <= mean_square.mul_(zero_variance_rtol)
+        ratio = (mean_sq / variance).masked_fill_(excluded, 0.0)
+        kept = (~excluded).to(grad_sum.dtype)
+        included = torch.stack([part.sum() for part in kept.split(layer_sizes)])
+        eb_ratio_sum = None
+    layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
+    layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
+    total_included = included.sum()
+    gsnr = layer_ratio_sum.sum() / total_included
+    if eb_ratio_sum is None:
+        eb = 1 - (count - 1) * gsnr
+    else:
+        eb = 1 - count * eb_ratio_sum / total_included
+    norm_sum = sample_sq_norm_sum.sum()
+    mean_sq_norm = layer_mean_sq.sum()
+    trace = (norm_sum - count * mean_sq_norm) / (count - 1)
+    true_sq = mean_sq_norm - trace / count
+    return {
+        "gsnr_mean": gsnr,
+        "noise_scale": trace / true_sq,
+        "trace_sigma": trace,
+        "grad_sq_norm": true_sq,
+        # |S|^2 / (B N) = B^2 |gbar|^2 / (B N)
+        "coherence": count * mean_sq_norm / norm_sum,
+        "eb_criterion": eb,
+        "layer_gsnr": layer_ratio_sum / included,
+        "layer_coherence": count * layer_mean_sq / sample_sq_norm_sum,
+    }
