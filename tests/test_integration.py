@@ -1,0 +1,79 @@
+"""All callbacks together, as the README's quick start uses them."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradwatch import (
+    GradientSNR,
+    GradientWeightAlignment,
+    GWAEarlyStopping,
+    IndexedDataset,
+    SpectralNorms,
+)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, _ = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path, callbacks: list[pl.Callback]) -> Classifier:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=False)
+    model = Classifier()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+    return model
+
+
+def test_quick_start_runs_and_logs_every_family(tmp_path) -> None:
+    gwa = GradientWeightAlignment(indices=-1)
+    callbacks = [gwa, GWAEarlyStopping(patience=5), GradientSNR(), SpectralNorms()]
+    model = _fit(tmp_path, callbacks)
+    metrics = model.trainer.callback_metrics
+    for key in ("gwa/epoch", "gwa/mean", "gsnr/mean", "gsnr/noise_scale", "gsnr/coherence"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert any(k.startswith("spectral/") for k in metrics)
+    worst = gwa.most_misaligned(5)
+    assert worst.shape == (5,) and int(worst.max()) < 64 and int(worst.min()) >= 0
+
+
+def test_all_callbacks_leave_training_bitwise_unchanged(tmp_path) -> None:
+    plain = _fit(tmp_path / "plain", [])
+    watched = _fit(
+        tmp_path / "watched",
+        [GradientWeightAlignment(indices=-1), GradientSNR(every_n_steps=1), SpectralNorms()],
+    )
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b), name
