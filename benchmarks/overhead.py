@@ -58,6 +58,9 @@ PROBE_TARGETS: dict[str, dict[str, float]] = {
 
 Step = Callable[[], None]
 
+#: A configuration whose warm-up step takes longer than this (s) is timed in fewer repetitions.
+SLOW_STEP_S = 0.5
+
 
 # ============================================================================ probe part
 def _sync(device: torch.device) -> None:
@@ -192,6 +195,7 @@ class ProbeRow:
     median_ms: float
     ratio: float
     target: float | None
+    repeats: int = 0
     peak_mb: float | None = None
     excluded: dict[str, str] = field(default_factory=dict)
 
@@ -221,28 +225,39 @@ def time_probe_part(
             steps[config] = step
             if probe is not None:
                 probes[config] = probe
+        warm_time: dict[str, float] = {}
         for config in configs:  # warm-up: allocator, lazy init, the probe's first-use check
             for _ in range(warmup):
-                steps[config]()
-        times: dict[str, list[float]] = {c: [] for c in configs}
-        for rep in range(repeats):
-            shift = rep % len(configs)
-            for config in configs[shift:] + configs[:shift]:
                 _sync(device)
                 start = time.perf_counter()
                 steps[config]()
                 _sync(device)
-                times[config].append(time.perf_counter() - start)
+                warm_time[config] = time.perf_counter() - start
+        # Baselines far slower than the step (seconds) get fewer repetitions, still paired.
+        slow = {c for c, t in warm_time.items() if t > SLOW_STEP_S and c != "plain"}
+        slow_repeats = min(repeats, max(3, repeats // 5))
+        times: dict[str, dict[int, float]] = {c: {} for c in configs}
+        for rep in range(repeats):
+            shift = rep % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                if config in slow and rep >= slow_repeats:
+                    continue
+                _sync(device)
+                start = time.perf_counter()
+                steps[config]()
+                _sync(device)
+                times[config][rep] = time.perf_counter() - start
         for config in configs:
-            ratios = [t / p for t, p in zip(times[config], times["plain"], strict=True)]
+            ratios = [t / times["plain"][rep] for rep, t in times[config].items()]
             probe = probes.get(config)
             rows.append(
                 ProbeRow(
                     model=key,
                     config=config,
-                    median_ms=1e3 * statistics.median(times[config]),
+                    median_ms=1e3 * statistics.median(times[config].values()),
                     ratio=statistics.median(ratios),
                     target=PROBE_TARGETS.get(config, {}).get(key),
+                    repeats=len(ratios),
                     excluded=dict(probe.stats.excluded) if probe is not None else {},
                 )
             )
@@ -319,8 +334,9 @@ def measure_memory(
 
 def probe_table(rows: list[ProbeRow], unit: str) -> str:
     lines = [
-        f"| model | configuration | step (ms) | ratio to plain | target | met | peak {unit} (MB) |",
-        "|---|---|---:|---:|---:|:-:|---:|",
+        f"| model | configuration | step (ms) | ratio to plain | target | met | peak {unit} (MB) "
+        "| reps |",
+        "|---|---|---:|---:|---:|:-:|---:|---:|",
     ]
     for r in rows:
         target = f"<= {r.target:.2f}" if r.target is not None else ""
@@ -329,8 +345,70 @@ def probe_table(rows: list[ProbeRow], unit: str) -> str:
         note = f" (excluded: {', '.join(r.excluded)})" if r.excluded else ""
         lines.append(
             f"| {r.model} | {r.config}{note} | {r.median_ms:.1f} | {r.ratio:.2f}x | {target} "
-            f"| {met} | {peak} |"
+            f"| {met} | {peak} | {r.repeats} |"
         )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- breakdown
+def probe_breakdown(
+    key: str, sum_grad_squared: bool, steps: int, batch_size: int | None = None
+) -> str:
+    """Where the probe's time goes on one model: milliseconds per step spent in each owning
+    module's rule (``GradientProbe._compute``) and in assembling the statistics, beside the
+    plain step and the whole probed step (interleaved). A diagnostic: it wraps private methods.
+    """
+    model, x, y = make_model(key, batch_size=batch_size)
+    plain, _ = build_step("plain", model, x, y)
+    probed, probe = make_probe_step(model, x, y, sum_grad_squared)
+    spent: dict[str, float] = {}
+
+    def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    compute = probe._compute
+
+    def compute_by_owner(owner: Any) -> None:
+        label = f"rule {type(owner.rule).__name__} on {owner.module_name or '<root>'}"
+        timed(label, compute)(owner)
+
+    probe._compute = compute_by_owner  # type: ignore[method-assign]
+    probe._assemble = timed("assemble stats", probe._assemble)  # type: ignore[method-assign]
+    for _ in range(3):
+        plain()
+        probed()
+    spent.clear()
+    plain_times, probed_times = [], []
+    for _ in range(steps):
+        for fn, times in ((plain, plain_times), (probed, probed_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    plain_ms = 1e3 * statistics.median(plain_times)
+    probed_ms = 1e3 * statistics.median(probed_times)
+    title = "dot+norm+sum_sq" if sum_grad_squared else "dot+norm"
+    lines = [
+        f"### {key}, probe {title}: plain {plain_ms:.2f} ms, probed {probed_ms:.2f} ms "
+        f"(+{probed_ms - plain_ms:.2f} ms)\n",
+        "| part | ms per step (mean) | % of plain step |",
+        "|---|---:|---:|",
+    ]
+    for label, total in sorted(spent.items(), key=lambda kv: -kv[1]):
+        ms = 1e3 * total / steps
+        lines.append(f"| {label} | {ms:.2f} | {100 * ms / plain_ms:.1f}% |")
+    accounted = 1e3 * sum(spent.values()) / steps
+    rest = probed_ms - plain_ms - accounted
+    lines.append(
+        f"| rest (hooks, captures, attach/detach, alignment) | {rest:.2f} | "
+        f"{100 * rest / plain_ms:.1f}% |"
+    )
     return "\n".join(lines)
 
 
@@ -525,6 +603,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the parts: time the probe's rules per module on each model",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -548,6 +631,11 @@ def main(argv: list[str] | None = None) -> None:
     if quick and args.batch_size is None:
         args.batch_size = 16  # a smoke run: exercise every path, time nothing meaningful
     print(f"Environment: {environment()}\n")
+    if args.breakdown:
+        for key in keys:
+            for sum_sq in (False, True):
+                print(probe_breakdown(key, sum_sq, args.repeats or 20, args.batch_size) + "\n")
+        return
 
     if args.part in ("probe", "all"):
         repeats = args.repeats or (3 if quick else 30)
