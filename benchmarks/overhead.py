@@ -58,7 +58,13 @@ PROBE_TARGETS: dict[str, dict[str, float]] = {
 
 Step = Callable[[], None]
 
-#: A configuration whose warm-up step takes longer than this (s) is timed in fewer repetitions.
+#: The clock every timing reads: wall time by default; ``--clock cpu`` switches to this
+#: process's CPU time, which other processes on a shared machine disturb far less (use it with
+#: ``--threads 1``: with more threads it also counts their spin-waiting).
+CLOCK: Callable[[], float] = time.perf_counter
+
+#: A baseline whose warm-up step takes longer than this (s) and 10x the plain step is timed in
+#: fewer repetitions.
 SLOW_STEP_S = 0.5
 
 
@@ -229,12 +235,14 @@ def time_probe_part(
         for config in configs:  # warm-up: allocator, lazy init, the probe's first-use check
             for _ in range(warmup):
                 _sync(device)
-                start = time.perf_counter()
+                start = CLOCK()
                 steps[config]()
                 _sync(device)
-                warm_time[config] = time.perf_counter() - start
-        # Baselines far slower than the step (seconds) get fewer repetitions, still paired.
-        slow = {c for c, t in warm_time.items() if t > SLOW_STEP_S and c != "plain"}
+                warm_time[config] = CLOCK() - start
+        # Baselines far slower than the step (seconds, and 10x the plain step) get fewer
+        # repetitions, still paired with the plain step of the same repetition.
+        slow_at = max(SLOW_STEP_S, 10 * warm_time["plain"])
+        slow = {c for c, t in warm_time.items() if t > slow_at and not c.startswith("probe")}
         slow_repeats = min(repeats, max(3, repeats // 5))
         times: dict[str, dict[int, float]] = {c: {} for c in configs}
         for rep in range(repeats):
@@ -243,10 +251,10 @@ def time_probe_part(
                 if config in slow and rep >= slow_repeats:
                     continue
                 _sync(device)
-                start = time.perf_counter()
+                start = CLOCK()
                 steps[config]()
                 _sync(device)
-                times[config][rep] = time.perf_counter() - start
+                times[config][rep] = CLOCK() - start
         for config in configs:
             ratios = [t / times["plain"][rep] for rep, t in times[config].items()]
             probe = probes.get(config)
@@ -313,8 +321,13 @@ def measure_memory_child(key: str, config: str, device: str, batch_size: int | N
 def measure_memory(
     keys: list[str], rows: list[ProbeRow], device: str, batch_size: int | None
 ) -> None:
-    """Fill ``peak_mb`` of every row, each configuration in its own subprocess."""
-    for row in rows:
+    """Fill ``peak_mb`` of every row, each configuration in its own subprocess (two at a time:
+    the figure is each process's own high-water mark, which a neighbour does not change)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+
+    def run(row: ProbeRow) -> None:
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -323,13 +336,15 @@ def measure_memory(
             "--threads",
             str(torch.get_num_threads()),
         ]
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             failure = done.stderr[-500:]
             print(f"  memory {row.model}/{row.config} failed: {failure}", file=sys.stderr)
-            continue
+            return
         row.peak_mb = float(done.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run, rows))
 
 
 def probe_table(rows: list[ProbeRow], unit: str) -> str:
@@ -365,11 +380,11 @@ def probe_breakdown(
 
     def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any) -> Any:
-            start = time.perf_counter()
+            start = CLOCK()
             try:
                 return fn(*args)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+                spent[label] = spent.get(label, 0.0) + CLOCK() - start
 
         return wrapper
 
@@ -388,9 +403,9 @@ def probe_breakdown(
     plain_times, probed_times = [], []
     for _ in range(steps):
         for fn, times in ((plain, plain_times), (probed, probed_times)):
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(CLOCK() - start)
     plain_ms = 1e3 * statistics.median(plain_times)
     probed_ms = 1e3 * statistics.median(probed_times)
     title = "dot+norm+sum_sq" if sum_grad_squared else "dot+norm"
@@ -424,11 +439,11 @@ class _StepTimer:
 
         class Start(Callback):
             def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
-                timer._start = time.perf_counter()
+                timer._start = CLOCK()
 
         class End(Callback):
             def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-                timer.durations.append(time.perf_counter() - timer._start)
+                timer.durations.append(CLOCK() - timer._start)
 
         self._start = 0.0
         self.durations: list[float] = []
@@ -492,6 +507,7 @@ class CallbackRow:
     plain_ms: float
     case_ms: float
     ratio: float
+    mean_ratio: float
     target: float | None
     error: str | None = None
 
@@ -543,6 +559,9 @@ def time_callback_part(
                     plain_ms=1e3 * statistics.median(plain) if plain else float("nan"),
                     case_ms=1e3 * statistics.median(probed) if probed else float("nan"),
                     ratio=statistics.median(ratios) if ratios else float("nan"),
+                    mean_ratio=statistics.mean(probed) / statistics.mean(plain)
+                    if plain and probed
+                    else float("nan"),
                     target=case.target.get(key),
                     error=error,
                 )
@@ -553,18 +572,19 @@ def time_callback_part(
 
 def callback_table(rows: list[CallbackRow]) -> str:
     lines = [
-        "| case | model | plain step (ms) | with callbacks (ms) | ratio | target | met |",
-        "|---|---|---:|---:|---:|---:|:-:|",
+        "| case | model | plain step (ms) | with callbacks (ms) | ratio | ratio of means | target "
+        "| met |",
+        "|---|---|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         if r.error is not None:
-            lines.append(f"| {r.case} | {r.model} | | | failed: {r.error[:120]} | | |")
+            lines.append(f"| {r.case} | {r.model} | | | failed: {r.error[:120]} | | | |")
             continue
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         met = "" if r.target is None else ("yes" if r.ratio <= r.target else "**no**")
         lines.append(
             f"| {r.case} | {r.model} | {r.plain_ms:.1f} | {r.case_ms:.1f} | {r.ratio:.2f}x "
-            f"| {target} | {met} |"
+            f"| {r.mean_ratio:.2f}x | {target} | {met} |"
         )
     return "\n".join(lines)
 
@@ -583,7 +603,8 @@ def environment() -> str:
     return (
         f"engine {engine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
 
@@ -597,6 +618,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions")
     parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or process CPU time (robust on a shared machine; use with --threads 1)",
+    )
+    parser.add_argument(
+        "--cb-steps",
+        type=int,
+        default=None,
+        help="timed steps per fit run in the callback part (default 8; raise it to include "
+        "work a callback does every N steps in the ratio of means)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK out")
     parser.add_argument("--device", default="cpu", help="torch device for the probe part")
@@ -618,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.memory_child is not None:
         key, config, device, batch_size = json.loads(args.memory_child)
         print(measure_memory_child(key, config, device, batch_size))
@@ -629,8 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     quick = args.quick
     if quick and args.batch_size is None:
-        args.batch_size = 16  # a smoke run: exercise every path, time nothing meaningful
-    print(f"Environment: {environment()}\n")
+        args.batch_size = 8  # a smoke run: exercise every path, time nothing meaningful
+    print(f"Environment: {environment()}, clock {args.clock}\n")
     if args.breakdown:
         for key in keys:
             for sum_sq in (False, True):
@@ -658,8 +694,10 @@ def main(argv: list[str] | None = None) -> None:
         print()
 
     if args.part in ("callbacks", "all"):
-        repeats = args.repeats or (2 if quick else 5)
-        steps, warmup = (4, 2) if quick else (12, 4)
+        repeats = args.repeats or (1 if quick else 5)
+        steps, warmup = (3, 1) if quick else (12, 4)
+        if args.cb_steps is not None:
+            steps = args.cb_steps + warmup
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         rows_cb, failures = time_callback_part(
             keys, repeats, steps, warmup, accelerator, batch_size=args.batch_size
