@@ -14,7 +14,11 @@ every configuration once, in a rotating order, so slow drifts in machine load hi
 Usage::
 
     python benchmarks/overhead.py [--part probe|callbacks|all] [--models mlp,cnn,transformer]
-                                  [--repeats N] [--quick] [--no-memory] [--device cpu|cuda]
+                                  [--repeats N] [--quick] [--threads N] [--clock wall|cpu]
+                                  [--no-memory] [--no-backpack] [--cb-steps N]
+                                  [--device cpu|cuda] [--breakdown]
+
+See ``benchmarks/README.md`` for how to read the tables and the measured numbers.
 """
 
 from __future__ import annotations
