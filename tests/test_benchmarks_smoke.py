@@ -1,0 +1,80 @@
+"""Smoke test of ``benchmarks/``: the models build, the baselines compute the same statistics as
+the probe (so the timing table compares like with like), and one repetition of the probe part
+runs end to end. No timing is asserted."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # `benchmarks` without -m
+
+from benchmarks import overhead
+from benchmarks.harness import MODEL_KEYS, CallbackCase
+from benchmarks.models import make_model
+from lightning_gradwatch import GradientProbe
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS)
+def test_vmap_baseline_matches_probe(key: str) -> None:
+    """float32 on both sides, so rtol 1e-4 (the exact float64 comparison lives in the probe's
+    own tests); a mismatch here would mean the benchmark times different work."""
+    torch.manual_seed(0)
+    model, x, y = make_model(key, batch_size=2)
+    probe = GradientProbe(model, sum_grad_squared=True)
+    with probe:
+        F.cross_entropy(model(x), y).backward()
+    stats = probe.stats
+    assert stats.batch_size == x.shape[0] and not stats.excluded
+
+    named = dict(model.named_parameters())
+    params = {n: p.detach() for n, p in named.items()}
+
+    def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
+        logits = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return F.cross_entropy(logits, yi.unsqueeze(0))
+
+    per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+    with warnings.catch_warnings():  # vmap has no batching rule for CPU flash attention
+        warnings.simplefilter("ignore", UserWarning)
+        grad_sample = per_sample_grad(params, x, y)
+    expected = overhead._stats_from_grad_sample(named, grad_sample, sum_sq=True)
+    for name in named:
+        for field, actual in (
+            ("dot", stats.dot[name]),
+            ("sq_norm", stats.sq_norm[name]),
+            ("sum_sq", stats.sum_sq[name]),
+        ):
+            want = expected[f"{name}.{field}"]
+            scale = want.abs().max().item() or 1.0
+            torch.testing.assert_close(actual, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_probe_part_runs_once() -> None:
+    rows = overhead.time_probe_part(
+        ["mlp"],
+        repeats=1,
+        warmup=1,
+        device=torch.device("cpu"),
+        with_backpack=False,
+        batch_size=4,
+    )
+    configs = [r.config for r in rows]
+    assert configs == ["plain", "probe dot+norm", "probe dot+norm+sum_sq", "vmap(grad)"]
+    assert all(math.isfinite(r.ratio) and r.median_ms > 0 for r in rows)
+    table = overhead.probe_table(rows, "extra RSS")
+    assert table.count("\n") == len(rows) + 1  # header, rule, one line per row
+    assert "<= 1.15" in table and "<= 1.60" in table
+
+
+def test_cases_are_discoverable() -> None:
+    cases, failures = overhead.discover_cases()
+    assert all(isinstance(case, CallbackCase) for _, case in cases)
+    labels = [case.label for _, case in cases]
+    assert "no-op callback (control)" in labels, (labels, failures)
