@@ -38,6 +38,7 @@ class ProbeStats:
     grad_sum: dict[str, Tensor] = field(default_factory=dict)
     param_sq_norm: dict[str, Tensor] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    _finite: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -68,8 +69,14 @@ class ProbeStats:
 
     def is_finite(self) -> bool:
         """False when any statistic holds NaN or Inf (e.g. an AMP overflow step)."""
-        # One reduction and one sync: any NaN or Inf makes the total non-finite.
-        tensors = [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
-        if not tensors:
-            return True
-        return bool(torch.stack([t.sum() for t in tensors]).sum().isfinite())
+        # One reduction and one sync: a NaN or Inf anywhere makes the total non-finite, and
+        # finite float32 values summed in float64 cannot overflow.
+        if self._finite is None:
+            tensors = [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
+            total = (
+                torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+                if tensors
+                else None
+            )
+            self._finite = total is None or bool(total.isfinite())
+        return self._finite
