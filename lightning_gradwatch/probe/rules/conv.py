@@ -1,9 +1,14 @@
 """``nn.Conv1d/2d/3d`` with stride, padding (numeric, ``"same"``, ``"valid"``, any padding
 mode), dilation and groups.
 
-The weight gradient is an outer product over unfolded input patches: the input is unfolded to
-``(B, L, G, C_in/G * prod(kernel))`` with ``L`` output positions, matching the weight layout
-``(C_out, C_in/G, *kernel)``.
+The weight gradient is an outer product over input patches. Two exact routes:
+
+- 1-D convolutions unfold the input to ``(B, L, G, C_in/G * prod(kernel))`` with ``L`` output
+  positions (matching the weight layout ``(C_out, C_in/G, *kernel)``) and use the Linear
+  algebra, which may pick the Gram form of the norm;
+- 2-D and 3-D convolutions form per-sample weight gradients, a chunk of samples at a time, with
+  one grouped convolution backward (``groups = samples * G``), which runs the backend's
+  optimised kernel instead of copying every patch (measured 2-3x faster than unfolding).
 """
 
 from __future__ import annotations
@@ -14,8 +19,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, rowdot
+from .._linalg import bias_stats, chunk_size, outer_product_stats, row_sq_norm, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+
+
+def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """The input as the convolution sees it after padding, so that its own padding is zero.
+
+    Handles numeric padding, ``"same"`` (asymmetric for even kernels), ``"valid"`` and the
+    non-zero padding modes.
+    """
+    nd = x.dim() - 2
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    if conv.padding == "same":
+        pads: list[int] = []
+        for d in reversed(range(nd)):
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+    if conv.padding != "valid" and any(conv.padding):
+        return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+    return x
+
+
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+_WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
+
+
+def per_sample_weight_grads(
+    x_padded: Tensor, delta: Tensor, conv: nn.modules.conv._ConvNd
+) -> Tensor:
+    """Per-sample weight gradients ``(n, *conv.weight.shape)`` of ``n`` samples.
+
+    The samples become groups of one convolution: input ``(1, n*C_in, *S)``, output gradient
+    ``(1, n*C_out, *O)``, ``groups = n * conv.groups``, so group ``j*G + g`` holds sample
+    ``j``'s group ``g`` and the weight gradient's rows come out sample-major.
+
+    Args:
+        x_padded: ``(n, C_in, *S)`` input after :func:`pad_input`.
+        delta: ``(n, C_out, *O)`` output gradients.
+    """
+    n = x_padded.shape[0]
+    weight_shape = conv.weight.shape
+    grads = _WEIGHT_GRAD[x_padded.dim() - 2](
+        x_padded.reshape(1, -1, *x_padded.shape[2:]),
+        (n * weight_shape[0], *weight_shape[1:]),
+        delta.reshape(1, -1, *delta.shape[2:]),
+        stride=conv.stride,
+        padding=0,
+        dilation=conv.dilation,
+        groups=n * conv.groups,
+    )
+    return grads.view(n, *weight_shape)
 
 
 def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
@@ -31,16 +87,7 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     """
     nd = x.dim() - 2
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-    if conv.padding_mode != "zeros":
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-    elif conv.padding == "same":
-        pads: list[int] = []
-        for d in reversed(range(nd)):
-            total = dilation[d] * (kernel[d] - 1)
-            pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads)
-    elif conv.padding != "valid" and any(conv.padding):
-        x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+    x = pad_input(x, conv)
     for d in range(nd):
         span = dilation[d] * (kernel[d] - 1) + 1
         x = x.unfold(2 + d, span, stride[d])
@@ -66,7 +113,9 @@ class ConvRule(LayerRule):
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
+        grouped_route = nd >= 2
         dots, patches, deltas, bias_grads = [], [], [], []
+        padded_inputs: list[Tensor] = []
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:
@@ -83,7 +132,10 @@ class ConvRule(LayerRule):
             else:
                 dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             bias_grads.append(bias_grad)
-            if "weight" in ctx.want:
+            if "weight" in ctx.want and grouped_route:
+                padded_inputs.append(pad_input(x, module))
+                deltas.append(delta)
+            elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))
                 d = delta.reshape(batch, groups, c_out // groups, -1).permute(0, 3, 1, 2)
@@ -91,7 +143,11 @@ class ConvRule(LayerRule):
         if not dots:
             return {}
         out: dict[str, ParamStats] = {}
-        if "weight" in ctx.want:
+        if "weight" in ctx.want and grouped_route:
+            out["weight"] = self._grouped_weight_stats(
+                module, padded_inputs, deltas, torch.stack(dots).sum(0), ctx
+            )
+        elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
             delta = torch.cat(deltas, 1) if len(deltas) > 1 else deltas[0]
             keep = "weight" in ctx.need_grad_sample
@@ -112,3 +168,32 @@ class ConvRule(LayerRule):
                 "bias" in ctx.need_grad_sample,
             )
         return out
+
+    @staticmethod
+    def _grouped_weight_stats(
+        module: nn.modules.conv._ConvNd,
+        inputs: list[Tensor],
+        deltas: list[Tensor],
+        dot: Tensor,
+        ctx: RuleContext,
+    ) -> ParamStats:
+        """Weight statistics from per-sample gradients formed in chunks of samples; several
+        calls in one forward add their per-sample gradients before any norm is taken."""
+        weight = module.weight
+        batch = dot.shape[0]
+        step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
+        keep = "weight" in ctx.need_grad_sample
+        sq_norm = dot.new_empty(batch)
+        sum_sq = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sample = dot.new_empty(batch, *weight.shape) if keep else None
+        for lo in range(0, batch, step):
+            hi = min(batch, lo + step)
+            g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module)
+            for x, d in zip(inputs[1:], deltas[1:], strict=True):
+                g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module)
+            sq_norm[lo:hi] = row_sq_norm(g)
+            if sum_sq is not None:
+                sum_sq += g.pow(2).sum(0)
+            if grad_sample is not None:
+                grad_sample[lo:hi] = g
+        return ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample)
