@@ -238,7 +238,13 @@ class GradientProbe:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._replaying or not torch.is_grad_enabled():
                 return
-            outputs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+            # The common case (tensor arguments, one tensor out) skips pytree traversal, which
+            # costs more than the rest of the hook.
+            flat = isinstance(output, Tensor) and not kwargs and all(map(_is_leaf, args))
+            if flat:
+                outputs = [output]
+            else:
+                outputs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
             live = [k for k, o in enumerate(outputs) if o.requires_grad]
             if not live:
                 return
@@ -247,15 +253,19 @@ class GradientProbe:
                 self._exclude(owner, reason)
                 return
             call = Call(
-                args=tree_map(_detach, args),
-                kwargs=tree_map(_detach, kwargs),
+                args=tuple(map(_detach, args)) if flat else tree_map(_detach, args),
+                kwargs=tree_map(_detach, kwargs) if kwargs else {},
                 outputs=[o.detach() for o in outputs],
                 output_versions=[o._version for o in outputs],
                 grads=[None] * len(outputs),
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
-            exposed = {id(t) for t in tree_flatten((args, kwargs, output))[0]}
+            exposed = (
+                {id(t) for t in (*args, output)}
+                if flat
+                else {id(t) for t in tree_flatten((args, kwargs, output))[0]}
+            )
             for k in live:
                 out = outputs[k]
                 out.register_hook(self._make_grad_hook(owner, call, k))
@@ -525,6 +535,11 @@ def _reshaped_base(output: Tensor, exposed: set[int]) -> Tensor | None:
     ):
         return None
     return base
+
+
+def _is_leaf(x: Any) -> bool:
+    """Not a container that pytree would descend into."""
+    return not isinstance(x, (tuple, list, dict))
 
 
 def _detach(x: Any) -> Any:
