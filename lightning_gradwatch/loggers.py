@@ -8,6 +8,7 @@ nothing (returning False) when there is none.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -104,3 +105,29 @@ def log_histogram_raw(
         global_step=step,
     )
     return True
+
+
+def log_scalars_batch(trainer: pl.Trainer, metrics: dict[str, Tensor | float]) -> None:
+    """Write many step-level scalars in one call per logger, as ``LearningRateMonitor`` does.
+
+    ``pl_module.log`` costs about half a millisecond of Lightning bookkeeping per key, which
+    dominates a callback that writes a value per layer at every logging step. These values go
+    straight to every logger (rank zero only, at Lightning's logging step) and into
+    ``trainer.callback_metrics``, so ``EarlyStopping`` and ``ModelCheckpoint`` can still monitor
+    any of them. Non-finite values are left out.
+    """
+    if not metrics:
+        return
+    names = list(metrics)
+    values = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in metrics.values()]
+    )
+    finite = {n: float(v) for n, v in zip(names, values.tolist(), strict=True) if math.isfinite(v)}
+    if not finite:
+        return
+    trainer.callback_metrics.update(
+        {n: torch.tensor(v, dtype=torch.float64) for n, v in finite.items()}
+    )
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        logger.log_metrics(finite, step=step)

@@ -64,9 +64,36 @@ def test_quick_start_runs_and_logs_every_family(tmp_path) -> None:
     metrics = model.trainer.callback_metrics
     for key in ("gwa/epoch", "gwa/mean", "gsnr/mean", "gsnr/noise_scale", "gsnr/coherence"):
         assert key in metrics and torch.isfinite(metrics[key]), key
-    assert any(k.startswith("spectral/") for k in metrics)
+    # Per-layer keys are written in one batch per step, yet stay monitorable.
+    assert torch.isfinite(metrics["gsnr/layer/net.0.weight"])
+    assert torch.isfinite(metrics["spectral/net.2.weight/sigma_max"])
+    assert torch.isfinite(metrics["spectral/summary/max_sigma_max"])
     worst = gwa.most_misaligned(5)
     assert worst.shape == (5,) and int(worst.max()) < 64 and int(worst.min()) >= 0
+
+
+def test_per_layer_keys_reach_the_logger(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
+    logger = CSVLogger(tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[GradientSNR(), SpectralNorms()],
+        logger=logger,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(), loader)
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    for key in ("gsnr/mean", "gsnr/layer/net.0.weight", "spectral/net.0.weight/sigma_max"):
+        assert key in header.split(","), key
 
 
 def test_all_callbacks_leave_training_bitwise_unchanged(tmp_path) -> None:

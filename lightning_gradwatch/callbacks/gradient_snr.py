@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..functional import noise as F
-from ..loggers import add_custom_scalars, warn_if_no_logger
+from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
 from ..metrics.noise import GradientNoiseSums, RatioEMA
 from ..probe import ProbeStats
 from ..probe.probe import LossReduction
@@ -216,15 +216,18 @@ class GradientSNR(ProbeCallback):
         if values is None:
             return
         self.latest, self.latest_step = values, step
-        # Each pl_module.log costs about half a millisecond of Lightning bookkeeping; the
-        # per-layer values are only worth it on steps the loggers will write.
+        # The model-level values go through pl_module.log. Each call costs about half a
+        # millisecond of Lightning bookkeeping, so the per-layer values are written in one
+        # batch (as LearningRateMonitor does), and only on steps the loggers write; they still
+        # reach trainer.callback_metrics for monitoring.
         interval = trainer.log_every_n_steps
         logging_step = interval > 0 and (step + 1) % interval == 0
+        per_layer = {n: v for n, v in values.items() if n.startswith(_PER_LAYER_PREFIXES)}
         for name, value in values.items():
-            if not logging_step and name.startswith(_PER_LAYER_PREFIXES):
-                continue
-            if not torch.isnan(value):
+            if name not in per_layer and not torch.isnan(value):
                 pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+        if logging_step:
+            log_scalars_batch(trainer, per_layer)
 
     # -- computation -----------------------------------------------------------------
     def _quantities(self, sums: Any) -> dict[str, Tensor] | None:

@@ -27,7 +27,13 @@ from ..functional.spectral import (
     power_iteration,
     stable_rank,
 )
-from ..loggers import add_custom_scalars, log_image, tensorboard_writer, warn_if_no_logger
+from ..loggers import (
+    add_custom_scalars,
+    log_image,
+    log_scalars_batch,
+    tensorboard_writer,
+    warn_if_no_logger,
+)
 
 #: Module types whose matrix-shaped parameters are tracked when neither ``params`` nor
 #: ``module_types`` is given. ``_ConvNd`` covers ConvNd and ConvTransposeNd;
@@ -41,6 +47,8 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 PREFIX = "spectral"
+#: Model-level keys, logged through ``pl_module.log``; per-layer keys go in one batch.
+_SUMMARY_PREFIXES = (f"{PREFIX}/summary/", f"{PREFIX}/growth_alarm")
 
 
 @dataclass
@@ -629,6 +637,12 @@ class SpectralNorms(Callback):
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], on_epoch: bool) -> None:
         self.last_values.update(values)
         if not on_epoch:
+            # Per-layer values go to the loggers in one batch (as LearningRateMonitor does):
+            # pl_module.log costs about half a millisecond per key, which would dominate the
+            # cost of the power iterations. They still reach trainer.callback_metrics.
+            per_layer = {k: v for k, v in values.items() if not k.startswith(_SUMMARY_PREFIXES)}
+            log_scalars_batch(pl_module.trainer, per_layer)
+            values = {k: v for k, v in values.items() if k not in per_layer}
             fx = pl_module._current_fx_name
             self._step_keys.extend(f"{fx}.{key}" for key in values)
         for key, value in values.items():
