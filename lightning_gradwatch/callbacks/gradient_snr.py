@@ -37,7 +37,14 @@ def optimizer_steps_done(trainer: pl.Trainer) -> int:
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
-_PER_LAYER_PREFIXES = ("gsnr/layer/", "gsnr/coherence/")
+#: Logged through ``pl_module.log``; the auxiliary and per-layer values go in one batch.
+_HEADLINE_KEYS = (
+    "gsnr/mean",
+    "gsnr/noise_scale",
+    "gsnr/noise_scale_smoothed",
+    "gsnr/coherence",
+    "gsnr/eb_criterion",
+)
 
 
 class GradientSNR(ProbeCallback):
@@ -222,12 +229,12 @@ class GradientSNR(ProbeCallback):
         # reach trainer.callback_metrics for monitoring.
         interval = trainer.log_every_n_steps
         logging_step = interval > 0 and (step + 1) % interval == 0
-        per_layer = {n: v for n, v in values.items() if n.startswith(_PER_LAYER_PREFIXES)}
-        for name, value in values.items():
-            if name not in per_layer and not torch.isnan(value):
+        for name in _HEADLINE_KEYS:
+            value = values[name]
+            if not torch.isnan(value):
                 pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
         if logging_step:
-            log_scalars_batch(trainer, per_layer)
+            log_scalars_batch(trainer, {n: v for n, v in values.items() if n not in _HEADLINE_KEYS})
 
     # -- computation -----------------------------------------------------------------
     def _quantities(self, sums: Any) -> dict[str, Tensor] | None:
