@@ -37,16 +37,15 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, callbacks: list[pl.Callback]) -> Classifier:
+def _fit(tmp_path, callbacks: list[pl.Callback], **trainer_kwargs: object) -> Classifier:
     torch.manual_seed(0)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=False)
     model = Classifier()
     trainer = pl.Trainer(
-        max_epochs=3,
         callbacks=callbacks,
         default_root_dir=tmp_path,
-        log_every_n_steps=2,
+        **{"max_epochs": 3, "log_every_n_steps": 2, **trainer_kwargs},
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -75,22 +74,13 @@ def test_quick_start_runs_and_logs_every_family(tmp_path) -> None:
 def test_per_layer_keys_reach_the_logger(tmp_path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
-    logger = CSVLogger(tmp_path)
-    trainer = pl.Trainer(
+    _fit(
+        tmp_path,
+        [GradientSNR(), SpectralNorms()],
+        logger=CSVLogger(tmp_path),
         max_epochs=1,
-        callbacks=[GradientSNR(), SpectralNorms()],
-        logger=logger,
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(), loader)
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for key in ("gsnr/mean", "gsnr/layer/net.0.weight", "spectral/net.0.weight/sigma_max"):
         assert key in header.split(","), key
