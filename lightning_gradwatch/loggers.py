@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -56,18 +57,27 @@ def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> bool:
 
 
 def add_custom_scalars(trainer: pl.Trainer, category: str, charts: dict[str, list[str]]) -> bool:
-    """Register a TensorBoard custom-scalars layout: one chart per entry, each overlaying the
-    scalars whose tags match the listed regular expressions.
+    """Add a category to the run's TensorBoard custom-scalars layout: one chart per entry, each
+    overlaying the scalars whose tags match the listed regular expressions.
 
-    Several callbacks may each add their own category; the layouts are merged in TensorBoard's
-    "Custom Scalars" tab.
+    TensorBoard shows only the last layout written to a run, so the categories of every callback
+    are kept per writer and the merged layout is written again each time one is added. Adding
+    the same category twice replaces it.
     """
     writer = tensorboard_writer(trainer)
     if writer is None or not trainer.is_global_zero:
         return False
-    layout = {category: {title: ["Multiline", tags] for title, tags in charts.items()}}
-    writer.add_custom_scalars(layout)
+    layouts = _LAYOUTS.setdefault(writer, {})
+    layouts[category] = {title: ["Multiline", tags] for title, tags in charts.items()}
+    writer.add_custom_scalars(dict(sorted(layouts.items())))
     return True
+
+
+#: SummaryWriter -> category -> charts: every category written to that run so far (weak keys,
+#: so a closed run's layout is forgotten with its writer).
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def log_histogram_raw(
