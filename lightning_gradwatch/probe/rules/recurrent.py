@@ -1,0 +1,374 @@
+"""``nn.RNN`` (tanh/relu), ``nn.GRU`` and ``nn.LSTM``: exact per-sample statistics by replay.
+
+The fused recurrent kernel keeps its gates and cell states to itself, so the rule replays the
+recurrence in the statistics dtype with PyTorch's cell formulas written out, keeping every
+layer's matrix products as separate tensors: the input projection ``x_t W_ih^T + b_ih`` of
+each layer and direction (all steps at once) and the hidden projection
+``h_{t-1} W_hh^T + b_hh`` of each step (and ``m_t W_hr^T``, the LSTM projection). One
+``autograd.grad`` of the replayed outputs against the captured output gradients gives the
+backprop ``delta_t`` of every such product. Each weight's per-sample gradient is then
+``sum_t delta_t a_t^T`` over the steps, exactly the shape of a Linear layer applied to a
+sequence, and goes through the same routes (Gram form or chunked materialisation); each
+bias's is ``sum_t delta_t``.
+
+``PackedSequence`` inputs are replayed padded with a per-sample mask: a sample's state stops
+changing after its last step (the reverse direction starts at its own last step), so padded
+steps receive no backprop, as in the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .._linalg import outer_product_stats, stats_from_grad_sample
+from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+@dataclass
+class _Products:
+    """The tensors of one matrix product ``z_t = a_t W^T (+ b)`` over the replayed steps.
+
+    ``inputs`` and ``outputs`` are ``(T, B, K)`` and ``(T, B, O)`` (stacked over steps), or
+    lists of ``T`` tensors ``(B, K)``/``(B, O)`` for the recurrent products, which are formed
+    one step at a time.
+    """
+
+    weight: str
+    bias: str | None
+    inputs: Tensor | list[Tensor]
+    outputs: Tensor | list[Tensor]
+
+
+@dataclass
+class _Pieces:
+    """What one parameter collected over every call of the module (summed at the end)."""
+
+    a: list[Tensor] = field(default_factory=list)  # (B, T, K) per call
+    delta: list[Tensor] = field(default_factory=list)  # (B, T, O) per call
+    dot: list[Tensor] = field(default_factory=list)  # (B,) per call
+
+
+@register_rule(nn.RNN, nn.GRU, nn.LSTM)
+class RecurrentRule(LayerRule):
+    """Exact per-sample statistics for every weight and bias of ``nn.RNN``/``GRU``/``LSTM``."""
+
+    def check(self, module: nn.Module) -> str | None:
+        base = next(k for k in (nn.RNN, nn.GRU, nn.LSTM) if isinstance(module, k))
+        if type(module).forward is not base.forward:
+            return (
+                f"it overrides the forward of nn.{base.__name__}, so the rule's replay of "
+                f"nn.{base.__name__}'s recurrence would not be its computation; give it a rule "
+                f"of its own, or call a plain nn.{base.__name__} inside it"
+            )
+        assert isinstance(module, nn.RNNBase)
+        if module.mode not in _GATES:
+            return f"recurrent mode {module.mode!r} is not one of {sorted(_GATES)}"
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            return (
+                f"dropout={module.dropout} between layers in training mode draws its masks "
+                "inside the fused kernel, where they cannot be replayed per sample; set "
+                "dropout=0 (apply nn.Dropout between single-layer modules instead) or watch "
+                "other parameters"
+            )
+        return None
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        assert isinstance(module, nn.RNNBase)
+        pieces: dict[str, _Pieces] = {}
+        bias_pieces: dict[str, list[Tensor]] = {}
+        batch: int | None = None
+        for call in calls:
+            call_batch = self._replay_call(module, call, ctx, pieces, bias_pieces)
+            if call_batch is None:
+                continue
+            if batch is not None and call_batch != batch:
+                raise SkipModule(
+                    f"its calls in one forward saw different numbers of samples "
+                    f"({batch} and {call_batch})"
+                )
+            batch = call_batch
+
+        weights = dict(module.named_parameters(recurse=False))
+        out: dict[str, ParamStats] = {}
+        for name, piece in pieces.items():
+            # Calls of one module in one forward add their outer products: concatenate steps.
+            a = torch.cat(piece.a, 1) if len(piece.a) > 1 else piece.a[0]
+            delta = torch.cat(piece.delta, 1) if len(piece.delta) > 1 else piece.delta[0]
+            keep = name in ctx.need_grad_sample
+            sq_norm, sum_sq, grad_sample = outer_product_stats(
+                a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
+            )
+            shape = weights[name].shape
+            out[name] = ParamStats(
+                dot=torch.stack(piece.dot).sum(0),
+                sq_norm=sq_norm,
+                sum_sq=sum_sq.reshape(shape) if sum_sq is not None else None,
+                grad_sample=grad_sample.reshape(-1, *shape) if grad_sample is not None else None,
+            )
+        for name, grads in bias_pieces.items():
+            out[name] = stats_from_grad_sample(
+                torch.stack(grads).sum(0),
+                weights[name].detach().to(ctx.dtype),
+                ctx.need_sum_sq,
+                name in ctx.need_grad_sample,
+            )
+        return out
+
+    # ------------------------------------------------------------------ one call
+    def _replay_call(
+        self,
+        module: nn.RNNBase,
+        call: Call,
+        ctx: RuleContext,
+        pieces: dict[str, _Pieces],
+        bias_pieces: dict[str, list[Tensor]],
+    ) -> int | None:
+        """Replay one call, add its per-parameter pieces; returns its number of samples."""
+        n_states = 2 if module.mode == "LSTM" else 1
+        if len(call.grads) <= n_states:
+            raise SkipModule(
+                "its output could not be matched to the captured tensors; pass a Tensor or "
+                "PackedSequence input"
+            )
+        grad_out = call.grads[0]
+        grad_states = call.grads[len(call.grads) - n_states :]
+
+        x = call.args[0] if call.args else call.kwargs.get("input")
+        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        lengths: Tensor | None = None
+        if isinstance(x, PackedSequence):
+            # Padded, time-major, in the caller's sample order (hx and h_n are in that order).
+            padded, lengths = pad_packed_sequence(x)
+            if grad_out is not None:
+                grad_out, _ = pad_packed_sequence(
+                    PackedSequence(grad_out, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+                )
+            x = padded
+        elif not isinstance(x, Tensor):
+            raise SkipModule(f"its input is a {type(x).__name__}, not a Tensor or PackedSequence")
+        elif x.dim() != 3:
+            raise SkipModule(
+                f"its input has {x.dim()} dims; an unbatched (T, H_in) sequence has no sample "
+                "dimension: add one (x.unsqueeze(0) with batch_first=True)"
+            )
+        elif module.batch_first:
+            x = x.transpose(0, 1)
+            if grad_out is not None:
+                grad_out = grad_out.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        if steps == 0 or batch == 0:
+            return None
+
+        dtype, device = ctx.dtype, x.device
+        h0, c0 = self._initial_state(module, hx, batch, dtype, device)
+        mask = None
+        if lengths is not None:
+            time = torch.arange(steps, device=device)[:, None]
+            mask = (time < lengths.to(device)[None, :]).unsqueeze(-1)  # (T, B, 1)
+
+        with torch.enable_grad():
+            products, outputs = self._replay(module, x.to(dtype), h0, c0, mask, dtype)
+            live = [
+                (o, g.to(dtype))
+                for o, g in zip(outputs, [grad_out, *grad_states], strict=True)
+                if g is not None
+            ]
+            if not live:
+                return None
+            tracked: list[Tensor] = []
+            for p in products:
+                tracked.extend(p.outputs if isinstance(p.outputs, list) else [p.outputs])
+            backprops = list(
+                torch.autograd.grad(
+                    [o for o, _ in live],
+                    tracked,
+                    grad_outputs=[g for _, g in live],
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+
+        weights = dict(module.named_parameters(recurse=False))
+        for p in products:
+            if isinstance(p.outputs, list):
+                n = len(p.outputs)
+                delta = torch.stack(backprops[:n])
+                z = torch.stack(p.outputs).detach()
+                a = torch.stack(p.inputs).detach()  # type: ignore[arg-type]
+            else:
+                n = 1
+                delta, z, a = backprops[0], p.outputs.detach(), p.inputs.detach()  # type: ignore[union-attr]
+            del backprops[:n]
+            # (T, B, .) -> (B, T, .): samples first, as the outer-product routes expect.
+            delta, z, a = delta.transpose(0, 1), z.transpose(0, 1), a.transpose(0, 1)
+            bias_grad = delta.sum(1) if p.bias is not None else None
+            if p.weight in ctx.want:
+                # <G_i, W> = sum_t delta_t . (z_t - b), from the replayed products.
+                dot = torch.linalg.vecdot(delta, z).sum(1)
+                if bias_grad is not None:
+                    dot = dot - bias_grad @ weights[p.bias].detach().to(dtype)  # type: ignore[index]
+                piece = pieces.setdefault(p.weight, _Pieces())
+                piece.a.append(a)
+                piece.delta.append(delta)
+                piece.dot.append(dot)
+            if p.bias is not None and bias_grad is not None and p.bias in ctx.want:
+                bias_pieces.setdefault(p.bias, []).append(bias_grad)
+        return batch
+
+    @staticmethod
+    def _initial_state(
+        module: nn.RNNBase, hx: object, batch: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
+        """``h0 (L*D, B, P)`` and, for LSTM, ``c0 (L*D, B, H)``; zeros when not given."""
+        layers = module.num_layers * (2 if module.bidirectional else 1)
+        proj = getattr(module, "proj_size", 0)
+        h_size = proj if proj > 0 else module.hidden_size
+        if module.mode == "LSTM":
+            if hx is None:
+                h0 = torch.zeros(layers, batch, h_size, dtype=dtype, device=device)
+                c0 = torch.zeros(layers, batch, module.hidden_size, dtype=dtype, device=device)
+                return h0, c0
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise SkipModule("its initial state is not an (h0, c0) pair")
+            h0, c0 = hx
+        else:
+            if hx is None:
+                return torch.zeros(layers, batch, h_size, dtype=dtype, device=device), None
+            h0, c0 = hx, None
+        if not isinstance(h0, Tensor) or h0.dim() != 3 or h0.shape[1] != batch:
+            raise SkipModule(
+                f"its initial state has shape {getattr(h0, 'shape', None)}, not "
+                f"(num_layers * num_directions, {batch}, hidden)"
+            )
+        return h0.to(dtype), c0.to(dtype) if isinstance(c0, Tensor) else None
+
+    # ------------------------------------------------------------------ the recurrence
+    def _replay(
+        self,
+        module: nn.RNNBase,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor | None,
+        mask: Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[list[_Products], list[Tensor]]:
+        """Run the recurrence on time-major ``x (T, B, K)``.
+
+        Returns the matrix products to differentiate against, and ``[output, h_n]`` (plus
+        ``c_n`` for LSTM) with the module's shapes, time-major.
+        """
+        directions = 2 if module.bidirectional else 1
+        weights = {n: p.detach().to(dtype) for n, p in module.named_parameters(recurse=False)}
+        products: list[_Products] = []
+        h_last: list[Tensor] = []
+        c_last: list[Tensor] = []
+        layer_input = x
+        for layer in range(module.num_layers):
+            direction_outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                index = layer * directions + direction
+                outputs, h_n, c_n = self._direction(
+                    module,
+                    weights,
+                    suffix,
+                    layer_input,
+                    h0[index],
+                    c0[index] if c0 is not None else None,
+                    mask,
+                    reverse=direction == 1,
+                    products=products,
+                )
+                direction_outputs.append(outputs)
+                h_last.append(h_n)
+                if c_n is not None:
+                    c_last.append(c_n)
+            layer_input = (
+                torch.cat(direction_outputs, -1) if directions > 1 else direction_outputs[0]
+            )
+        results = [layer_input, torch.stack(h_last)]
+        if module.mode == "LSTM":
+            results.append(torch.stack(c_last))
+        return products, results
+
+    @staticmethod
+    def _direction(
+        module: nn.RNNBase,
+        weights: dict[str, Tensor],
+        suffix: str,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor | None,
+        mask: Tensor | None,
+        reverse: bool,
+        products: list[_Products],
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One layer in one direction, with PyTorch's cell formulas. Appends its products;
+        returns ``(outputs (T, B, P), h_n (B, P), c_n (B, H) | None)``."""
+        w_ih, w_hh = weights["weight_ih" + suffix], weights["weight_hh" + suffix]
+        b_ih = weights.get("bias_ih" + suffix)
+        b_hh = weights.get("bias_hh" + suffix)
+        w_hr = weights.get("weight_hr" + suffix)
+        steps = x.shape[0]
+
+        # Every step's input projection at once. On the first layer nothing upstream requires
+        # grad, so the product becomes a leaf to differentiate against.
+        ih = x @ w_ih.T if b_ih is None else torch.addmm(b_ih, x.flatten(0, 1), w_ih.T)
+        ih = ih.reshape(steps, x.shape[1], -1)
+        if not ih.requires_grad:
+            ih.requires_grad_()
+        hh_in: list[Tensor] = []
+        hh_out: list[Tensor] = []
+        hr_in: list[Tensor] = []
+        hr_out: list[Tensor] = []
+        outputs: list[Tensor | None] = [None] * steps
+        for t in reversed(range(steps)) if reverse else range(steps):
+            hh = h @ w_hh.T if b_hh is None else torch.addmm(b_hh, h, w_hh.T)
+            if not hh.requires_grad:  # the initial state of a layer: a leaf, as above
+                hh.requires_grad_()
+            hh_in.append(h)
+            hh_out.append(hh)
+            gi = ih[t]
+            if module.mode == "LSTM":
+                assert c is not None
+                i, f, g, o = (gi + hh).chunk(4, 1)
+                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                if w_hr is not None:
+                    hr_in.append(h_new)
+                    h_new = h_new @ w_hr.T
+                    hr_out.append(h_new)
+                c = c_new if mask is None else torch.where(mask[t], c_new, c)
+            elif module.mode == "GRU":
+                i_r, i_z, i_n = gi.chunk(3, 1)
+                h_r, h_z, h_n = hh.chunk(3, 1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h_new = (1 - z) * n + z * h
+            elif module.mode == "RNN_TANH":
+                h_new = torch.tanh(gi + hh)
+            else:
+                h_new = torch.relu(gi + hh)
+            h = h_new if mask is None else torch.where(mask[t], h_new, h)
+            outputs[t] = h
+        # Steps were visited in processing order; keep each product's lists in that order.
+        products.append(_Products("weight_ih" + suffix, _bias(b_ih, "bias_ih" + suffix), x, ih))
+        products.append(
+            _Products("weight_hh" + suffix, _bias(b_hh, "bias_hh" + suffix), hh_in, hh_out)
+        )
+        if w_hr is not None:
+            products.append(_Products("weight_hr" + suffix, None, hr_in, hr_out))
+        return torch.stack(outputs), h, c  # type: ignore[arg-type]
+
+
+def _bias(bias: Tensor | None, name: str) -> str | None:
+    return None if bias is None else name

@@ -1,0 +1,402 @@
+"""nn.RNN, nn.GRU and nn.LSTM against the float64 per-sample oracle (rtol=1e-6).
+
+Every model takes batch-first ``(B, T, F)`` input (transposed inside for
+``batch_first=False``), so that the model's batch is dim 0 of its input whichever layout the
+recurrent layer uses.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_matches_oracle, run_probe, squared_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradwatch import GradientProbe, GradientSNR
+
+_KINDS = {
+    "rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw),
+    "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
+    "gru": lambda **kw: nn.GRU(**kw),
+    "lstm": lambda **kw: nn.LSTM(**kw),
+}
+
+
+class _Sequence(nn.Module):
+    """A recurrent layer whose selected results feed a per-sample output ``(B, F)``.
+
+    Args:
+        rnn: the recurrent layer.
+        use: which of ``"output"``, ``"h_n"``, ``"c_n"`` reach the loss.
+        initial_state: ``"none"``, or ``"computed"`` (``h0``/``c0`` from a Linear of the
+            sample's mean input, so each sample starts from its own state).
+        packed: feed a ``PackedSequence``; the model then takes ``(x, lengths)``.
+    """
+
+    def __init__(
+        self,
+        rnn: nn.RNNBase,
+        use: tuple[str, ...] = ("output",),
+        initial_state: str = "none",
+        packed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.use = use
+        self.packed = packed
+        self.initial_state = initial_state
+        directions = 2 if rnn.bidirectional else 1
+        self.layers = rnn.num_layers * directions
+        proj = getattr(rnn, "proj_size", 0)
+        self.h_size = proj if proj > 0 else rnn.hidden_size
+        if initial_state == "computed":
+            self.init_h = nn.Linear(rnn.input_size, self.layers * self.h_size)
+            if isinstance(rnn, nn.LSTM):
+                self.init_c = nn.Linear(rnn.input_size, self.layers * rnn.hidden_size)
+
+    def forward(self, inputs: Any) -> Tensor:
+        x, lengths = inputs if self.packed else (inputs, None)
+        batch = x.shape[0]
+        hx = None
+        if self.initial_state == "computed":
+            mean = x.mean(1)
+            h0 = torch.tanh(self.init_h(mean)).reshape(batch, self.layers, -1).transpose(0, 1)
+            hx = h0.contiguous()
+            if isinstance(self.rnn, nn.LSTM):
+                c0 = self.init_c(mean).reshape(batch, self.layers, -1).transpose(0, 1)
+                hx = (hx, c0.contiguous())
+        seq = x if self.rnn.batch_first else x.transpose(0, 1)
+        if lengths is not None:
+            seq = pack_padded_sequence(
+                seq, lengths, batch_first=self.rnn.batch_first, enforce_sorted=False
+            )
+        output, state = self.rnn(seq, hx)
+        if lengths is not None:
+            output, _ = pad_packed_sequence(output, batch_first=self.rnn.batch_first)
+        if not self.rnn.batch_first:
+            output = output.transpose(0, 1)
+        h_n, c_n = state if isinstance(state, tuple) else (state, None)
+        pieces = {
+            "output": output.flatten(1),
+            "h_n": h_n.transpose(0, 1).flatten(1),
+            "c_n": c_n.transpose(0, 1).flatten(1) if c_n is not None else None,
+        }
+        return torch.cat([pieces[k] for k in self.use], 1)
+
+
+def _model(kind: str, seed: int = 0, **kwargs: Any) -> tuple[nn.Module, Tensor, Tensor]:
+    """A float64 model, its input ``(B, T, F)`` and a target."""
+    use = kwargs.pop("use", ("output",))
+    initial_state = kwargs.pop("initial_state", "none")
+    batch = kwargs.pop("batch", 3)
+    steps = kwargs.pop("steps", 4)
+    torch.manual_seed(seed)
+    kwargs.setdefault("input_size", 3)
+    kwargs.setdefault("hidden_size", 4)
+    rnn = _KINDS[kind](**kwargs)
+    model = _Sequence(rnn, use, initial_state).double()
+    x = torch.randn(batch, steps, kwargs["input_size"], dtype=torch.float64)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    return model, x, target
+
+
+_USES = [("output",), ("h_n",), ("output", "h_n")]
+_LSTM_USES = [*_USES, ("c_n",), ("h_n", "c_n"), ("output", "h_n", "c_n")]
+
+
+# --------------------------------------------------------------------------- option matrix
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", list(_KINDS))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"batch_first": True},
+        {"num_layers": 2},
+        {"bidirectional": True},
+        {"bias": False},
+        {"initial_state": "computed"},
+        {"num_layers": 3, "bidirectional": True, "batch_first": True, "use": ("output", "h_n")},
+        {"num_layers": 2, "bias": False, "initial_state": "computed", "use": ("h_n",)},
+    ],
+    ids=["plain", "batch_first", "layers2", "bidir", "nobias", "h0", "deep_bidir", "mixed"],
+)
+def test_recurrent_options(kind: str, options: dict[str, Any], reduction: str) -> None:
+    model, x, target = _model(kind, **dict(options))
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("use", _LSTM_USES, ids=lambda u: "+".join(u))
+def test_lstm_outputs_in_any_combination(use: tuple[str, ...], reduction: str) -> None:
+    model, x, target = _model("lstm", use=use, num_layers=2, initial_state="computed")
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("use", _USES, ids=lambda u: "+".join(u))
+@pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
+def test_gru_rnn_outputs(kind: str, use: tuple[str, ...]) -> None:
+    model, x, target = _model(kind, use=use, num_layers=2, bidirectional=True)
+    assert_matches_oracle(model, x, target)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_layers": 2, "bidirectional": True}, {"batch_first": True, "bias": False}],
+    ids=["plain", "deep_bidir", "batch_first_nobias"],
+)
+def test_lstm_projection(options: dict[str, Any], reduction: str) -> None:
+    model, x, target = _model(
+        "lstm", proj_size=2, use=("output", "h_n", "c_n"), initial_state="computed", **options
+    )
+    assert any("weight_hr" in n for n, _ in model.named_parameters())
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", list(_KINDS))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packed_sequence(kind: str, batch_first: bool, reduction: str) -> None:
+    torch.manual_seed(1)
+    rnn = _KINDS[kind](
+        input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first
+    )
+    use = ("output", "h_n", "c_n") if kind == "lstm" else ("output", "h_n")
+    model = _Sequence(rnn, use, initial_state="computed", packed=True).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    lengths = torch.tensor([3, 5, 1, 4])  # unsorted: the module permutes internally
+    with torch.no_grad():
+        target = torch.randn_like(model((x, lengths)))
+    assert_matches_oracle(model, (x, lengths), target, reduction=reduction)
+
+
+def test_module_called_twice() -> None:
+    """A shared encoder over two sequences: per-sample gradients add over the calls."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a, _ = self.rnn(x)
+            b, (h, _) = self.rnn(x.flip(1) * 0.5)
+            return torch.cat([a.flatten(1), (b * h.transpose(0, 1)).flatten(1)], 1)
+
+    torch.manual_seed(2)
+    model = Twice().double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    assert_matches_oracle(model, x, target)
+
+
+def test_tied_with_another_module() -> None:
+    """One Parameter owned by the LSTM and a Linear: per-sample gradients are summed first."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 4, batch_first=True)
+            self.mix = nn.Linear(4, 12, bias=False)
+            self.mix.weight = self.rnn.weight_ih_l0
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, _ = self.rnn(x)
+            return torch.cat([out.flatten(1), self.mix(x[:, 0])], 1)
+
+    torch.manual_seed(3)
+    model = Tied().double()
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    assert_matches_oracle(model, x, target)
+
+
+def test_subset_of_parameters() -> None:
+    model, x, target = _model("lstm", num_layers=2, bidirectional=True)
+    names = ["rnn.weight_hh_l1_reverse", "rnn.bias_ih_l0"]
+    assert_matches_oracle(model, x, target, params=names)
+
+
+def test_eval_mode_dropout_is_exact() -> None:
+    model, x, target = _model("gru", num_layers=2, dropout=0.5)
+    model.eval()
+    assert_matches_oracle(model, x, target)
+
+
+def test_float32_matches_same_precision_oracle() -> None:
+    """Float32 model: the replay runs in float32 too. The replay and the kernel round
+    differently, and a gradient through T steps accumulates that over the recurrence, so
+    the comparison with a float32 brute force is at 1e-4 (about 1000 float32 ulps)."""
+    model, x, target = _model("lstm", num_layers=2, bidirectional=True, initial_state="computed")
+    model, x, target = model.float(), x.float(), target.float()
+    assert_matches_oracle(model, x, target, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- hypothesis
+@st.composite
+def _configs(draw: st.DrawFn, kind: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "batch": draw(st.integers(1, 4)),
+        "steps": draw(st.integers(1, 5)),
+        "input_size": draw(st.integers(1, 4)),
+        "hidden_size": draw(st.integers(1, 4)),
+        "num_layers": draw(st.integers(1, 3)),
+        "bidirectional": draw(st.booleans()),
+        "batch_first": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "initial_state": draw(st.sampled_from(["none", "computed"])),
+        "use": draw(st.sampled_from(_LSTM_USES if kind == "lstm" else _USES)),
+    }
+    if kind == "lstm" and config["hidden_size"] > 1 and draw(st.booleans()):
+        config["proj_size"] = draw(st.integers(1, config["hidden_size"] - 1))
+    return config
+
+
+_HYPOTHESIS = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@_HYPOTHESIS
+@given(config=_configs("lstm"), reduction=st.sampled_from(["mean", "sum"]))
+def test_lstm_shapes(config: dict[str, Any], reduction: str) -> None:
+    model, x, target = _model("lstm", **config)
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+@_HYPOTHESIS
+@given(config=_configs("gru"), reduction=st.sampled_from(["mean", "sum"]))
+def test_gru_shapes(config: dict[str, Any], reduction: str) -> None:
+    model, x, target = _model("gru", **config)
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+# --------------------------------------------------------------------------- refusals
+def test_training_dropout_is_refused() -> None:
+    model, x, target = _model("lstm", num_layers=2, dropout=0.3, initial_state="computed")
+    with pytest.warns(UserWarning, match=r"dropout=0.3 between layers in training mode"):
+        stats = run_probe(model, x, target)
+    assert all(n in stats.excluded for n, _ in model.rnn.named_parameters(prefix="rnn"))
+    assert not any(n.startswith("rnn.") for n in stats.dot)
+    assert "init_h.weight" in stats.dot
+    assert "set dropout=0" in stats.excluded["rnn.weight_ih_l0"]
+
+
+def test_unbatched_input_is_refused() -> None:
+    torch.manual_seed(0)
+    rnn = nn.GRU(3, 4).double()
+    x = torch.randn(5, 3, dtype=torch.float64)  # (T, H_in): one sequence, no sample dim
+    probe = GradientProbe(rnn)
+    with pytest.warns(UserWarning, match=r"unbatched \(T, H_in\) sequence has no sample"), probe:
+        rnn(x)[0].pow(2).sum().backward()
+    assert "weight_ih_l0" in probe.stats.excluded
+    assert "add one" in probe.stats.excluded["weight_ih_l0"]
+    assert not probe.stats.dot
+
+
+def test_subclass_with_own_forward_is_not_replayed() -> None:
+    """A subclass that changes the computation must not get nn.LSTM's replay."""
+
+    class Scaled(nn.LSTM):
+        def forward(self, x: Tensor, hx: Any = None) -> Any:  # type: ignore[override]
+            out, state = super().forward(x * 2, hx)
+            return out, state
+
+    torch.manual_seed(0)
+    model = _Sequence(Scaled(3, 4), initial_state="computed").double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = run_probe(model, x, torch.zeros(3, 16, dtype=torch.float64))
+    assert "init_h.weight" in stats.dot  # the rest of the model is still probed
+    assert any("'rnn' is left out" in str(w.message) for w in caught)
+    assert not any(n.startswith("rnn.") for n in stats.dot)
+    assert "rnn.weight_ih_l0" in stats.excluded
+
+
+# --------------------------------------------------------------------------- training
+def test_probe_does_not_change_training() -> None:
+    def train(with_probe: bool) -> dict[str, Tensor]:
+        torch.manual_seed(0)
+        model = _Sequence(
+            nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True),
+            use=("output", "h_n", "c_n"),
+            initial_state="computed",
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe = GradientProbe(model, sum_grad_squared=True)
+        data = torch.randn(4, 6, 3, 3)
+        for step in range(4):
+            x = data[step]
+            target = torch.zeros(6, model(x).shape[1])
+            optimizer.zero_grad()
+            if with_probe:
+                with probe:
+                    squared_error(model(x), target).mean().backward()
+                assert probe.stats.sq_norm["rnn.weight_hh_l1_reverse"].shape == (6,)
+            else:
+                squared_error(model(x), target).mean().backward()
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    plain, probed = train(False), train(True)
+    for name, value in plain.items():
+        assert torch.equal(value, probed[name]), name
+
+
+class _Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h_n, _) = self.lstm(x)
+        return self.head(h_n[-1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_gradient_snr_on_lstm_classifier(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 5, 3), torch.arange(16) % 3)
+    gsnr = GradientSNR()
+    trainer = pl.Trainer(
+        max_steps=2,
+        log_every_n_steps=1,
+        callbacks=[gsnr],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no logger.*")
+        trainer.fit(_Classifier(), DataLoader(data, batch_size=4))
+    for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+        value = gsnr.latest[f"gsnr/layer/lstm.{name}"]
+        assert torch.isfinite(value) and value > 0, name
