@@ -96,7 +96,6 @@ class RecurrentRule(LayerRule):
                 )
             batch = call_batch
 
-        weights = dict(module.named_parameters(recurse=False))
         out: dict[str, ParamStats] = {}
         for name, piece in pieces.items():
             # Calls of one module in one forward add their outer products: concatenate steps.
@@ -106,7 +105,7 @@ class RecurrentRule(LayerRule):
             sq_norm, sum_sq, grad_sample = outer_product_stats(
                 a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
             )
-            shape = weights[name].shape
+            shape = getattr(module, name).shape
             out[name] = ParamStats(
                 dot=torch.stack(piece.dot).sum(0),
                 sq_norm=sq_norm,
@@ -116,7 +115,7 @@ class RecurrentRule(LayerRule):
         for name, grads in bias_pieces.items():
             out[name] = stats_from_grad_sample(
                 torch.stack(grads).sum(0),
-                weights[name].detach().to(ctx.dtype),
+                getattr(module, name).detach().to(ctx.dtype),
                 ctx.need_sum_sq,
                 name in ctx.need_grad_sample,
             )
@@ -196,7 +195,6 @@ class RecurrentRule(LayerRule):
                 )
             )
 
-        weights = dict(module.named_parameters(recurse=False))
         for p in products:
             if isinstance(p.outputs, list):
                 n = len(p.outputs)
@@ -214,7 +212,7 @@ class RecurrentRule(LayerRule):
                 # <G_i, W> = sum_t delta_t . (z_t - b), from the replayed products.
                 dot = torch.linalg.vecdot(delta, z).sum(1)
                 if bias_grad is not None:
-                    dot = dot - bias_grad @ weights[p.bias].detach().to(dtype)  # type: ignore[index]
+                    dot = dot - bias_grad @ getattr(module, p.bias).detach().to(dtype)
                 piece = pieces.setdefault(p.weight, _Pieces())
                 piece.a.append(a)
                 piece.delta.append(delta)
@@ -266,7 +264,10 @@ class RecurrentRule(LayerRule):
         ``c_n`` for LSTM) with the module's shapes, time-major.
         """
         directions = 2 if module.bidirectional else 1
-        weights = {n: p.detach().to(dtype) for n, p in module.named_parameters(recurse=False)}
+        # By name rather than from named_parameters: a weight under torch.nn.utils.parametrize
+        # is computed (and its original belongs to a child module), but the recurrence and the
+        # other weights' gradients are the same.
+        weights = {n: getattr(module, n).detach().to(dtype) for n in module._flat_weights_names}
         products: list[_Products] = []
         h_last: list[Tensor] = []
         c_last: list[Tensor] = []
