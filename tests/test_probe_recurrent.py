@@ -93,18 +93,22 @@ class _Sequence(nn.Module):
         return torch.cat([pieces[k] for k in self.use], 1)
 
 
-def _model(kind: str, seed: int = 0, **kwargs: Any) -> tuple[nn.Module, Tensor, Tensor]:
-    """A float64 model, its input ``(B, T, F)`` and a target."""
+def _model(kind: str, seed: int = 0, **kwargs: Any) -> tuple[nn.Module, Any, Tensor]:
+    """A float64 model, its input (``(B, T, F)``, or ``(x, lengths)`` when ``lengths`` is
+    given: a ``PackedSequence`` of those lengths) and a target."""
     use = kwargs.pop("use", ("output",))
     initial_state = kwargs.pop("initial_state", "none")
     batch = kwargs.pop("batch", 3)
     steps = kwargs.pop("steps", 4)
+    lengths = kwargs.pop("lengths", None)
     torch.manual_seed(seed)
     kwargs.setdefault("input_size", 3)
     kwargs.setdefault("hidden_size", 4)
     rnn = _KINDS[kind](**kwargs)
-    model = _Sequence(rnn, use, initial_state).double()
+    model = _Sequence(rnn, use, initial_state, packed=lengths is not None).double()
     x = torch.randn(batch, steps, kwargs["input_size"], dtype=torch.float64)
+    if lengths is not None:
+        x = (x, torch.tensor(lengths))
     with torch.no_grad():
         target = torch.randn_like(model(x))
     return model, x, target
@@ -321,11 +325,16 @@ def _configs(draw: st.DrawFn, kind: str) -> dict[str, Any]:
     }
     if kind == "lstm" and config["hidden_size"] > 1 and draw(st.booleans()):
         config["proj_size"] = draw(st.integers(1, config["hidden_size"] - 1))
+    if draw(st.booleans()):
+        length = st.integers(1, config["steps"])
+        config["lengths"] = draw(
+            st.lists(length, min_size=config["batch"], max_size=config["batch"])
+        )
     return config
 
 
 _HYPOTHESIS = settings(
-    max_examples=12,
+    max_examples=30,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
