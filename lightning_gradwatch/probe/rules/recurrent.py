@@ -27,8 +27,6 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from .._linalg import outer_product_stats, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
-_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
-
 
 @dataclass
 class _Products:
@@ -67,8 +65,6 @@ class RecurrentRule(LayerRule):
                 f"of its own, or call a plain nn.{base.__name__} inside it"
             )
         assert isinstance(module, nn.RNNBase)
-        if module.mode not in _GATES:
-            return f"recurrent mode {module.mode!r} is not one of {sorted(_GATES)}"
         if module.training and module.dropout > 0 and module.num_layers > 1:
             return (
                 f"dropout={module.dropout} between layers in training mode draws its masks "
@@ -131,12 +127,9 @@ class RecurrentRule(LayerRule):
         bias_pieces: dict[str, list[Tensor]],
     ) -> int | None:
         """Replay one call, add its per-parameter pieces; returns its number of samples."""
+        # The flattened outputs are (output, h_n[, c_n]), or (data, batch_sizes, [indices,]
+        # h_n[, c_n]) for a PackedSequence: the output first, the states last.
         n_states = 2 if module.mode == "LSTM" else 1
-        if len(call.grads) <= n_states:
-            raise SkipModule(
-                "its output could not be matched to the captured tensors; pass a Tensor or "
-                "PackedSequence input"
-            )
         grad_out = call.grads[0]
         grad_states = call.grads[len(call.grads) - n_states :]
 
@@ -151,8 +144,6 @@ class RecurrentRule(LayerRule):
                     PackedSequence(grad_out, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
                 )
             x = padded
-        elif not isinstance(x, Tensor):
-            raise SkipModule(f"its input is a {type(x).__name__}, not a Tensor or PackedSequence")
         elif x.dim() != 3:
             raise SkipModule(
                 f"its input has {x.dim()} dims; an unbatched (T, H_in) sequence has no sample "
@@ -229,24 +220,14 @@ class RecurrentRule(LayerRule):
         layers = module.num_layers * (2 if module.bidirectional else 1)
         proj = getattr(module, "proj_size", 0)
         h_size = proj if proj > 0 else module.hidden_size
-        if module.mode == "LSTM":
-            if hx is None:
-                h0 = torch.zeros(layers, batch, h_size, dtype=dtype, device=device)
-                c0 = torch.zeros(layers, batch, module.hidden_size, dtype=dtype, device=device)
-                return h0, c0
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise SkipModule("its initial state is not an (h0, c0) pair")
-            h0, c0 = hx
-        else:
-            if hx is None:
-                return torch.zeros(layers, batch, h_size, dtype=dtype, device=device), None
-            h0, c0 = hx, None
-        if not isinstance(h0, Tensor) or h0.dim() != 3 or h0.shape[1] != batch:
-            raise SkipModule(
-                f"its initial state has shape {getattr(h0, 'shape', None)}, not "
-                f"(num_layers * num_directions, {batch}, hidden)"
-            )
-        return h0.to(dtype), c0.to(dtype) if isinstance(c0, Tensor) else None
+        if hx is None:
+            h0 = torch.zeros(layers, batch, h_size, dtype=dtype, device=device)
+            if module.mode != "LSTM":
+                return h0, None
+            return h0, torch.zeros(layers, batch, module.hidden_size, dtype=dtype, device=device)
+        # The module's forward has already checked the state's type and shapes.
+        h0, c0 = hx if module.mode == "LSTM" else (hx, None)  # type: ignore[misc]
+        return h0.to(dtype), c0.to(dtype) if c0 is not None else None
 
     # ------------------------------------------------------------------ the recurrence
     def _replay(
