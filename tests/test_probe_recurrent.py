@@ -393,7 +393,9 @@ def test_subclass_with_own_forward_is_not_replayed() -> None:
         warnings.simplefilter("always")
         stats = run_probe(model, x, torch.zeros(3, 16, dtype=torch.float64))
     assert "init_h.weight" in stats.dot  # the rest of the model is still probed
-    assert any("'rnn' is left out" in str(w.message) for w in caught)
+    # Whichever rule sees it (this one refuses subclasses that override forward), the result
+    # is an exclusion with a warning, never nn.LSTM's numbers.
+    assert any("rnn" in str(w.message) for w in caught)
     assert not any(n.startswith("rnn.") for n in stats.dot)
     assert "rnn.weight_ih_l0" in stats.excluded
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .._linalg import rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
-_MODES = {"sum": 0, "mean": 1, "max": 2}
+_MAX_MODE = 2  # torch.embedding_bag's code for mode="max"
 
 
 @register_rule(nn.EmbeddingBag)
@@ -199,7 +199,7 @@ def _max_rows(
         flat,
         bounds,
         False,
-        _MODES["max"],
+        _MAX_MODE,
         False,
         None,
         include_last_offset,
