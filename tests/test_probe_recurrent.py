@@ -140,6 +140,21 @@ def test_recurrent_options(kind: str, options: dict[str, Any], reduction: str) -
     assert_matches_oracle(model, x, target, reduction=reduction)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 6])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_norm_routes_without_sum_sq(kind: str, steps: int) -> None:
+    """Without ``sum_grad_squared`` the weights take the cheapest route by ``T``: the ghost
+    norm (``T = 1``), the Gram form (``T = 2`` here) or materialisation (``T = 6``)."""
+    model, x, target = _model(kind, steps=steps, num_layers=2, bidirectional=True)
+    assert_matches_oracle(model, x, target, sum_grad_squared=False)
+
+
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_chunked_over_samples(sum_grad_squared: bool) -> None:
+    model, x, target = _model("lstm", batch=5, steps=6, proj_size=2, initial_state="computed")
+    assert_matches_oracle(model, x, target, sum_grad_squared=sum_grad_squared, chunk_elements=40)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("use", _LSTM_USES, ids=lambda u: "+".join(u))
 def test_lstm_outputs_in_any_combination(use: tuple[str, ...], reduction: str) -> None:
