@@ -22,6 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientProbe, GradientSNR
+from lightning_gradwatch.probe.registry import rule_for
+from lightning_gradwatch.probe.rules.recurrent import RecurrentCellRule
 
 _KINDS = {
     "rnn_tanh": lambda **kw: nn.RNN(nonlinearity="tanh", **kw),
@@ -321,6 +323,129 @@ def test_float32_matches_same_precision_oracle() -> None:
     model, x, target = _model("lstm", num_layers=2, bidirectional=True, initial_state="computed")
     model, x, target = model.float(), x.float(), target.float()
     assert_matches_oracle(model, x, target, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- cells
+_CELLS = {
+    "rnn_cell_tanh": lambda **kw: nn.RNNCell(nonlinearity="tanh", **kw),
+    "rnn_cell_relu": lambda **kw: nn.RNNCell(nonlinearity="relu", **kw),
+    "gru_cell": lambda **kw: nn.GRUCell(**kw),
+    "lstm_cell": lambda **kw: nn.LSTMCell(**kw),
+}
+
+
+class _CellLoop(nn.Module):
+    """A cell driven over the steps of ``(B, T, F)`` by a Python loop, as in a decoder."""
+
+    def __init__(self, cell: nn.RNNCellBase, initial_state: bool, every_step: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.init = nn.Linear(cell.input_size, cell.hidden_size) if initial_state else None
+        self.every_step = every_step
+
+    def forward(self, x: Tensor) -> Tensor:
+        lstm = isinstance(self.cell, nn.LSTMCell)
+        state: Any = None
+        if self.init is not None:
+            h0 = torch.tanh(self.init(x[:, 0]))
+            state = (h0, -h0) if lstm else h0
+        seen = []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            seen.append(state[0] if lstm else state)
+        if lstm:
+            seen.append(state[1])
+        return torch.cat(seen if self.every_step else seen[-2:], 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", list(_CELLS))
+@pytest.mark.parametrize(
+    ("steps", "bias", "initial_state", "every_step"),
+    [
+        (1, True, False, True),
+        (4, True, True, True),
+        (4, False, False, False),
+        (3, True, True, False),
+    ],
+    ids=["one_step", "h0_every_step", "nobias_last", "h0_last"],
+)
+def test_cell_loop(
+    kind: str, steps: int, bias: bool, initial_state: bool, every_step: bool, reduction: str
+) -> None:
+    torch.manual_seed(6)
+    model = _CellLoop(
+        _CELLS[kind](input_size=3, hidden_size=4, bias=bias), initial_state, every_step
+    )
+    model = model.double()
+    x = torch.randn(3, steps, 3, dtype=torch.float64)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    assert_matches_oracle(model, x, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_cell_loop_norm_routes(sum_grad_squared: bool) -> None:
+    torch.manual_seed(7)
+    for steps in (2, 7):  # Gram form, then materialised, without sum_sq
+        model = _CellLoop(nn.LSTMCell(3, 4), initial_state=True, every_step=True).double()
+        x = torch.randn(3, steps, 3, dtype=torch.float64)
+        with torch.no_grad():
+            target = torch.randn_like(model(x))
+        assert_matches_oracle(model, x, target, sum_grad_squared=sum_grad_squared)
+
+
+class _FusedLSTMCell(torch.autograd.Function):
+    """PyTorch's LSTM cell as one autograd node returning ``(h', c')``, as the fused CUDA
+    kernel does: ``c'``'s gradient is then its own only, not the part through ``h'``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> Any:
+        ctx.save_for_backward(x, h, c, *weights)
+        return _COMPOSITE_LSTM_CELL(x, (h, c), *weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> Any:
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outputs = _COMPOSITE_LSTM_CELL(inputs[0], (inputs[1], inputs[2]), *inputs[3:])
+        return torch.autograd.grad(outputs, inputs, (grad_h, grad_c))
+
+
+_COMPOSITE_LSTM_CELL = torch.lstm_cell
+
+
+def _fused_lstm_cell(x: Tensor, hx: tuple[Tensor, Tensor], *weights: Tensor) -> Any:
+    return _FusedLSTMCell.apply(x, hx[0], hx[1], *weights)
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_lstm_cell_with_a_fused_kernel(monkeypatch: pytest.MonkeyPatch, every_step: bool) -> None:
+    """The cell rule asks the kernel whether ``c'`` carries ``h'``'s gradient; with a fused
+    kernel (simulated here on the CPU) it does not, and the result is exact too."""
+    rule = rule_for(nn.LSTMCell(1, 1))
+    assert isinstance(rule, RecurrentCellRule)
+    monkeypatch.setattr(torch._VF, "lstm_cell", _fused_lstm_cell)
+    monkeypatch.setattr(torch, "lstm_cell", _fused_lstm_cell)
+    monkeypatch.setattr(rule, "_feeds", {})  # forget what the composite kernel answered
+    torch.manual_seed(8)
+    model = _CellLoop(nn.LSTMCell(3, 4), initial_state=True, every_step=every_step).double()
+    x = torch.randn(3, 3, 3, dtype=torch.float64)
+    h, c = model.cell(x[:, 0])
+    assert h.grad_fn is c.grad_fn  # one node, as in a fused kernel
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    assert_matches_oracle(model, x, target)
+    assert rule._feeds == {(x.device, x.dtype): False}
+
+
+def test_unbatched_cell_input_is_refused() -> None:
+    torch.manual_seed(0)
+    cell = nn.GRUCell(3, 4).double()
+    probe = GradientProbe(cell)
+    with pytest.warns(UserWarning, match=r"unbatched \(H_in,\) step has no sample"), probe:
+        cell(torch.randn(3, dtype=torch.float64)).pow(2).sum().backward()
+    assert "weight_ih" in probe.stats.excluded and not probe.stats.dot
 
 
 # --------------------------------------------------------------------------- hypothesis

@@ -19,6 +19,7 @@ steps receive no backprop, as in the kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,32 +53,24 @@ class _Pieces:
     dot: list[Tensor] = field(default_factory=list)  # (B,) per call
 
 
-@register_rule(nn.RNN, nn.GRU, nn.LSTM)
-class RecurrentRule(LayerRule):
-    """Exact per-sample statistics for every weight and bias of ``nn.RNN``/``GRU``/``LSTM``."""
+class _ReplayRule(LayerRule):
+    """Shared by the layer and cell rules: replay each call, then sum its products' outer
+    products over calls (one call per step for a cell driven by a Python loop)."""
 
-    def check(self, module: nn.Module) -> str | None:
-        base = next(k for k in (nn.RNN, nn.GRU, nn.LSTM) if isinstance(module, k))
-        if type(module).forward is not base.forward:
-            return (
-                f"it overrides the forward of nn.{base.__name__}, so the rule's replay of "
-                f"nn.{base.__name__}'s recurrence would not be its computation; give it a rule "
-                f"of its own, or call a plain nn.{base.__name__} inside it"
-            )
-        assert isinstance(module, nn.RNNBase)
-        if module.training and module.dropout > 0 and module.num_layers > 1:
-            return (
-                f"dropout={module.dropout} between layers in training mode draws its masks "
-                "inside the fused kernel, where they cannot be replayed per sample; set "
-                "dropout=0 (apply nn.Dropout between single-layer modules instead) or watch "
-                "other parameters"
-            )
-        return None
+    def _replay_call(
+        self,
+        module: nn.Module,
+        call: Call,
+        ctx: RuleContext,
+        pieces: dict[str, _Pieces],
+        bias_pieces: dict[str, list[Tensor]],
+    ) -> int | None:
+        """Replay one call, add its per-parameter pieces; returns its number of samples."""
+        raise NotImplementedError
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
-        assert isinstance(module, nn.RNNBase)
         pieces: dict[str, _Pieces] = {}
         bias_pieces: dict[str, list[Tensor]] = {}
         batch: int | None = None
@@ -117,16 +110,39 @@ class RecurrentRule(LayerRule):
             )
         return out
 
+
+@register_rule(nn.RNN, nn.GRU, nn.LSTM)
+class RecurrentRule(_ReplayRule):
+    """Exact per-sample statistics for every weight and bias of ``nn.RNN``/``GRU``/``LSTM``."""
+
+    def check(self, module: nn.Module) -> str | None:
+        base = next(k for k in (nn.RNN, nn.GRU, nn.LSTM) if isinstance(module, k))
+        if type(module).forward is not base.forward:
+            return (
+                f"it overrides the forward of nn.{base.__name__}, so the rule's replay of "
+                f"nn.{base.__name__}'s recurrence would not be its computation; give it a rule "
+                f"of its own, or call a plain nn.{base.__name__} inside it"
+            )
+        assert isinstance(module, nn.RNNBase)
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            return (
+                f"dropout={module.dropout} between layers in training mode draws its masks "
+                "inside the fused kernel, where they cannot be replayed per sample; set "
+                "dropout=0 (apply nn.Dropout between single-layer modules instead) or watch "
+                "other parameters"
+            )
+        return None
+
     # ------------------------------------------------------------------ one call
     def _replay_call(
         self,
-        module: nn.RNNBase,
+        module: nn.Module,
         call: Call,
         ctx: RuleContext,
         pieces: dict[str, _Pieces],
         bias_pieces: dict[str, list[Tensor]],
     ) -> int | None:
-        """Replay one call, add its per-parameter pieces; returns its number of samples."""
+        assert isinstance(module, nn.RNNBase)
         # The flattened outputs are (output, h_n[, c_n]), or (data, batch_sizes, [indices,]
         # h_n[, c_n]) for a PackedSequence: the output first, the states last.
         n_states = 2 if module.mode == "LSTM" else 1
@@ -186,30 +202,7 @@ class RecurrentRule(LayerRule):
                 )
             )
 
-        for p in products:
-            if isinstance(p.outputs, list):
-                n = len(p.outputs)
-                delta = torch.stack(backprops[:n])
-                z = torch.stack(p.outputs).detach()
-                a = torch.stack(p.inputs).detach()  # type: ignore[arg-type]
-            else:
-                n = 1
-                delta, z, a = backprops[0], p.outputs.detach(), p.inputs.detach()  # type: ignore[union-attr]
-            del backprops[:n]
-            # (T, B, .) -> (B, T, .): samples first, as the outer-product routes expect.
-            delta, z, a = delta.transpose(0, 1), z.transpose(0, 1), a.transpose(0, 1)
-            bias_grad = delta.sum(1) if p.bias is not None else None
-            if p.weight in ctx.want:
-                # <G_i, W> = sum_t delta_t . (z_t - b), from the replayed products.
-                dot = torch.linalg.vecdot(delta, z).sum(1)
-                if bias_grad is not None:
-                    dot = dot - bias_grad @ getattr(module, p.bias).detach().to(dtype)
-                piece = pieces.setdefault(p.weight, _Pieces())
-                piece.a.append(a)
-                piece.delta.append(delta)
-                piece.dot.append(dot)
-            if p.bias is not None and bias_grad is not None and p.bias in ctx.want:
-                bias_pieces.setdefault(p.bias, []).append(bias_grad)
+        _collect(module, products, backprops, ctx, pieces, bias_pieces)
         return batch
 
     @staticmethod
@@ -318,28 +311,13 @@ class RecurrentRule(LayerRule):
                 hh.requires_grad_()
             hh_in.append(h)
             hh_out.append(hh)
-            gi = ih[t]
-            if module.mode == "LSTM":
-                assert c is not None
-                i, f, g, o = (gi + hh).chunk(4, 1)
-                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h_new = torch.sigmoid(o) * torch.tanh(c_new)
-                if w_hr is not None:
-                    hr_in.append(h_new)
-                    h_new = h_new @ w_hr.T
-                    hr_out.append(h_new)
+            h_new, c_new = _cell(module.mode, ih[t], hh, h, c)
+            if w_hr is not None:
+                hr_in.append(h_new)
+                h_new = h_new @ w_hr.T
+                hr_out.append(h_new)
+            if c_new is not None:
                 c = c_new if mask is None else torch.where(mask[t], c_new, c)
-            elif module.mode == "GRU":
-                i_r, i_z, i_n = gi.chunk(3, 1)
-                h_r, h_z, h_n = hh.chunk(3, 1)
-                r = torch.sigmoid(i_r + h_r)
-                z = torch.sigmoid(i_z + h_z)
-                n = torch.tanh(i_n + r * h_n)
-                h_new = (1 - z) * n + z * h
-            elif module.mode == "RNN_TANH":
-                h_new = torch.tanh(gi + hh)
-            else:
-                h_new = torch.relu(gi + hh)
             h = h_new if mask is None else torch.where(mask[t], h_new, h)
             outputs[t] = h
         # Steps were visited in processing order; keep each product's lists in that order.
@@ -350,6 +328,203 @@ class RecurrentRule(LayerRule):
         if w_hr is not None:
             products.append(_Products("weight_hr" + suffix, None, hr_in, hr_out))
         return torch.stack(outputs), h, c  # type: ignore[arg-type]
+
+
+_CELL_BASES: tuple[type[nn.Module], ...] = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+
+
+@register_rule(*_CELL_BASES)
+class RecurrentCellRule(_ReplayRule):
+    """``nn.RNNCell``/``GRUCell``/``LSTMCell``: each call is one step, replayed from its input
+    and state; a cell called in a loop sums its steps, like a layer over a sequence."""
+
+    def __init__(self) -> None:
+        self._feeds: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+    def check(self, module: nn.Module) -> str | None:
+        base = next(k for k in _CELL_BASES if isinstance(module, k))
+        if type(module).forward is not base.forward:
+            return (
+                f"it overrides the forward of nn.{base.__name__}, so the rule's replay of "
+                f"nn.{base.__name__}'s step would not be its computation; give it a rule of "
+                f"its own, or call a plain nn.{base.__name__} inside it"
+            )
+        return None
+
+    def _replay_call(
+        self,
+        module: nn.Module,
+        call: Call,
+        ctx: RuleContext,
+        pieces: dict[str, _Pieces],
+        bias_pieces: dict[str, list[Tensor]],
+    ) -> int | None:
+        assert isinstance(module, nn.RNNCellBase)
+        if isinstance(module, nn.LSTMCell):
+            mode = "LSTM"
+        elif isinstance(module, nn.GRUCell):
+            mode = "GRU"
+        else:
+            mode = "RNN_TANH" if module.nonlinearity == "tanh" else "RNN_RELU"
+        x = call.args[0] if call.args else call.kwargs["input"]
+        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        if x.dim() != 2:
+            raise SkipModule(
+                f"its input has {x.dim()} dims; an unbatched (H_in,) step has no sample "
+                "dimension: add one (x.unsqueeze(0))"
+            )
+        batch, dtype = x.shape[0], ctx.dtype
+        if batch == 0:
+            return None
+        h, c = (hx if mode == "LSTM" else (hx, None)) if hx is not None else (None, None)
+        zeros = x.new_zeros(batch, module.hidden_size, dtype=dtype)
+        h = zeros if h is None else h.to(dtype)
+        c = (zeros if c is None else c.to(dtype)) if mode == "LSTM" else None
+
+        w = {n: getattr(module, n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        w = {n: t.detach().to(dtype) for n, t in w.items() if t is not None}
+        a = x.to(dtype)
+        ih = (
+            a @ w["weight_ih"].T
+            if "bias_ih" not in w
+            else torch.addmm(w["bias_ih"], a, w["weight_ih"].T)
+        )
+        hh = (
+            h @ w["weight_hh"].T
+            if "bias_hh" not in w
+            else torch.addmm(w["bias_hh"], h, w["weight_hh"].T)
+        )
+        with torch.enable_grad():
+            ih.requires_grad_()
+            hh.requires_grad_()
+            h_new, c_new = _cell(
+                mode, ih, hh, h, c, mode == "LSTM" and self._state_feeds_output(module, x)
+            )
+            live = [
+                (o, g.to(dtype))
+                for o, g in zip([h_new, c_new], call.grads, strict=False)
+                if o is not None and g is not None
+            ]
+            if not live:
+                return None
+            backprops = list(
+                torch.autograd.grad(
+                    [o for o, _ in live],
+                    [ih, hh],
+                    grad_outputs=[g for _, g in live],
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+        products = [
+            _Products("weight_ih", _bias(w.get("bias_ih"), "bias_ih"), [a], [ih]),
+            _Products("weight_hh", _bias(w.get("bias_hh"), "bias_hh"), [h], [hh]),
+        ]
+        _collect(module, products, backprops, ctx, pieces, bias_pieces)
+        return batch
+
+    def _state_feeds_output(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether the ``c'`` that ``nn.LSTMCell`` returns is the very tensor its ``h'`` was
+        computed from in the autograd graph, so that autograd hands ``c'`` the gradient
+        flowing back from ``h'`` as well as its own. That depends on the kernel: the
+        composite one (CPU) does, a fused one (CUDA) returns both from one node and does not.
+        Probed once per device and dtype on a one-row step."""
+        key = (x.device, x.dtype)
+        known = self._feeds.get(key)
+        if known is None:
+            w = [getattr(module, n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            w = [t.detach() if t is not None else None for t in w]
+            with torch.enable_grad():
+                probe_input = x[:1].detach().requires_grad_()
+                zeros = probe_input.new_zeros(1, w[1].shape[1])
+                h_new, c_new = torch.lstm_cell(probe_input, (zeros, zeros), *w)
+            known = _reaches(h_new.grad_fn, c_new.grad_fn)
+            self._feeds[key] = known
+        return known
+
+
+def _reaches(start: Any, target: Any, limit: int = 64) -> bool:
+    """Whether autograd node ``target`` is among the first ``limit`` nodes strictly upstream
+    of ``start`` (breadth first); a node that returned both tensors is not upstream."""
+    queue, seen = [fn for fn, _ in start.next_functions], set()
+    while queue and len(seen) < limit:
+        node = queue.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        if node is target:
+            return True
+        seen.add(id(node))
+        queue.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _collect(
+    module: nn.Module,
+    products: list[_Products],
+    backprops: list[Tensor],
+    ctx: RuleContext,
+    pieces: dict[str, _Pieces],
+    bias_pieces: dict[str, list[Tensor]],
+) -> None:
+    """Turn the products of one replayed call and their backprops (in the order the products
+    list their outputs) into per-parameter pieces."""
+    for p in products:
+        if isinstance(p.outputs, list):
+            n = len(p.outputs)
+            delta = torch.stack(backprops[:n])
+            z = torch.stack(p.outputs).detach()
+            a = torch.stack(p.inputs).detach()  # type: ignore[arg-type]
+        else:
+            n = 1
+            delta, z, a = backprops[0], p.outputs.detach(), p.inputs.detach()  # type: ignore[union-attr]
+        del backprops[:n]
+        # (T, B, .) -> (B, T, .): samples first, as the outer-product routes expect.
+        delta, z, a = delta.transpose(0, 1), z.transpose(0, 1), a.transpose(0, 1)
+        bias_grad = delta.sum(1) if p.bias is not None else None
+        if p.weight in ctx.want:
+            # <G_i, W> = sum_t delta_t . (z_t - b), from the replayed products.
+            dot = torch.linalg.vecdot(delta, z).sum(1)
+            if bias_grad is not None:
+                dot = dot - bias_grad @ getattr(module, p.bias).detach().to(ctx.dtype)
+            piece = pieces.setdefault(p.weight, _Pieces())
+            piece.a.append(a)
+            piece.delta.append(delta)
+            piece.dot.append(dot)
+        if p.bias is not None and bias_grad is not None and p.bias in ctx.want:
+            bias_pieces.setdefault(p.bias, []).append(bias_grad)
+
+
+def _cell(
+    mode: str,
+    gi: Tensor,
+    hh: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    state_grad_includes_output: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of PyTorch's cell from its two products ``gi = x W_ih^T + b_ih`` and
+    ``hh = h W_hh^T + b_hh`` (``(B, gates * H)``): ``(h_new, c_new)``, ``c_new`` for LSTM only
+    (``h_new`` before any LSTM projection).
+
+    ``state_grad_includes_output``: the gradient that will be given for ``c_new`` already
+    holds the part that flows back from ``h_new``, so ``h_new`` is formed from a detached
+    ``c_new`` to count that part once."""
+    if mode == "LSTM":
+        assert c is not None
+        i, f, g, o = (gi + hh).chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_for_h = c_new.detach() if state_grad_includes_output else c_new
+        return torch.sigmoid(o) * torch.tanh(c_for_h), c_new
+    if mode == "GRU":
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = hh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    if mode == "RNN_TANH":
+        return torch.tanh(gi + hh), None
+    return torch.relu(gi + hh), None
 
 
 def _bias(bias: Tensor | None, name: str) -> str | None:
