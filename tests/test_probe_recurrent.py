@@ -78,8 +78,10 @@ class _Sequence(nn.Module):
                 hx = (hx, c0.contiguous())
         seq = x if self.rnn.batch_first else x.transpose(0, 1)
         if lengths is not None:
+            # Sorted lengths are packed with enforce_sorted=True (no permutation indices).
+            in_order = bool((lengths[:-1] >= lengths[1:]).all())
             seq = pack_padded_sequence(
-                seq, lengths, batch_first=self.rnn.batch_first, enforce_sorted=False
+                seq, lengths, batch_first=self.rnn.batch_first, enforce_sorted=in_order
             )
         output, state = self.rnn(seq, hx)
         if lengths is not None:
@@ -188,7 +190,10 @@ def test_lstm_projection(options: dict[str, Any], reduction: str) -> None:
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", list(_KINDS))
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_packed_sequence(kind: str, batch_first: bool, reduction: str) -> None:
+@pytest.mark.parametrize("sorted_lengths", [False, True], ids=["unsorted", "sorted"])
+def test_packed_sequence(
+    kind: str, batch_first: bool, sorted_lengths: bool, reduction: str
+) -> None:
     torch.manual_seed(1)
     rnn = _KINDS[kind](
         input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first
@@ -197,6 +202,8 @@ def test_packed_sequence(kind: str, batch_first: bool, reduction: str) -> None:
     model = _Sequence(rnn, use, initial_state="computed", packed=True).double()
     x = torch.randn(4, 5, 3, dtype=torch.float64)
     lengths = torch.tensor([3, 5, 1, 4])  # unsorted: the module permutes internally
+    if sorted_lengths:
+        lengths = lengths.sort(descending=True).values
     with torch.no_grad():
         target = torch.randn_like(model((x, lengths)))
     assert_matches_oracle(model, (x, lengths), target, reduction=reduction)

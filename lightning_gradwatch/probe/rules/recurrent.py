@@ -1,4 +1,4 @@
-"""``nn.RNN`` (tanh/relu), ``nn.GRU`` and ``nn.LSTM``: exact per-sample statistics by replay.
+"""``nn.RNN``/``GRU``/``LSTM`` and their cells: exact per-sample statistics by replay.
 
 The fused recurrent kernel keeps its gates and cell states to itself, so the rule replays the
 recurrence in the statistics dtype with PyTorch's cell formulas written out, keeping every
@@ -14,6 +14,10 @@ bias's is ``sum_t delta_t``.
 ``PackedSequence`` inputs are replayed padded with a per-sample mask: a sample's state stops
 changing after its last step (the reverse direction starts at its own last step), so padded
 steps receive no backprop, as in the kernel.
+
+``nn.RNNCell``, ``nn.GRUCell`` and ``nn.LSTMCell`` are the one-step case: each call is
+replayed from its captured input and state, and a cell called in a loop adds its calls' outer
+products, as a layer adds its steps'.
 """
 
 from __future__ import annotations
