@@ -130,6 +130,12 @@ class GradientSNR(ProbeCallback):
         self._warned_small_batch = False
         self._warned_partial: set[str] = set()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances tracking different parameters or schedules keep separate entries.
+        return self._generate_state_key(params=self.params, every_n_steps=self.every_n_steps)
+
     # -- ProbeCallback interface ---------------------------------------------------------
     @override
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
@@ -368,6 +374,12 @@ class EBEarlyStopping(EarlyStopping):
         self.values: deque[float] = deque(maxlen=window)
         self._source: GradientSNR | None = None
         self._last_seen: int | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # The monitor is fixed, so EarlyStopping's key would be the same for every instance.
+        return self._generate_state_key(window=self.window, threshold=self.threshold)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

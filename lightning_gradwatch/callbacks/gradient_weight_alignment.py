@@ -136,6 +136,16 @@ class GradientWeightAlignment(ProbeCallback):
     def multi_layer(self) -> bool:
         return self._mode == ALL or len(self._names) > 1
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances scoring different weights keep separate checkpoint entries.
+        params: str | list[str] = self._mode if self._mode in (HEAD, ALL) else self._names
+        indices = self.indices
+        if callable(indices):  # a function's repr holds its address, which changes per run
+            indices = getattr(indices, "__qualname__", type(indices).__qualname__)
+        return self._generate_state_key(params=params, indices=indices)
+
     @override
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
         named = dict(pl_module.named_parameters())
@@ -177,6 +187,7 @@ class GradientWeightAlignment(ProbeCallback):
         if stage != "fit":
             return
         warn_if_no_logger(trainer, "GradientWeightAlignment")
+        self._own_tensor_state()
         super().setup(trainer, pl_module, stage)
         if self.multi_layer:
             for name in self._names:
@@ -199,6 +210,25 @@ class GradientWeightAlignment(ProbeCallback):
                     stacklevel=2,
                 )
 
+    def _own_tensor_state(self) -> None:
+        """Give this process its own copy of every accumulating tensor.
+
+        ``ddp_spawn`` pickles the callback into each worker, and torch pickles CPU tensors as
+        handles to one shared-memory block: without a copy, every rank would add its scores
+        into the same storage (epoch counts and histograms multiplied by the world size).
+        """
+        epoch_metric = AlignmentMoments(self.histogram_bins)
+        _load_metric_state(epoch_metric, _metric_state(self._epoch_metric))
+        self._epoch_metric = epoch_metric
+        for name, metric in list(self._layer_metrics.items()):
+            copy = AlignmentMoments(self.histogram_bins)
+            _load_metric_state(copy, _metric_state(metric))
+            self._layer_metrics[name] = copy
+        for attribute in ("_latest", "_epoch_sum", "_epoch_count"):
+            value = getattr(self, attribute)
+            if value is not None:
+                setattr(self, attribute, value.clone())
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         charts = {"aggregate": [r"gwa/epoch", r"gwa/mean", r"gwa/kurtosis"], "step": ["gwa/step"]}
@@ -219,7 +249,11 @@ class GradientWeightAlignment(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._mode == HEAD and self.head_name is None and self._detector is None:
-            self._detector = _HeadDetector(pl_module, set(self._candidates))
+            self._detector = _HeadDetector(
+                pl_module,
+                set(self._candidates),
+                redirected=trainer.strategy.model is not pl_module,
+            )
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -562,9 +596,18 @@ class _HeadDetector:
     ``nn.Sequential``) are preferred to a bare ``nn.Linear`` called directly from
     ``training_step`` (e.g. an auxiliary probe); the latter is the head only when no model
     output is a Linear output.
+
+    Under a wrapping strategy (DDP, ``ddp_spawn``) Lightning runs ``training_step`` as a call
+    of the LightningModule itself (its ``forward`` temporarily patched on the instance to
+    ``training_step``), so the outermost call returns the loss. With ``redirected=True`` that
+    call is transparent: the calls it makes are the outermost ones, as without a wrapper.
     """
 
-    def __init__(self, pl_module: nn.Module, candidates: set[str]) -> None:
+    def __init__(self, pl_module: nn.Module, candidates: set[str], redirected: bool) -> None:
+        self.root = pl_module
+        self.redirected = redirected
+        # One entry per open call of a watched module: whether it counts as a nesting level.
+        self.counted: list[bool] = []
         self.names = {id(m): n for n, m in pl_module.named_modules()}
         self.candidate_modules = {
             id(m): f"{n}.weight" if n else "weight"
@@ -581,12 +624,26 @@ class _HeadDetector:
             module_hooks.register_module_forward_hook(self._post),
         ]
 
+    def _is_redirected_step(self, module: nn.Module) -> bool:
+        """The wrapper's call of the LightningModule that runs ``training_step``."""
+        return (
+            self.redirected
+            and module is self.root
+            and self.depth == 0
+            and "forward" in vars(module)  # Lightning's instance-level forward patch
+        )
+
     def _pre(self, module: nn.Module, args: Any) -> None:
-        if id(module) in self.names:
-            self.depth += 1
+        if id(module) not in self.names:
+            return
+        counted = not self._is_redirected_step(module)
+        self.counted.append(counted)
+        self.depth += counted
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) not in self.names:
+        if id(module) not in self.names or not self.counted:
+            return
+        if not self.counted.pop():
             return
         self.depth -= 1
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]

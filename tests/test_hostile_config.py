@@ -1,0 +1,211 @@
+"""Hostile configurations: strategies, loops, resume points and several instances. Each case is
+either exact (compared with the single-process run or the uninterrupted run) or refused with a
+message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradwatch import (
+    EBEarlyStopping,
+    GradientSNR,
+    GradientWeightAlignment,
+    GWAEarlyStopping,
+    IndexedDataset,
+    SpectralNorms,
+)
+
+N, D, H, K = 48, 6, 8, 4
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch.callbacks import Callback
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from lightning_gradwatch import GradientWeightAlignment, IndexedDataset
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            # lr = 0: every sample's score is independent of the rank and batch it lands in
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    class Dump(Callback):
+        # Written from inside the worker: under ddp_spawn the callbacks of the launching
+        # process never see the workers' state.
+        def __init__(self, gwa, out, tag):
+            self.gwa, self.out, self.tag = gwa, out, tag
+
+        def on_fit_end(self, trainer, pl_module):
+            result = {
+                "head": self.gwa.head_name,
+                "history": self.gwa.history,
+                "index": self.gwa.sample_scores()["index"].tolist(),
+                "scores": self.gwa.sample_scores()["score"].tolist(),
+            }
+            with open(f"{self.out}/{self.tag}_{trainer.global_rank}.json", "w") as f:
+                json.dump(result, f)
+
+    def main(out, strategy, devices):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (40,), generator=g)
+        gwa = GradientWeightAlignment(params="head", indices=-1)
+        trainer = pl.Trainer(
+            max_epochs=2, accelerator="cpu", devices=devices, strategy=strategy,
+            precision="64-true", callbacks=[gwa, Dump(gwa, out, f"{strategy}_{devices}")],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=out,
+        )
+        loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=False)
+        trainer.fit(Model(), loader)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    """
+)
+
+
+def _run_script(script: Path, *args: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=script.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_head_mode_under_ddp_equals_single_process(tmp_path: Path, strategy: str) -> None:
+    """The head is found through Lightning's DDP wrapper, and under ddp_spawn every rank
+    accumulates into its own storage: each epoch counts the 40 samples once."""
+    script = tmp_path / "ddp_head.py"
+    script.write_text(DDP_SCRIPT)
+    _run_script(script, str(tmp_path), "auto", "1")
+    _run_script(script, str(tmp_path), strategy, "2")
+    single = json.loads((tmp_path / "auto_1_0.json").read_text())
+    assert single["head"] == "net.2.weight"
+    for rank in (0, 1):
+        ddp = json.loads((tmp_path / f"{strategy}_2_{rank}.json").read_text())
+        assert ddp["head"] == "net.2.weight"
+        assert [h["count"] for h in ddp["history"]] == [40.0, 40.0]
+        # float64 model: rtol 1e-6 as for every float64 comparison with a reference
+        for mine, ref in zip(ddp["history"], single["history"], strict=True):
+            for key in ("gwa", "mean", "kurtosis"):
+                assert mine[key] == pytest.approx(ref[key], rel=1e-6)
+        assert ddp["index"] == single["index"] == list(range(40))
+        assert ddp["scores"] == pytest.approx(single["scores"], rel=1e-6, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- state keys
+class _Classifier(pl.LightningModule):
+    def __init__(self, lr: float = 0.3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(D, H), nn.Tanh())
+        self.head = nn.Linear(H, K)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _loader(batch_size: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (N,), generator=g)
+    return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch_size)
+
+
+def _trainer(tmp_path: Path, callbacks: list, **kwargs: object) -> pl.Trainer:
+    kwargs.setdefault("max_epochs", 2)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_every_callback_has_a_state_key_from_its_arguments() -> None:
+    pairs = [
+        (GradientWeightAlignment(), GradientWeightAlignment(params="all")),
+        (GradientWeightAlignment(params="head.weight"), GradientWeightAlignment(params="head")),
+        (GradientSNR(), GradientSNR(params=["head.weight"])),
+        (EBEarlyStopping(window=5), EBEarlyStopping(window=10)),
+        (SpectralNorms(), SpectralNorms(params=["head.*"])),
+        (GWAEarlyStopping(), GWAEarlyStopping(monitor="gwa/mean")),
+    ]
+    for first, second in pairs:
+        assert first.state_key != second.state_key, type(first).__name__
+        assert first.state_key.startswith(type(first).__qualname__)
+    # stable across instances (a resumed run builds new ones), callables included
+    assert (
+        GradientWeightAlignment(indices=_index_of).state_key
+        == GradientWeightAlignment(indices=_index_of).state_key
+    )
+
+
+def _index_of(batch: Any) -> Tensor:
+    return batch[-1]
+
+
+def test_two_gwa_instances_keep_their_own_checkpoint_state(tmp_path: Path) -> None:
+    head, every = GradientWeightAlignment(indices=-1), GradientWeightAlignment("all", indices=-1)
+    trainer = _trainer(tmp_path, [head, every])
+    trainer.fit(_Classifier().double(), _loader())
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = [GradientWeightAlignment(indices=-1), GradientWeightAlignment("all", indices=-1)]
+    _trainer(tmp_path, resumed, max_epochs=2).fit(
+        _Classifier().double(), _loader(), ckpt_path=tmp_path / "two.ckpt"
+    )
+    assert resumed[0].history == head.history and resumed[1].history == every.history
+    assert resumed[0].head_name == "head.weight" and not resumed[0].layer_history
+    assert set(resumed[1].layer_history) == {"features.0.weight", "head.weight"}
+    assert head.history != every.history
