@@ -9,6 +9,7 @@ import math
 import sys
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -80,7 +81,7 @@ class GradientSNR(ProbeCallback):
             trainer's ``log_every_n_steps`` (and computes nothing when it is 0). Values
             computed off Lightning's logging steps still reach ``trainer.callback_metrics``
             (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
-        params: parameter names to include (``None``: every trainable parameter).
+        params: a parameter name or names to include (``None``: every trainable parameter).
         loss_reduction: how ``training_step`` reduces the per-sample losses (``"mean"`` or
             ``"sum"``).
         eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
@@ -100,7 +101,7 @@ class GradientSNR(ProbeCallback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        params: list[str] | None = None,
+        params: str | Sequence[str] | None = None,
         loss_reduction: LossReduction = "mean",
         eps: float = 0.0,
         zero_variance_rtol: float | None = None,
@@ -116,6 +117,8 @@ class GradientSNR(ProbeCallback):
         if eps < 0:
             raise ValueError(f"eps must be >= 0 (0 leaves zero-variance entries out), got {eps}")
         self.every_n_steps = every_n_steps
+        if isinstance(params, str):  # one name, not an iterable of its characters
+            params = [params]
         self.params = list(params) if params is not None else None
         self.eps = float(eps)
         self.zero_variance_rtol = zero_variance_rtol
@@ -260,7 +263,8 @@ class GradientSNR(ProbeCallback):
                 )
             return None
         assert self.sums is not None
-        complete = (sums.layer_count == count).tolist()
+        # torchmetrics squeezes one-element results: one tracked layer gives a 0-dim count
+        complete = (sums.layer_count.reshape(-1) == count).tolist()
         names = [n for n, ok in zip(self.sums.layer_names, complete, strict=True) if ok]
         for name, ok in zip(self.sums.layer_names, complete, strict=True):
             if not ok and name not in self._warned_partial:

@@ -12,11 +12,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from ..data import INDEX_KEY, IndexSpec, batch_indices
+from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
@@ -122,6 +124,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_count: Tensor | None = None
         self._score_history: list[Tensor] = []
         self._num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
+        self._dataset_length: int | None = None  # of the training dataset, when it has one
+        self._warned_label_like = False
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -165,11 +169,7 @@ class GradientWeightAlignment(ProbeCallback):
                 )
             return self._candidates
         if self._mode == ALL:
-            self._names = [
-                n
-                for n, p in named.items()
-                if p.requires_grad and not (n == "bias" or n.endswith(".bias"))
-            ]
+            self._names = [n for n, p in named.items() if p.requires_grad and not _is_bias(n)]
             if not self._names:
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
@@ -178,6 +178,15 @@ class GradientWeightAlignment(ProbeCallback):
             raise ValueError(
                 f"GradientWeightAlignment: unknown parameter names {unknown}; pass names as "
                 f"listed by model.named_parameters(), e.g. {list(named)[:8]}"
+            )
+        biases = [n for n in self._names if _is_bias(n)]
+        if biases:
+            weights = [n for n in self._names if not _is_bias(n)]
+            suggestion = weights or [name[: -len("bias")] + "weight" for name in biases]
+            raise ValueError(
+                f"GradientWeightAlignment(params=...) got the bias {biases}: GWA is the cosine "
+                f"between a sample's gradient and the weights, and is defined on weights only. "
+                f"Leave the biases out, e.g. params={suggestion}"
             )
         return self._names
 
@@ -228,6 +237,10 @@ class GradientWeightAlignment(ProbeCallback):
             value = getattr(self, attribute)
             if value is not None:
                 setattr(self, attribute, value.clone())
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dataset_length = _dataset_length(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -422,9 +435,8 @@ class GradientWeightAlignment(ProbeCallback):
     def _record_samples(self, indices: Tensor, scores: Tensor) -> None:
         if indices.numel() == 0:
             return
-        if int(indices.min()) < 0:
-            raise ValueError("dataset indices must be non-negative")
-        self._num_indices = max(self._num_indices, int(indices.max()) + 1)
+        end = check_indices(indices, self.indices, self._dataset_length)
+        self._num_indices = max(self._num_indices, end)
         self._grow(self._num_indices, scores.device)
         assert self._latest is not None and self._epoch_sum is not None
         assert self._epoch_count is not None
@@ -461,6 +473,7 @@ class GradientWeightAlignment(ProbeCallback):
             self._latest = torch.where(packed[3] > 0, merged, latest_all)
         if self._latest is None or self._epoch_sum is None or self._epoch_count is None:
             return
+        self._warn_if_indices_look_like_labels()
         size = self._num_indices
         epoch_mean = self._epoch_sum[:size] / self._epoch_count[:size]
         epoch_mean[self._epoch_count[:size] == 0] = float("nan")
@@ -471,6 +484,23 @@ class GradientWeightAlignment(ProbeCallback):
             self._write_epoch_scores(trainer, self._last_epoch_mean)
         self._epoch_sum.zero_()
         self._epoch_count.zero_()
+
+    def _warn_if_indices_look_like_labels(self) -> None:
+        """Warn once when an epoch attributed many samples to few distinct indices: every
+        sample is normally seen about once per epoch, so labels or class ids taken as indices
+        (the same few values in every batch) show up here even when a batch holds no repeat."""
+        assert self._epoch_count is not None
+        scored = self._epoch_count.sum()
+        distinct = (self._epoch_count > 0).sum()
+        if self._warned_label_like or not bool(4 * distinct <= scored):
+            return
+        self._warned_label_like = True
+        rank_zero_warn(
+            f"GradientWeightAlignment: this epoch scored {int(scored)} samples but found only "
+            f"{int(distinct)} distinct dataset indices with indices={self.indices!r}: they look "
+            f"like labels, not dataset indices, and the per-sample scores are merged wrongly. "
+            f"{HOW_TO_INDEX[0].upper()}{HOW_TO_INDEX[1:]}.",
+        )
 
     def _write_epoch_scores(self, trainer: pl.Trainer, epoch_mean: Tensor) -> None:
         directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "gwa_scores")
@@ -568,6 +598,23 @@ def _step_is_logged(trainer: pl.Trainer) -> bool:
     if not isinstance(stepped, int):
         return True
     return (stepped + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+
+
+def _is_bias(name: str) -> bool:
+    """Whether a ``named_parameters()`` name is a module's ``bias``."""
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def _dataset_length(trainer: pl.Trainer) -> int | None:
+    """``len`` of the training dataset when Lightning has a single map-style one, else None."""
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def _metric_state(metric: AlignmentMoments) -> dict[str, Tensor]:

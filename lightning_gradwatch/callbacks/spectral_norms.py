@@ -601,6 +601,8 @@ class SpectralNorms(Callback):
 
     # -- views -------------------------------------------------------------------------------
     def _log_heatmaps(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or tensorboard_writer(trainer) is None:
+            return  # nothing would write the images: skip stacking and rendering the history
         history = torch.stack(self._history, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
         growth = log_sigma - _first_finite(log_sigma)[:, None]
