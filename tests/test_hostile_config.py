@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -209,3 +212,66 @@ def test_two_gwa_instances_keep_their_own_checkpoint_state(tmp_path: Path) -> No
     assert resumed[0].head_name == "head.weight" and not resumed[0].layer_history
     assert set(resumed[1].layer_history) == {"features.0.weight", "head.weight"}
     assert head.history != every.history
+
+
+# ----------------------------------------------------------------------------- resume points
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch (``state_dict``/``load_state_dict``):
+    it skips the batches the interrupted run already consumed in the epoch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self.skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self.skip, self.consumed = self.skip, 0, 0
+        for position, batch in enumerate(super().__iter__()):
+            if position >= skip:
+                self.consumed = position + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # an exhausted epoch resumes with a fresh one, as torchdata's StatefulDataLoader does
+        self.skip = state["consumed"] % len(self)
+
+
+def _resumable_loader() -> ResumableLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (N,), generator=g)
+    return ResumableLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [3, 4, 6],  # 3 batches per epoch: after the last batch of epochs 0 and 1, and mid-epoch 1
+)
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, step: int) -> None:
+    def gwa() -> GradientWeightAlignment:
+        return GradientWeightAlignment(params=["features.0.weight", "head.weight"], indices=-1)
+
+    straight = gwa()
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
+    _trainer(tmp_path, [straight, checkpoint], max_epochs=3).fit(
+        _Classifier().double(), _resumable_loader()
+    )
+    resumed = gwa()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PossibleUserWarning)  # the loader does resume
+        _trainer(tmp_path, [resumed], max_epochs=3).fit(
+            _Classifier().double(), _resumable_loader(), ckpt_path=tmp_path / f"step={step}.ckpt"
+        )
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h["count"] for h in resumed.history] == [N, N, N]
+    for mine, ref in zip(resumed.history, straight.history, strict=True):
+        for key in ("gwa", "mean", "kurtosis"):
+            assert mine[key] == pytest.approx(ref[key], rel=1e-9)
+    for name, values in straight.layer_history.items():
+        assert resumed.layer_history[name] == pytest.approx(values, rel=1e-9)
+    torch.testing.assert_close(resumed.score_history(), straight.score_history())

@@ -126,6 +126,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
         self._dataset_length: int | None = None  # of the training dataset, when it has one
         self._warned_label_like = False
+        # Epoch of the unfinished sums restored from a checkpoint (None: none restored).
+        self._restored_epoch: int | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -241,6 +243,35 @@ class GradientWeightAlignment(ProbeCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dataset_length = _dataset_length(trainer)
+        self._resume_partial_epoch(trainer, pl_module)
+
+    def _resume_partial_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Account for the sums of an unfinished epoch restored from a checkpoint.
+
+        A checkpoint written during an epoch (``ModelCheckpoint(every_n_train_steps=...)``)
+        holds that epoch's partial sums. Resumed in the same epoch, they are continued. Written
+        after the epoch's last batch, Lightning resumes at the next epoch without running the
+        epoch's end: the sums are finalized here as that epoch, so they are not merged into the
+        next one. Under several processes the checkpoint holds rank zero's partial sums only,
+        which cannot be split back per rank: refused.
+        """
+        epoch = self._restored_epoch
+        self._restored_epoch = None
+        if epoch is None or float(self._epoch_metric.count) == 0:
+            return
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"GradientWeightAlignment: this run resumes from a checkpoint written during "
+                f"epoch {epoch} (before the epoch's end), under {trainer.world_size} processes. "
+                f"The checkpoint holds only rank zero's partial sums of that epoch, so the "
+                f"epoch's GWA would be wrong. Resume from a checkpoint written at an epoch's end "
+                f"(ModelCheckpoint(save_on_train_epoch_end=True), the default without "
+                f"every_n_train_steps), or resume this one on a single device."
+            )
+        if trainer.current_epoch > epoch:
+            self.finalize_epoch(trainer, pl_module, restored_epoch=epoch)
+            # Lightning starts the resumed epoch without on_train_epoch_start
+            self._epoch_finalized = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -365,10 +396,20 @@ class GradientWeightAlignment(ProbeCallback):
         self.finalize_epoch(trainer, pl_module)
 
     # ------------------------------------------------------------------ epoch aggregate
-    def finalize_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def finalize_epoch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        restored_epoch: int | None = None,
+    ) -> None:
         """Compute, log and store the epoch's aggregate (once per epoch; a collective: every
         rank calls it from ``on_train_epoch_end``). ``GWAEarlyStopping`` calls it so that the
-        callbacks' order does not matter."""
+        callbacks' order does not matter.
+
+        ``restored_epoch``: the sums restored from a checkpoint written after that epoch's last
+        batch, whose end hooks Lightning does not run on resume: stored, not logged (Lightning
+        skips that epoch's own epoch-end logging too)."""
         if self._epoch_finalized:
             return
         self._epoch_finalized = True
@@ -376,7 +417,7 @@ class GradientWeightAlignment(ProbeCallback):
         layer_results = {name: m.compute() for name, m in self._layer_metrics.items()}
         edges, _ = self._epoch_metric.histogram()
         counts = result["histogram_counts"]  # summed over ranks
-        self._finalize_samples(trainer)
+        self._finalize_samples(trainer, write=restored_epoch is None)
         # Next epoch's power sums are taken around this epoch's mean (identical on all ranks):
         # that keeps float64 cancellation negligible (see metrics/alignment.py).
         for metric, res in [
@@ -388,10 +429,14 @@ class GradientWeightAlignment(ProbeCallback):
                 metric.set_shift(float(res["mean"]))
         if float(result["count"]) == 0:
             return
-        epoch = trainer.current_epoch
+        epoch = trainer.current_epoch if restored_epoch is None else restored_epoch
         entry = {"epoch": float(epoch)}
         entry.update({k: float(result[k]) for k in ("gwa", "mean", "kurtosis", "count")})
         self.history.append(entry)
+        if restored_epoch is not None:
+            for name, layer in layer_results.items():
+                self.layer_history.setdefault(name, []).append(float(layer["gwa"]))
+            return
         for key in ("epoch", "mean", "kurtosis"):
             value = entry["gwa" if key == "epoch" else key]
             pl_module.log(f"gwa/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
@@ -444,8 +489,9 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum.index_add_(0, indices, scores)
         self._epoch_count.index_add_(0, indices, torch.ones_like(scores))
 
-    def _finalize_samples(self, trainer: pl.Trainer) -> None:
-        """Merge this epoch's per-sample sums across ranks and append the epoch means."""
+    def _finalize_samples(self, trainer: pl.Trainer, write: bool = True) -> None:
+        """Merge this epoch's per-sample sums across ranks and append the epoch means (and
+        write them when ``write_scores`` and ``write``)."""
         if self.indices is None:
             return
         world = trainer.world_size
@@ -480,7 +526,7 @@ class GradientWeightAlignment(ProbeCallback):
         self._last_epoch_mean = epoch_mean.float().cpu()
         if self.keep_history:
             self._score_history.append(self._last_epoch_mean)
-        if self.write_scores and trainer.is_global_zero:
+        if self.write_scores and write and trainer.is_global_zero:
             self._write_epoch_scores(trainer, self._last_epoch_mean)
         self._epoch_sum.zero_()
         self._epoch_count.zero_()
@@ -566,6 +612,8 @@ class GradientWeightAlignment(ProbeCallback):
             score_history=list(self._score_history),
             num_indices=self._num_indices,
             last_epoch_mean=getattr(self, "_last_epoch_mean", None),
+            # the epoch the unfinished sums above belong to
+            sums_epoch=None if self._trainer is None else self._trainer.current_epoch,
         )
         return state
 
@@ -588,6 +636,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]
+        self._restored_epoch = state_dict.get("sums_epoch")
+        self._epoch_finalized = False
 
 
 def _step_is_logged(trainer: pl.Trainer) -> bool:
