@@ -91,13 +91,35 @@ DDP_SCRIPT = textwrap.dedent(
         loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=False)
         trainer.fit(Model(), loader)
 
+    def resume(out, ckpt):
+        # 40 samples, 2 ranks, batches of 4: 5 steps per epoch; step 4 is mid-epoch 0
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (40,), generator=g)
+        loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=False)
+        common = dict(
+            accelerator="cpu", devices=2, strategy="ddp", precision="64-true", logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        )
+        if ckpt == "-":
+            saver = ModelCheckpoint(dirpath=out, every_n_train_steps=2, filename="{step}")
+            pl.Trainer(max_epochs=1, callbacks=[GradientWeightAlignment(indices=-1), saver],
+                       **common).fit(Model(), loader)
+        else:
+            pl.Trainer(max_epochs=1, callbacks=[GradientWeightAlignment(indices=-1)],
+                       enable_checkpointing=False, **common).fit(Model(), loader, ckpt_path=ckpt)
+
     if __name__ == "__main__":
-        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+        if sys.argv[2] == "resume":
+            resume(sys.argv[1], sys.argv[3])
+        else:
+            main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
     """
 )
 
 
-def _run_script(script: Path, *args: str) -> None:
+def _run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("LOCAL_RANK", None)
@@ -109,7 +131,7 @@ def _run_script(script: Path, *args: str) -> None:
         timeout=300,
         cwd=script.parent,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -119,8 +141,9 @@ def test_head_mode_under_ddp_equals_single_process(tmp_path: Path, strategy: str
     accumulates into its own storage: each epoch counts the 40 samples once."""
     script = tmp_path / "ddp_head.py"
     script.write_text(DDP_SCRIPT)
-    _run_script(script, str(tmp_path), "auto", "1")
-    _run_script(script, str(tmp_path), strategy, "2")
+    for args in (("auto", "1"), (strategy, "2")):
+        proc = _run_script(script, str(tmp_path), *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads((tmp_path / "auto_1_0.json").read_text())
     assert single["head"] == "net.2.weight"
     for rank in (0, 1):
@@ -133,6 +156,21 @@ def test_head_mode_under_ddp_equals_single_process(tmp_path: Path, strategy: str
                 assert mine[key] == pytest.approx(ref[key], rel=1e-6)
         assert ddp["index"] == single["index"] == list(range(40))
         assert ddp["scores"] == pytest.approx(single["scores"], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_ddp_resume_of_a_partial_epoch_is_refused(tmp_path: Path) -> None:
+    """The checkpoint holds rank zero's partial sums only: resuming them under DDP would count
+    rank zero's samples twice and rank one's never, so it is refused at the start."""
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(DDP_SCRIPT)
+    proc = _run_script(script, str(tmp_path), "resume", "-")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(script, str(tmp_path), "resume", str(tmp_path / "step=4.ckpt"))
+    assert proc.returncode != 0
+    assert "RuntimeError: GradientWeightAlignment: this run resumes" in proc.stderr
+    assert "only rank zero's partial sums" in proc.stderr
+    assert "save_on_train_epoch_end=True" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- state keys
