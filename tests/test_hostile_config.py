@@ -313,3 +313,76 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, step: int) -> 
     for name, values in straight.layer_history.items():
         assert resumed.layer_history[name] == pytest.approx(values, rel=1e-9)
     torch.testing.assert_close(resumed.score_history(), straight.score_history())
+
+
+# ----------------------------------------------------------------------------- loops
+class GAN(pl.LightningModule):
+    """Manual optimisation with two backward passes per batch: the generator's loss goes
+    through the discriminator, so both backward passes reach the discriminator's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(3, D), nn.Tanh())
+        self.discriminator = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, 2))
+
+    def noise(self, x: Tensor) -> Tensor:
+        return x[:, :3].flip(1)  # deterministic "noise", one row per sample
+
+    def discriminator_loss(self, x: Tensor) -> Tensor:
+        """``(B,)`` per-sample losses: real rows are class 1."""
+        return F.cross_entropy(
+            self.discriminator(x), torch.ones(len(x), dtype=torch.long), reduction="none"
+        )
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        g_opt, d_opt = self.optimizers()  # type: ignore[misc]
+        fake = self.generator(self.noise(batch[0]))
+        g_loss = F.cross_entropy(self.discriminator(fake), torch.ones(len(fake), dtype=torch.long))
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+        d_opt.zero_grad()
+        self.manual_backward(self.discriminator_loss(batch[0]).mean())
+        d_opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        # lr = 0: the scores of the discriminator's pass can be checked sample by sample
+        return [
+            torch.optim.SGD(self.generator.parameters(), lr=0.0),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.0),
+        ]
+
+
+def test_two_backward_passes_per_batch_need_a_choice(tmp_path: Path) -> None:
+    ambiguous = GradientWeightAlignment(params="discriminator.2.weight", indices=-1)
+    with pytest.raises(RuntimeError, match="backward passes 0 and 1") as caught:
+        _trainer(tmp_path, [ambiguous], max_epochs=1).fit(GAN().double(), _loader())
+    assert "training batch 0" in str(caught.value) and "backward=<k>" in str(caught.value)
+
+    chosen = GradientWeightAlignment(params="discriminator.2.weight", indices=-1, backward=1)
+    model = GAN().double()
+    _trainer(tmp_path, [chosen], max_epochs=2).fit(model, _loader())
+    assert [h["count"] for h in chosen.history] == [N, N]  # each sample once per epoch
+    # oracle: one backward per sample of the discriminator's loss, float64
+    x = next(iter(_loader(batch_size=N)))[0]
+    weight = model.discriminator[2].weight
+    losses = model.discriminator_loss(x)
+    expected = torch.stack(
+        [
+            F.cosine_similarity(
+                -torch.autograd.grad(loss, weight, retain_graph=True)[0].flatten(),
+                weight.detach().flatten(),
+                dim=0,
+            )
+            for loss in losses
+        ]
+    )
+    torch.testing.assert_close(chosen.sample_scores()["score"], expected, rtol=1e-6, atol=1e-12)
+
+
+def test_backward_argument_is_validated() -> None:
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="0-based index of the backward pass"):
+            GradientWeightAlignment(backward=bad)  # type: ignore[arg-type]

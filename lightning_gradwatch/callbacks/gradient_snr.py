@@ -92,6 +92,9 @@ class GradientSNR(ProbeCallback):
         per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``
             (through ``pl_module.log`` on Lightning's logging steps only; always in
             :attr:`latest`). Each costs two ``pl_module.log`` calls per parameter tensor.
+        backward: with several backward passes per training batch (manual optimisation, e.g.
+            a GAN), the 0-based index of the one to use; ``None`` (default): the only one that
+            reaches the tracked parameters (a second one raises ``RuntimeError``).
 
     Raises:
         ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
@@ -107,8 +110,9 @@ class GradientSNR(ProbeCallback):
         zero_variance_rtol: float | None = None,
         noise_scale_decay: float = 0.9,
         per_layer: bool = True,
+        backward: int | None = None,
     ) -> None:
-        super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True)
+        super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True, backward=backward)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"every_n_steps must be a positive int or None (follow log_every_n_steps), "
@@ -137,7 +141,9 @@ class GradientSNR(ProbeCallback):
     @override
     def state_key(self) -> str:
         # Two instances tracking different parameters or schedules keep separate entries.
-        return self._generate_state_key(params=self.params, every_n_steps=self.every_n_steps)
+        return self._generate_state_key(
+            params=self.params, every_n_steps=self.every_n_steps, backward=self.backward
+        )
 
     # -- ProbeCallback interface ---------------------------------------------------------
     @override

@@ -75,6 +75,9 @@ class GradientWeightAlignment(ProbeCallback):
         histogram_bins: bins over ``[-1, 1]`` of the TensorBoard histogram.
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduces the per-sample
             losses.
+        backward: with several backward passes per training batch (manual optimisation, e.g.
+            a GAN), the 0-based index of the one to score; ``None`` (default): the only one
+            that reaches the scored weights (a second one raises ``RuntimeError``).
 
     Raises:
         ValueError: at ``setup``, for unknown parameter names or a model without any
@@ -91,8 +94,9 @@ class GradientWeightAlignment(ProbeCallback):
         write_scores: bool = False,
         histogram_bins: int = 100,
         loss_reduction: str = "mean",
+        backward: int | None = None,
     ) -> None:
-        super().__init__(loss_reduction=loss_reduction)  # type: ignore[arg-type]
+        super().__init__(loss_reduction=loss_reduction, backward=backward)  # type: ignore[arg-type]
         if isinstance(params, str):
             self._mode = params if params in (HEAD, ALL) else "names"
             self._names: list[str] = [] if params in (HEAD, ALL) else [params]
@@ -150,7 +154,7 @@ class GradientWeightAlignment(ProbeCallback):
         indices = self.indices
         if callable(indices):  # a function's repr holds its address, which changes per run
             indices = getattr(indices, "__qualname__", type(indices).__qualname__)
-        return self._generate_state_key(params=params, indices=indices)
+        return self._generate_state_key(params=params, indices=indices, backward=self.backward)
 
     @override
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
