@@ -11,12 +11,14 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
@@ -29,6 +31,10 @@ from lightning_gradwatch import (
     GWAEarlyStopping,
     IndexedDataset,
     SpectralNorms,
+)
+from lightning_gradwatch.callbacks._strategies import (
+    SHARDED_STRATEGY_NAMES,
+    refuse_sharded_strategy,
 )
 
 N, D, H, K = 48, 6, 8, 4
@@ -93,7 +99,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     def resume(out, ckpt):
         # 40 samples, 2 ranks, batches of 4: 5 steps per epoch; step 4 is mid-epoch 0
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch import strategies
+from lightning.pytorch.callbacks import ModelCheckpoint
         g = torch.Generator().manual_seed(1)
         x = torch.randn(40, 5, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (40,), generator=g)
@@ -386,3 +393,29 @@ def test_backward_argument_is_validated() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="0-based index of the backward pass"):
             GradientWeightAlignment(backward=bad)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- sharded strategies
+@pytest.mark.parametrize("name", SHARDED_STRATEGY_NAMES)
+def test_sharded_strategies_are_refused_at_setup(name: str) -> None:
+    """Lightning builds FSDP only on GPUs and DeepSpeed only with deepspeed installed, so the
+    strategy object is made without its __init__: the refusal looks only at its class."""
+    strategy_type = getattr(strategies, name, None)
+    if strategy_type is None:
+        pytest.skip(f"this Lightning has no {name}")
+
+    class Sharded(strategy_type):  # type: ignore[misc, valid-type]
+        """A user subclass is refused too."""
+
+    for cls in (strategy_type, Sharded):
+        trainer = SimpleNamespace(strategy=object.__new__(cls), loggers=[object()])
+        for callback in (GradientWeightAlignment(), GradientSNR(), SpectralNorms()):
+            with pytest.raises(ValueError, match=f"under {cls.__name__}") as caught:
+                callback.setup(trainer, _Classifier(), "fit")  # type: ignore[arg-type]
+            message = str(caught.value)
+            assert "shards the parameters" in message and "strategy='ddp'" in message
+
+
+def test_replicating_strategies_are_not_refused() -> None:
+    for strategy in (strategies.SingleDeviceStrategy("cpu"), strategies.DDPStrategy()):
+        refuse_sharded_strategy(strategy, "GradientWeightAlignment")

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
+from ._strategies import refuse_sharded_strategy
 
 
 def lightning_loss_scale(trainer: pl.Trainer) -> float:
@@ -99,6 +100,7 @@ class ProbeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer.strategy, type(self).__name__)
         self._trainer = trainer
         self.probe = GradientProbe(
             pl_module,
