@@ -99,8 +99,7 @@ DDP_SCRIPT = textwrap.dedent(
 
     def resume(out, ckpt):
         # 40 samples, 2 ranks, batches of 4: 5 steps per epoch; step 4 is mid-epoch 0
-        from lightning.pytorch import strategies
-from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.callbacks import ModelCheckpoint
         g = torch.Generator().manual_seed(1)
         x = torch.randn(40, 5, generator=g, dtype=torch.float64)
         y = torch.randint(0, 3, (40,), generator=g)

@@ -15,9 +15,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
 from typing_extensions import override
+
+try:  # Lightning >= 2.6 records why an EarlyStopping stopped
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+except ImportError:  # older Lightning: nothing to record it in
+    EarlyStoppingReason = None  # type: ignore[assignment, misc]
 
 from ..functional import noise as F
 from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
@@ -434,7 +438,8 @@ class EBEarlyStopping(EarlyStopping):
                 f"EB criterion averaged over the last {self.window} computed steps is "
                 f"{mean:.4f} > {self.threshold}: the gradient is indistinguishable from noise."
             )
-            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            if EarlyStoppingReason is not None:
+                self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
             self.stopping_reason_message = reason
             if self.verbose:
                 self._log_info(trainer, reason, self.log_rank_zero_only)
