@@ -16,8 +16,8 @@ INSTALL_TORCH = $(PIP) --index-url $(TORCH_INDEX) --timeout 10 --retries 0 "$(TO
 
 # The oldest versions pyproject.toml allows; `make test-floor` runs the suite against them.
 TORCH_FLOOR := 2.13.0
-LIGHTNING_FLOOR := 2.6.0
-TORCHMETRICS_FLOOR := 1.3.0
+LIGHTNING_FLOOR := 2.5.0
+TORCHMETRICS_FLOOR := 1.3.1
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 
