@@ -222,3 +222,30 @@ def test_heatmap_is_not_rendered_without_tensorboard(
         log_every_n_steps=1,
     )
     assert len(spectral._history) == 6  # the history a heatmap would show was recorded
+
+
+# ----------------------------------------------------------------------------- head under DDP
+def test_head_is_found_through_lightnings_forward_redirection() -> None:
+    """Under DDP Lightning runs ``training_step`` as a call of the wrapped LightningModule
+    (``_ForwardRedirection``), so its outermost output is the loss. The detector looks through
+    that call. In-process here; tests/test_hostile_config.py runs both DDP launchers."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    from lightning_gradwatch.callbacks.gradient_weight_alignment import _HeadDetector
+
+    class Wrapper(nn.Module):  # stands for DistributedDataParallel
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.module(*args, **kwargs)
+
+    module = Classifier()
+    batch = _data(8)
+    candidates = {"features.0.weight", "head.weight"}
+    for redirected, expected in ((True, "head.weight"), (False, None)):
+        detector = _HeadDetector(module, candidates, redirected=redirected)
+        _ForwardRedirection()(Wrapper(module), module, "training_step", batch, 0)
+        # without looking through the redirected call, the loss hides the head
+        assert detector.finish() == expected
