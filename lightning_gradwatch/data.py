@@ -80,10 +80,52 @@ def batch_indices(batch: Any, spec: IndexSpec, batch_size: int) -> Tensor | None
     if found is None:
         return None
     found = torch.as_tensor(found).reshape(-1)
-    if found.numel() != batch_size or found.is_floating_point():
+    integer = not (found.is_floating_point() or found.is_complex() or found.dtype == torch.bool)
+    if found.numel() != batch_size or not integer:
         raise ValueError(
             f"dataset indices must be {batch_size} integers, one per sample, got a tensor of "
-            f"shape {tuple(found.shape)} and dtype {found.dtype}; check the `indices` argument "
-            f"of GradientWeightAlignment (a dict key, a tuple position or a callable)"
+            f"shape {tuple(found.shape)} and dtype {found.dtype} with indices={spec!r}; "
+            f"{HOW_TO_INDEX}"
         )
     return found.to(torch.int64)
+
+
+HOW_TO_INDEX = (
+    "wrap the training dataset in lightning_gradwatch.IndexedDataset and pass indices=-1 "
+    "(tuple items) or indices='index' (dict items), a callable batch -> (B,) indices, or "
+    "indices=None to turn per-sample attribution off"
+)
+
+
+def check_indices(indices: Tensor, spec: IndexSpec, dataset_length: int | None) -> int:
+    """Validate a batch's ``(B,)`` int64 dataset indices; returns the largest index plus one.
+
+    One host synchronisation (the three checks are read back together).
+
+    Raises:
+        ValueError: a negative index, an index repeated within the batch (labels taken as
+            indices: a sampler never repeats a sample within one batch), or an index beyond
+            ``dataset_length``. The message says which ``indices=`` to pass.
+    """
+    if indices.numel() == 0:
+        return 0
+    ordered = indices.sort().values
+    repeated = (ordered[1:] == ordered[:-1]).any().to(torch.int64)
+    low, high, has_repeat = torch.stack([ordered[0], ordered[-1], repeated]).tolist()
+    if low < 0:
+        raise ValueError(
+            f"dataset index {low} < 0 found with indices={spec!r}: dataset indices must be "
+            f"non-negative; {HOW_TO_INDEX}"
+        )
+    if has_repeat:
+        raise ValueError(
+            f"the dataset indices found with indices={spec!r} repeat within one training batch "
+            f"(e.g. labels or class ids taken as indices); a sampler never repeats a sample "
+            f"within a batch. Point `indices` at the dataset index instead: {HOW_TO_INDEX}"
+        )
+    if dataset_length is not None and high >= dataset_length:
+        raise ValueError(
+            f"dataset index {high} found with indices={spec!r}, but the training dataset has "
+            f"{dataset_length} samples; {HOW_TO_INDEX}"
+        )
+    return high + 1

@@ -9,8 +9,10 @@ samples that do not reach a parameter) compare sensibly.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from oracle import expected_stats, per_sample_grads, reduce
 from torch import Tensor, nn
@@ -18,6 +20,15 @@ from torch import Tensor, nn
 from lightning_gradwatch import GradientProbe, ProbeStats
 
 RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with ``tmp_path`` as the working directory, so a Trainer or logger left
+    at its default ``default_root_dir`` (the working directory) writes ``checkpoints/`` and
+    ``lightning_logs/`` there and never into the repository."""
+    monkeypatch.chdir(tmp_path)
+
 
 #: Devices to run device-agnostic tests on: the CPU, plus CUDA where available.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -302,6 +302,7 @@ def test_resumed_run_continues_the_epoch_series(tmp_path) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=callbacks,
+            default_root_dir=tmp_path,
         )
 
     loader = DataLoader(IndexedDataset(TensorDataset(*make_data())), batch_size=16)

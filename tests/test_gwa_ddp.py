@@ -11,6 +11,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+# The script's model is float32 and the per-sample scores are cosines (bounded by 1) computed in
+# float32 from reductions whose rounding depends on which samples share a batch, and the batches
+# differ between one and two processes. So scores, their mean and the aggregates built from them
+# agree only to a few float32 ulps of 1 in absolute terms, not relatively: a per-layer GWA of
+# ~5e-4 differs by ~2e-9 (4e-6 relative). The epoch means and aggregates are averages of scores,
+# so the same absolute bound holds for them.
+SCORE_ATOL = 16 * torch.finfo(torch.float32).eps
 
 SCRIPT = textwrap.dedent(
     """
@@ -89,17 +98,21 @@ def test_ddp_aggregate_equals_single_process_union(tmp_path: Path) -> None:
     single = json.loads((tmp_path / "result_1_0.json").read_text())
     ranks = [json.loads((tmp_path / f"result_2_{r}.json").read_text()) for r in (0, 1)]
     assert single["index"] == list(range(40))
+    # Kurtosis is a ratio of central moments: moving scores of spread `std` by SCORE_ATOL moves
+    # it by O(SCORE_ATOL / std) (4 * m4/m2^2 relative per unit of relative spread change).
+    kurt_atol = 8 * SCORE_ATOL / torch.tensor(single["scores"]).std().item()
     for ddp in ranks:
         assert [h["count"] for h in ddp["history"]] == [40.0, 40.0]  # the union, not a shard
         for mine, ref in zip(ddp["history"], single["history"], strict=True):
-            for key in ("gwa", "mean", "kurtosis"):
-                assert mine[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9)
+            for key in ("gwa", "mean"):
+                assert mine[key] == pytest.approx(ref[key], rel=1e-6, abs=SCORE_ATOL)
+            assert mine["kurtosis"] == pytest.approx(ref["kurtosis"], rel=1e-6, abs=kurt_atol)
         for name, values in single["layers"].items():
-            assert ddp["layers"][name] == pytest.approx(values, rel=1e-6)
+            assert ddp["layers"][name] == pytest.approx(values, rel=1e-6, abs=SCORE_ATOL)
         # per-sample scores were merged across ranks at the epoch end
         assert ddp["index"] == single["index"]
-        assert ddp["scores"] == pytest.approx(single["scores"], rel=1e-5, abs=1e-7)
-        assert ddp["gwa_epoch"] == pytest.approx(single["gwa_epoch"], rel=1e-6)
+        assert ddp["scores"] == pytest.approx(single["scores"], rel=1e-6, abs=SCORE_ATOL)
+        assert ddp["gwa_epoch"] == pytest.approx(single["gwa_epoch"], rel=1e-6, abs=SCORE_ATOL)
     # the TensorBoard histogram (rank zero) counts both ranks' scores
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

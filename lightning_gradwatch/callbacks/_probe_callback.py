@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
+from ._strategies import refuse_sharded_strategy
 
 
 def lightning_loss_scale(trainer: pl.Trainer) -> float:
@@ -37,15 +38,36 @@ class ProbeCallback(Callback):
     (:meth:`should_probe`) and what to do with the statistics. Backward passes whose
     statistics are not finite (e.g. AMP overflow steps) are skipped and counted in
     :attr:`skipped_steps`.
+
+    ``backward``: which backward pass of each training batch to use, counted from 0 in the
+    order ``training_step`` runs them (several under manual optimisation, e.g. a GAN's
+    generator and discriminator losses). ``None``: the batch's only backward pass that reaches
+    the tracked parameters; a second one in the same batch raises, since each sample would be
+    counted once per backward pass.
     """
 
-    def __init__(self, loss_reduction: LossReduction = "mean", sum_grad_squared: bool = False):
+    def __init__(
+        self,
+        loss_reduction: LossReduction = "mean",
+        sum_grad_squared: bool = False,
+        backward: int | None = None,
+    ):
         super().__init__()
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(
                 f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}: say how your "
                 f"training_step reduces the per-sample losses"
             )
+        if backward is not None and (
+            isinstance(backward, bool) or not isinstance(backward, int) or backward < 0
+        ):
+            raise ValueError(
+                f"backward must be None or the 0-based index of the backward pass to use in "
+                f"each training batch (e.g. 1 for the second manual_backward), got {backward!r}"
+            )
+        self.backward = backward
+        self._backward_index = 0  # backward passes seen in the current training batch
+        self._used_backward: int | None = None  # the one whose statistics were used
         self.loss_reduction: LossReduction = loss_reduction
         self.sum_grad_squared = sum_grad_squared
         self.probe: GradientProbe | None = None
@@ -78,6 +100,7 @@ class ProbeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer.strategy, type(self).__name__)
         self._trainer = trainer
         self.probe = GradientProbe(
             pl_module,
@@ -95,6 +118,7 @@ class ProbeCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._backward_index, self._used_backward = 0, None
         if self.probe is not None and self.should_probe(trainer, batch_idx):
             self._batch, self._batch_idx = batch, batch_idx
             self.probe.reset()
@@ -103,10 +127,26 @@ class ProbeCallback(Callback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = self.probe
-        if probe is None or not probe._active or not probe.has_stats:
+        if probe is None or not probe._active:
+            return
+        index = self._backward_index
+        self._backward_index += 1
+        if not probe.has_stats:
             return
         stats = probe.stats
         probe.reset()
+        if self.backward is not None and index != self.backward:
+            return
+        if self._used_backward is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: training batch {self._batch_idx} ran backward passes "
+                f"{self._used_backward} and {index} that both reach the tracked parameters "
+                f"{probe.param_names[:4]} (e.g. a GAN's generator and discriminator losses under "
+                f"manual optimisation): each sample would be counted once per backward pass. "
+                f"Pass backward=<k> to use only the k-th backward pass of each batch (0-based, "
+                f"in the order training_step runs them)."
+            )
+        self._used_backward = index
         if not stats.is_finite():
             self.skipped_steps += 1
             return

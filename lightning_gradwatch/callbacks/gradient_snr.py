@@ -9,14 +9,19 @@ import math
 import sys
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from torch import Tensor
 from typing_extensions import override
+
+try:  # Lightning >= 2.6 records why an EarlyStopping stopped
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+except ImportError:  # older Lightning: nothing to record it in
+    EarlyStoppingReason = None  # type: ignore[assignment, misc]
 
 from ..functional import noise as F
 from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
@@ -80,7 +85,7 @@ class GradientSNR(ProbeCallback):
             trainer's ``log_every_n_steps`` (and computes nothing when it is 0). Values
             computed off Lightning's logging steps still reach ``trainer.callback_metrics``
             (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
-        params: parameter names to include (``None``: every trainable parameter).
+        params: a parameter name or names to include (``None``: every trainable parameter).
         loss_reduction: how ``training_step`` reduces the per-sample losses (``"mean"`` or
             ``"sum"``).
         eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
@@ -91,6 +96,9 @@ class GradientSNR(ProbeCallback):
         per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``
             (through ``pl_module.log`` on Lightning's logging steps only; always in
             :attr:`latest`). Each costs two ``pl_module.log`` calls per parameter tensor.
+        backward: with several backward passes per training batch (manual optimisation, e.g.
+            a GAN), the 0-based index of the one to use; ``None`` (default): the only one that
+            reaches the tracked parameters (a second one raises ``RuntimeError``).
 
     Raises:
         ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
@@ -100,14 +108,15 @@ class GradientSNR(ProbeCallback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        params: list[str] | None = None,
+        params: str | Sequence[str] | None = None,
         loss_reduction: LossReduction = "mean",
         eps: float = 0.0,
         zero_variance_rtol: float | None = None,
         noise_scale_decay: float = 0.9,
         per_layer: bool = True,
+        backward: int | None = None,
     ) -> None:
-        super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True)
+        super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True, backward=backward)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"every_n_steps must be a positive int or None (follow log_every_n_steps), "
@@ -116,6 +125,8 @@ class GradientSNR(ProbeCallback):
         if eps < 0:
             raise ValueError(f"eps must be >= 0 (0 leaves zero-variance entries out), got {eps}")
         self.every_n_steps = every_n_steps
+        if isinstance(params, str):  # one name, not an iterable of its characters
+            params = [params]
         self.params = list(params) if params is not None else None
         self.eps = float(eps)
         self.zero_variance_rtol = zero_variance_rtol
@@ -129,6 +140,14 @@ class GradientSNR(ProbeCallback):
         self._sums_step: int | None = None
         self._warned_small_batch = False
         self._warned_partial: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances tracking different parameters or schedules keep separate entries.
+        return self._generate_state_key(
+            params=self.params, every_n_steps=self.every_n_steps, backward=self.backward
+        )
 
     # -- ProbeCallback interface ---------------------------------------------------------
     @override
@@ -254,7 +273,8 @@ class GradientSNR(ProbeCallback):
                 )
             return None
         assert self.sums is not None
-        complete = (sums.layer_count == count).tolist()
+        # torchmetrics squeezes one-element results: one tracked layer gives a 0-dim count
+        complete = (sums.layer_count.reshape(-1) == count).tolist()
         names = [n for n, ok in zip(self.sums.layer_names, complete, strict=True) if ok]
         for name, ok in zip(self.sums.layer_names, complete, strict=True):
             if not ok and name not in self._warned_partial:
@@ -369,6 +389,12 @@ class EBEarlyStopping(EarlyStopping):
         self._source: GradientSNR | None = None
         self._last_seen: int | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # The monitor is fixed, so EarlyStopping's key would be the same for every instance.
+        return self._generate_state_key(window=self.window, threshold=self.threshold)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -412,7 +438,8 @@ class EBEarlyStopping(EarlyStopping):
                 f"EB criterion averaged over the last {self.window} computed steps is "
                 f"{mean:.4f} > {self.threshold}: the gradient is indistinguishable from noise."
             )
-            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            if EarlyStoppingReason is not None:
+                self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
             self.stopping_reason_message = reason
             if self.verbose:
                 self._log_info(trainer, reason, self.log_rank_zero_only)

@@ -12,11 +12,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from ..data import INDEX_KEY, IndexSpec, batch_indices
+from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
@@ -73,6 +75,9 @@ class GradientWeightAlignment(ProbeCallback):
         histogram_bins: bins over ``[-1, 1]`` of the TensorBoard histogram.
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduces the per-sample
             losses.
+        backward: with several backward passes per training batch (manual optimisation, e.g.
+            a GAN), the 0-based index of the one to score; ``None`` (default): the only one
+            that reaches the scored weights (a second one raises ``RuntimeError``).
 
     Raises:
         ValueError: at ``setup``, for unknown parameter names or a model without any
@@ -89,8 +94,9 @@ class GradientWeightAlignment(ProbeCallback):
         write_scores: bool = False,
         histogram_bins: int = 100,
         loss_reduction: str = "mean",
+        backward: int | None = None,
     ) -> None:
-        super().__init__(loss_reduction=loss_reduction)  # type: ignore[arg-type]
+        super().__init__(loss_reduction=loss_reduction, backward=backward)  # type: ignore[arg-type]
         if isinstance(params, str):
             self._mode = params if params in (HEAD, ALL) else "names"
             self._names: list[str] = [] if params in (HEAD, ALL) else [params]
@@ -122,6 +128,10 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_count: Tensor | None = None
         self._score_history: list[Tensor] = []
         self._num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
+        self._dataset_length: int | None = None  # of the training dataset, when it has one
+        self._warned_label_like = False
+        # Epoch of the unfinished sums restored from a checkpoint (None: none restored).
+        self._restored_epoch: int | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -135,6 +145,16 @@ class GradientWeightAlignment(ProbeCallback):
     @property
     def multi_layer(self) -> bool:
         return self._mode == ALL or len(self._names) > 1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances scoring different weights keep separate checkpoint entries.
+        params: str | list[str] = self._mode if self._mode in (HEAD, ALL) else self._names
+        indices = self.indices
+        if callable(indices):  # a function's repr holds its address, which changes per run
+            indices = getattr(indices, "__qualname__", type(indices).__qualname__)
+        return self._generate_state_key(params=params, indices=indices, backward=self.backward)
 
     @override
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
@@ -155,11 +175,7 @@ class GradientWeightAlignment(ProbeCallback):
                 )
             return self._candidates
         if self._mode == ALL:
-            self._names = [
-                n
-                for n, p in named.items()
-                if p.requires_grad and not (n == "bias" or n.endswith(".bias"))
-            ]
+            self._names = [n for n, p in named.items() if p.requires_grad and not _is_bias(n)]
             if not self._names:
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
@@ -169,6 +185,15 @@ class GradientWeightAlignment(ProbeCallback):
                 f"GradientWeightAlignment: unknown parameter names {unknown}; pass names as "
                 f"listed by model.named_parameters(), e.g. {list(named)[:8]}"
             )
+        biases = [n for n in self._names if _is_bias(n)]
+        if biases:
+            weights = [n for n in self._names if not _is_bias(n)]
+            suggestion = weights or [name[: -len("bias")] + "weight" for name in biases]
+            raise ValueError(
+                f"GradientWeightAlignment(params=...) got the bias {biases}: GWA is the cosine "
+                f"between a sample's gradient and the weights, and is defined on weights only. "
+                f"Leave the biases out, e.g. params={suggestion}"
+            )
         return self._names
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -177,6 +202,7 @@ class GradientWeightAlignment(ProbeCallback):
         if stage != "fit":
             return
         warn_if_no_logger(trainer, "GradientWeightAlignment")
+        self._own_tensor_state()
         super().setup(trainer, pl_module, stage)
         if self.multi_layer:
             for name in self._names:
@@ -199,6 +225,58 @@ class GradientWeightAlignment(ProbeCallback):
                     stacklevel=2,
                 )
 
+    def _own_tensor_state(self) -> None:
+        """Give this process its own copy of every accumulating tensor.
+
+        ``ddp_spawn`` pickles the callback into each worker, and torch pickles CPU tensors as
+        handles to one shared-memory block: without a copy, every rank would add its scores
+        into the same storage (epoch counts and histograms multiplied by the world size).
+        """
+        epoch_metric = AlignmentMoments(self.histogram_bins)
+        _load_metric_state(epoch_metric, _metric_state(self._epoch_metric))
+        self._epoch_metric = epoch_metric
+        for name, metric in list(self._layer_metrics.items()):
+            copy = AlignmentMoments(self.histogram_bins)
+            _load_metric_state(copy, _metric_state(metric))
+            self._layer_metrics[name] = copy
+        for attribute in ("_latest", "_epoch_sum", "_epoch_count"):
+            value = getattr(self, attribute)
+            if value is not None:
+                setattr(self, attribute, value.clone())
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dataset_length = _dataset_length(trainer)
+        self._resume_partial_epoch(trainer, pl_module)
+
+    def _resume_partial_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Account for the sums of an unfinished epoch restored from a checkpoint.
+
+        A checkpoint written during an epoch (``ModelCheckpoint(every_n_train_steps=...)``)
+        holds that epoch's partial sums. Resumed in the same epoch, they are continued. Written
+        after the epoch's last batch, Lightning resumes at the next epoch without running the
+        epoch's end: the sums are finalized here as that epoch, so they are not merged into the
+        next one. Under several processes the checkpoint holds rank zero's partial sums only,
+        which cannot be split back per rank: refused.
+        """
+        epoch = self._restored_epoch
+        self._restored_epoch = None
+        if epoch is None or float(self._epoch_metric.count) == 0:
+            return
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"GradientWeightAlignment: this run resumes from a checkpoint written during "
+                f"epoch {epoch} (before the epoch's end), under {trainer.world_size} processes. "
+                f"The checkpoint holds only rank zero's partial sums of that epoch, so the "
+                f"epoch's GWA would be wrong. Resume from a checkpoint written at an epoch's end "
+                f"(ModelCheckpoint(save_on_train_epoch_end=True), the default without "
+                f"every_n_train_steps), or resume this one on a single device."
+            )
+        if trainer.current_epoch > epoch:
+            self.finalize_epoch(trainer, pl_module, restored_epoch=epoch)
+            # Lightning starts the resumed epoch without on_train_epoch_start
+            self._epoch_finalized = False
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         charts = {"aggregate": [r"gwa/epoch", r"gwa/mean", r"gwa/kurtosis"], "step": ["gwa/step"]}
@@ -219,7 +297,11 @@ class GradientWeightAlignment(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._mode == HEAD and self.head_name is None and self._detector is None:
-            self._detector = _HeadDetector(pl_module, set(self._candidates))
+            self._detector = _HeadDetector(
+                pl_module,
+                set(self._candidates),
+                redirected=trainer.strategy.model is not pl_module,
+            )
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -318,10 +400,20 @@ class GradientWeightAlignment(ProbeCallback):
         self.finalize_epoch(trainer, pl_module)
 
     # ------------------------------------------------------------------ epoch aggregate
-    def finalize_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def finalize_epoch(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        restored_epoch: int | None = None,
+    ) -> None:
         """Compute, log and store the epoch's aggregate (once per epoch; a collective: every
         rank calls it from ``on_train_epoch_end``). ``GWAEarlyStopping`` calls it so that the
-        callbacks' order does not matter."""
+        callbacks' order does not matter.
+
+        ``restored_epoch``: the sums restored from a checkpoint written after that epoch's last
+        batch, whose end hooks Lightning does not run on resume: stored, not logged (Lightning
+        skips that epoch's own epoch-end logging too)."""
         if self._epoch_finalized:
             return
         self._epoch_finalized = True
@@ -329,7 +421,7 @@ class GradientWeightAlignment(ProbeCallback):
         layer_results = {name: m.compute() for name, m in self._layer_metrics.items()}
         edges, _ = self._epoch_metric.histogram()
         counts = result["histogram_counts"]  # summed over ranks
-        self._finalize_samples(trainer)
+        self._finalize_samples(trainer, write=restored_epoch is None)
         # Next epoch's power sums are taken around this epoch's mean (identical on all ranks):
         # that keeps float64 cancellation negligible (see metrics/alignment.py).
         for metric, res in [
@@ -341,10 +433,14 @@ class GradientWeightAlignment(ProbeCallback):
                 metric.set_shift(float(res["mean"]))
         if float(result["count"]) == 0:
             return
-        epoch = trainer.current_epoch
+        epoch = trainer.current_epoch if restored_epoch is None else restored_epoch
         entry = {"epoch": float(epoch)}
         entry.update({k: float(result[k]) for k in ("gwa", "mean", "kurtosis", "count")})
         self.history.append(entry)
+        if restored_epoch is not None:
+            for name, layer in layer_results.items():
+                self.layer_history.setdefault(name, []).append(float(layer["gwa"]))
+            return
         for key in ("epoch", "mean", "kurtosis"):
             value = entry["gwa" if key == "epoch" else key]
             pl_module.log(f"gwa/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
@@ -388,9 +484,8 @@ class GradientWeightAlignment(ProbeCallback):
     def _record_samples(self, indices: Tensor, scores: Tensor) -> None:
         if indices.numel() == 0:
             return
-        if int(indices.min()) < 0:
-            raise ValueError("dataset indices must be non-negative")
-        self._num_indices = max(self._num_indices, int(indices.max()) + 1)
+        end = check_indices(indices, self.indices, self._dataset_length)
+        self._num_indices = max(self._num_indices, end)
         self._grow(self._num_indices, scores.device)
         assert self._latest is not None and self._epoch_sum is not None
         assert self._epoch_count is not None
@@ -398,8 +493,9 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum.index_add_(0, indices, scores)
         self._epoch_count.index_add_(0, indices, torch.ones_like(scores))
 
-    def _finalize_samples(self, trainer: pl.Trainer) -> None:
-        """Merge this epoch's per-sample sums across ranks and append the epoch means."""
+    def _finalize_samples(self, trainer: pl.Trainer, write: bool = True) -> None:
+        """Merge this epoch's per-sample sums across ranks and append the epoch means (and
+        write them when ``write_scores`` and ``write``)."""
         if self.indices is None:
             return
         world = trainer.world_size
@@ -427,16 +523,34 @@ class GradientWeightAlignment(ProbeCallback):
             self._latest = torch.where(packed[3] > 0, merged, latest_all)
         if self._latest is None or self._epoch_sum is None or self._epoch_count is None:
             return
+        self._warn_if_indices_look_like_labels()
         size = self._num_indices
         epoch_mean = self._epoch_sum[:size] / self._epoch_count[:size]
         epoch_mean[self._epoch_count[:size] == 0] = float("nan")
         self._last_epoch_mean = epoch_mean.float().cpu()
         if self.keep_history:
             self._score_history.append(self._last_epoch_mean)
-        if self.write_scores and trainer.is_global_zero:
+        if self.write_scores and write and trainer.is_global_zero:
             self._write_epoch_scores(trainer, self._last_epoch_mean)
         self._epoch_sum.zero_()
         self._epoch_count.zero_()
+
+    def _warn_if_indices_look_like_labels(self) -> None:
+        """Warn once when an epoch attributed many samples to few distinct indices: every
+        sample is normally seen about once per epoch, so labels or class ids taken as indices
+        (the same few values in every batch) show up here even when a batch holds no repeat."""
+        assert self._epoch_count is not None
+        scored = self._epoch_count.sum()
+        distinct = (self._epoch_count > 0).sum()
+        if self._warned_label_like or not bool(4 * distinct <= scored):
+            return
+        self._warned_label_like = True
+        rank_zero_warn(
+            f"GradientWeightAlignment: this epoch scored {int(scored)} samples but found only "
+            f"{int(distinct)} distinct dataset indices with indices={self.indices!r}: they look "
+            f"like labels, not dataset indices, and the per-sample scores are merged wrongly. "
+            f"{HOW_TO_INDEX[0].upper()}{HOW_TO_INDEX[1:]}.",
+        )
 
     def _write_epoch_scores(self, trainer: pl.Trainer, epoch_mean: Tensor) -> None:
         directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "gwa_scores")
@@ -502,6 +616,8 @@ class GradientWeightAlignment(ProbeCallback):
             score_history=list(self._score_history),
             num_indices=self._num_indices,
             last_epoch_mean=getattr(self, "_last_epoch_mean", None),
+            # the epoch the unfinished sums above belong to
+            sums_epoch=None if self._trainer is None else self._trainer.current_epoch,
         )
         return state
 
@@ -524,6 +640,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]
+        self._restored_epoch = state_dict.get("sums_epoch")
+        self._epoch_finalized = False
 
 
 def _step_is_logged(trainer: pl.Trainer) -> bool:
@@ -534,6 +652,23 @@ def _step_is_logged(trainer: pl.Trainer) -> bool:
     if not isinstance(stepped, int):
         return True
     return (stepped + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+
+
+def _is_bias(name: str) -> bool:
+    """Whether a ``named_parameters()`` name is a module's ``bias``."""
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def _dataset_length(trainer: pl.Trainer) -> int | None:
+    """``len`` of the training dataset when Lightning has a single map-style one, else None."""
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def _metric_state(metric: AlignmentMoments) -> dict[str, Tensor]:
@@ -562,9 +697,18 @@ class _HeadDetector:
     ``nn.Sequential``) are preferred to a bare ``nn.Linear`` called directly from
     ``training_step`` (e.g. an auxiliary probe); the latter is the head only when no model
     output is a Linear output.
+
+    Under a wrapping strategy (DDP, ``ddp_spawn``) Lightning runs ``training_step`` as a call
+    of the LightningModule itself (its ``forward`` temporarily patched on the instance to
+    ``training_step``), so the outermost call returns the loss. With ``redirected=True`` that
+    call is transparent: the calls it makes are the outermost ones, as without a wrapper.
     """
 
-    def __init__(self, pl_module: nn.Module, candidates: set[str]) -> None:
+    def __init__(self, pl_module: nn.Module, candidates: set[str], redirected: bool) -> None:
+        self.root = pl_module
+        self.redirected = redirected
+        # One entry per open call of a watched module: whether it counts as a nesting level.
+        self.counted: list[bool] = []
         self.names = {id(m): n for n, m in pl_module.named_modules()}
         self.candidate_modules = {
             id(m): f"{n}.weight" if n else "weight"
@@ -581,12 +725,26 @@ class _HeadDetector:
             module_hooks.register_module_forward_hook(self._post),
         ]
 
+    def _is_redirected_step(self, module: nn.Module) -> bool:
+        """The wrapper's call of the LightningModule that runs ``training_step``."""
+        return (
+            self.redirected
+            and module is self.root
+            and self.depth == 0
+            and "forward" in vars(module)  # Lightning's instance-level forward patch
+        )
+
     def _pre(self, module: nn.Module, args: Any) -> None:
-        if id(module) in self.names:
-            self.depth += 1
+        if id(module) not in self.names:
+            return
+        counted = not self._is_redirected_step(module)
+        self.counted.append(counted)
+        self.depth += counted
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) not in self.names:
+        if id(module) not in self.names or not self.counted:
+            return
+        if not self.counted.pop():
             return
         self.depth -= 1
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]

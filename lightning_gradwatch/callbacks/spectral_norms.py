@@ -34,6 +34,7 @@ from ..loggers import (
     tensorboard_writer,
     warn_if_no_logger,
 )
+from ._strategies import refuse_sharded_strategy
 
 #: Module types whose matrix-shaped parameters are tracked when neither ``params`` nor
 #: ``module_types`` is given. ``_ConvNd`` covers ConvNd and ConvTransposeNd;
@@ -304,6 +305,7 @@ class SpectralNorms(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded_strategy(trainer.strategy, type(self).__name__)
         self._tracked = self._select(pl_module)
         for t in self._tracked:
             rows, cols = t.matrix().shape
@@ -601,6 +603,8 @@ class SpectralNorms(Callback):
 
     # -- views -------------------------------------------------------------------------------
     def _log_heatmaps(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or tensorboard_writer(trainer) is None:
+            return  # nothing would write the images: skip stacking and rendering the history
         history = torch.stack(self._history, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
         growth = log_sigma - _first_finite(log_sigma)[:, None]

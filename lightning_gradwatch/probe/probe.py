@@ -69,8 +69,8 @@ class GradientProbe:
 
     Args:
         model: the module to watch.
-        params: names (as in ``model.named_parameters()``) to track; ``None`` tracks every
-            trainable parameter.
+        params: a name or names (as in ``model.named_parameters()``) to track; ``None``
+            tracks every trainable parameter.
         loss_reduction: how the batch loss was reduced over samples: ``"mean"`` (``1/B``) or
             ``"sum"``. ``g_i`` is always the gradient of sample ``i``'s own loss.
         sum_grad_squared: also compute ``sum_i g_i**2`` and ``sum_i g_i`` per parameter.
@@ -108,6 +108,8 @@ class GradientProbe:
         self.verify = verify
 
         named = dict(model.named_parameters())
+        if isinstance(params, str):  # one name, not an iterable of its characters
+            params = [params]
         if params is None:
             self.param_names = [n for n, p in named.items() if p.requires_grad]
         else:
