@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
 from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
 from .rules.fallback import FallbackRule
+from .rules.parametrized import parametrized_rule
 from .stats import ProbeStats
 
 LossReduction = Literal["mean", "sum"]
@@ -153,7 +154,9 @@ class GradientProbe:
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             if id(module) in claimed_by_recursive:
                 continue
-            rule = rule_for(module)
+            # A module with parametrized tensors gets a rule that wraps its layer's own rule and
+            # claims the parametrizations' submodules (see rules/parametrized.py).
+            rule = parametrized_rule(module) or rule_for(module)
             if rule is None:
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
@@ -258,6 +261,7 @@ class GradientProbe:
                 outputs=[o.detach() for o in outputs],
                 output_versions=[o._version for o in outputs],
                 grads=[None] * len(outputs),
+                state=owner.rule.capture(module),
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
@@ -508,7 +512,7 @@ def _release(call: Call, consumed: bool) -> None:
     """Drop a call's captured tensors. Its grad hooks stay registered on the graph for as long
     as the caller keeps any tensor of that graph (e.g. the loss), and they reference the call,
     so the tensors must be dropped explicitly to be freed after the backward."""
-    call.args, call.kwargs, call.outputs = (), {}, []
+    call.args, call.kwargs, call.outputs, call.state = (), {}, [], None
     call.grads = [None] * len(call.grads)
     call.consumed = consumed
 
