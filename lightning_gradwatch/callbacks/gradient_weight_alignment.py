@@ -20,6 +20,7 @@ from ..data import INDEX_KEY, IndexSpec, batch_indices
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
+from ..probe.rules.parametrized import reparametrized_tensors
 from ._probe_callback import ProbeCallback
 
 HEAD = "head"
@@ -113,6 +114,8 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_metric = AlignmentMoments(histogram_bins=histogram_bins)
         self._layer_metrics: dict[str, AlignmentMoments] = {}
         self._candidates: list[str] = []
+        # Head candidates whose weight is reparametrized: name -> (how, trainable sources).
+        self._reparametrized_heads: dict[str, tuple[str, list[str]]] = {}
         self._detector: _HeadDetector | None = None
         self._epoch_finalized = False
         self._warned_no_indices = False
@@ -142,11 +145,23 @@ class GradientWeightAlignment(ProbeCallback):
         if self._mode == HEAD:
             if self.head_name is not None:
                 return [self.head_name]
-            self._candidates = [
-                f"{name}.weight" if name else "weight"
-                for name, module in pl_module.named_modules()
-                if isinstance(module, nn.Linear) and module.weight.requires_grad
-            ]
+            # A Linear whose weight is reparametrized stays a head candidate, so that finding
+            # it as the head gets its own message; its weight is not read here (for spectral
+            # norm in training mode, that would run a power-iteration step).
+            reparametrized = reparametrized_tensors(pl_module)
+            self._reparametrized_heads = {}
+            self._candidates = []
+            for name, module in pl_module.named_modules():
+                weight_name = f"{name}.weight" if name else "weight"
+                if not isinstance(module, nn.Linear):
+                    continue
+                if weight_name in reparametrized:
+                    self._reparametrized_heads[weight_name] = reparametrized[weight_name]
+                elif module.weight.requires_grad:
+                    self._candidates.append(weight_name)
+            if not self._candidates and self._reparametrized_heads:
+                head = list(self._reparametrized_heads)[-1]
+                raise ValueError(_reparametrized_head_message(head, self._reparametrized_heads))
             if not self._candidates:
                 raise ValueError(
                     "GradientWeightAlignment(params='head') found no trainable nn.Linear in the "
@@ -164,6 +179,9 @@ class GradientWeightAlignment(ProbeCallback):
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
         unknown = [n for n in self._names if n not in named]
+        reparametrized = reparametrized_tensors(pl_module)
+        if any(n in reparametrized for n in unknown):
+            raise ValueError(_reparametrized_names_message(unknown, reparametrized))
         if unknown:
             raise ValueError(
                 f"GradientWeightAlignment: unknown parameter names {unknown}; pass names as "
@@ -219,7 +237,9 @@ class GradientWeightAlignment(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._mode == HEAD and self.head_name is None and self._detector is None:
-            self._detector = _HeadDetector(pl_module, set(self._candidates))
+            self._detector = _HeadDetector(
+                pl_module, set(self._candidates) | set(self._reparametrized_heads)
+            )
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -239,6 +259,8 @@ class GradientWeightAlignment(ProbeCallback):
                 f"GradientWeightAlignment(params={self._candidates[-1]!r}); candidates: "
                 f"{self._candidates}"
             )
+        if head in self._reparametrized_heads:
+            raise RuntimeError(_reparametrized_head_message(head, self._reparametrized_heads))
         self.head_name = head
 
     @override
@@ -551,6 +573,34 @@ def _load_metric_state(metric: AlignmentMoments, state: dict[str, Tensor]) -> No
     if float(state.get("count", torch.zeros(()))) > 0:
         metric._update_count = max(metric._update_count, 1)
     metric._computed = None
+
+
+def _reparametrized_head_message(head: str, heads: dict[str, tuple[str, list[str]]]) -> str:
+    how, sources = heads[head]
+    return (
+        f"GradientWeightAlignment(params='head'): the head's weight '{head}' is not a "
+        f"Parameter but computed by {how} from {sources}. GWA scores the per-sample gradients "
+        f"of Parameters against those Parameters, so it cannot score '{head}'. Score the "
+        f"trainable source(s) instead, GradientWeightAlignment(params={sources!r}) (the cosine "
+        f"between each sample's gradient of a source and that source), or remove the "
+        f"parametrization from the head."
+    )
+
+
+def _reparametrized_names_message(
+    unknown: list[str], reparametrized: dict[str, tuple[str, list[str]]]
+) -> str:
+    parts = [
+        f"'{name}' is computed by {reparametrized[name][0]} from {reparametrized[name][1]}"
+        for name in unknown
+        if name in reparametrized
+    ]
+    sources = [s for name in unknown if name in reparametrized for s in reparametrized[name][1]]
+    return (
+        f"GradientWeightAlignment(params=...): {'; '.join(parts)}: not Parameters, so they have "
+        f"no per-sample gradients of their own to score. Pass the trainable sources instead, "
+        f"e.g. params={sources!r}."
+    )
 
 
 class _HeadDetector:

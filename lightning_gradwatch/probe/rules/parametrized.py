@@ -434,3 +434,39 @@ def parametrized_rule(module: nn.Module) -> LayerRule | None:
     if parametrize.is_parametrized(module) or _is_legacy(module):
         return _RULE
     return None
+
+
+def reparametrized_tensors(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
+    """Every tensor of ``model`` computed from other parameters (by ``parametrize`` or the
+    legacy weight/spectral-norm hooks), without evaluating any parametrization.
+
+    Returns:
+        ``{"<module>.<tensor>": (description, [trainable source names])}`` with names as in
+        ``model.named_parameters()``, e.g. ``{"fc.weight": ("parametrizations.weight
+        (_SpectralNorm)", ["fc.parametrizations.weight.original"])}``.
+    """
+    found: dict[str, tuple[str, list[str]]] = {}
+    for module_name, module in model.named_modules():
+        if parametrized_rule(module) is None:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for r in _RULE.reparams(module):
+            found[prefix + r.name] = (r.what, [prefix + s for s in r.sources])
+    return found
+
+
+def effective_tensor(module: nn.Module, tensor_name: str) -> Tensor:
+    """``module.<tensor_name>`` computed from its sources with the parametrization's current
+    state, detached, with no side effect: unlike reading the attribute, this runs no
+    power-iteration step of spectral norm (the vectors of the latest forward are used) and
+    changes no buffer.
+
+    Raises:
+        KeyError: ``tensor_name`` is not reparametrized in ``module``.
+    """
+    for r in _RULE.reparams(module) if parametrized_rule(module) is not None else []:
+        if r.name == tensor_name:
+            params = dict(module.named_parameters())
+            with torch.no_grad():
+                return r.replay(r.capture(), tuple(params[s].detach() for s in r.sources))
+    raise KeyError(f"'{tensor_name}' of {type(module).__name__} is not reparametrized")
