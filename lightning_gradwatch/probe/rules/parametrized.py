@@ -48,7 +48,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._linalg import chunk_size, stats_from_grad_sample
+from .._linalg import chunk_size, row_sq_norm
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
 
 #: Parametrized tensors whose replay was checked not to draw random numbers.
@@ -364,8 +364,13 @@ class ParametrizedRule(LayerRule):
                     totals[name] = totals[name] + g if name in totals else g
         out = dict(single)
         for name, grad_sample in totals.items():
-            out[name] = stats_from_grad_sample(
-                grad_sample, sources[name], ctx.need_sum_sq, name in ctx.need_grad_sample
+            # Flattened per sample here, as a source may be 0-d (weight_norm(dim=None)'s g).
+            flat = grad_sample.reshape(grad_sample.shape[0], -1)
+            out[name] = ParamStats(
+                dot=flat @ sources[name].reshape(-1),
+                sq_norm=row_sq_norm(flat),
+                sum_sq=grad_sample.pow(2).sum(0) if ctx.need_sum_sq else None,
+                grad_sample=grad_sample if name in ctx.need_grad_sample else None,
             )
         return out
 
