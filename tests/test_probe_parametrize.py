@@ -218,6 +218,63 @@ def test_float32_matches_a_float32_oracle() -> None:
     assert dot[name].abs().le(bound.detach()).all()
 
 
+def effective_grads(
+    model: nn.Module, layer: nn.Module, inputs: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients ``(B, *W.shape)`` of the effective weight the forward used (the
+    cached parametrization, or the legacy hook's attribute), one backward per sample; and
+    that weight."""
+    with parametrize.cached():
+        losses = squared_error(model(inputs), targets)
+        weight = layer.weight
+        grads = [
+            torch.autograd.grad(losses[i], weight, retain_graph=True)[0]
+            for i in range(losses.shape[0])
+        ]
+    return torch.stack(grads), weight.detach()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", list(PARAMETRIZE))
+def test_effective_weight_matches_oracle(kind: str, reduction: str) -> None:
+    """Tracking ``"2.weight"`` itself: ``g_i`` is the gradient with respect to the effective
+    weight, and ``theta`` is the effective weight."""
+    torch.manual_seed(9)
+    model, x, y = linear_model(kind)
+    before = copy.deepcopy(model.state_dict())
+    stats = run_probe(model, x, y, reduction=reduction, params=["2.weight", "0.weight"])
+    model.load_state_dict(before)
+    grads, weight = effective_grads(model, model[2], x, y)
+    flat = grads.flatten(1)
+    assert_close(stats.dot["2.weight"], flat @ weight.reshape(-1), "dot")
+    assert_close(stats.sq_norm["2.weight"], flat.pow(2).sum(1), "sq_norm")
+    assert_close(stats.param_sq_norm["2.weight"], weight.pow(2).sum(), "|W|^2")
+
+
+def test_effective_weight_refusals() -> None:
+    model, _, _ = linear_model("spectral_norm")
+    with pytest.raises(ValueError, match=r"sum_grad_squared=True .* reparametrized \['2.weight'\]"):
+        GradientProbe(model, params=["2.weight"], sum_grad_squared=True)
+    layer = spectral_norm(nn.Linear(4, 4).double())
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.layer(self.layer(x))
+
+    with pytest.warns(UserWarning, match="ran 2 times in one forward") as record:
+        stats = run_probe(
+            Twice(), torch.randn(3, 4).double(), torch.randn(3, 4).double(), params=["layer.weight"]
+        )
+    message = str(record[0].message)
+    assert "ParametrizedLinear 'layer'" in message
+    assert "track the sources instead (['parametrizations.weight.original'])" in message
+    assert "layer.weight" in stats.excluded
+
+
 # ---------------------------------------------------------------------- training unchanged
 def _train(model: nn.Module, probed: bool, steps: int = 4) -> dict[str, Tensor]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -306,8 +363,7 @@ def _fit(tmp_path, callbacks: list[pl.Callback]) -> ParametrizedClassifier:
 
 @pytest.mark.slow
 def test_callbacks_leave_training_bitwise_unchanged(tmp_path) -> None:
-    sources = ["head.parametrizations.weight.original"]
-    gwa = GradientWeightAlignment(params=sources, indices=-1)
+    gwa = GradientWeightAlignment(indices=-1)  # the head: its effective weight
     snr = GradientSNR(every_n_steps=1)
     spectral = SpectralNorms(grad_every_n_steps=1)
     plain = _fit(tmp_path / "plain", [])
@@ -398,48 +454,22 @@ def _fit_tiny(tmp_path, model: pl.LightningModule, callback: pl.Callback) -> Non
         trainer.fit(model, DataLoader(data, batch_size=8))
 
 
-def test_gwa_head_mode_names_the_parametrization_at_setup(tmp_path) -> None:
-    """The only Linear is the parametrized head: refused at setup, with what to pass."""
-    model = TinyModule(spectral_norm(nn.Linear(4, 3)))
-    u = model.head.parametrizations.weight[0]._u.clone()
-    with pytest.raises(ValueError) as info:
-        _fit_tiny(tmp_path, model, GradientWeightAlignment(indices=None))
-    message = str(info.value)
-    assert "unknown parameter names" not in message
-    assert "'head.weight' is not a Parameter" in message
-    assert "parametrizations.weight (_SpectralNorm)" in message
-    assert "params=['head.parametrizations.weight.original']" in message
-    # Finding the head read no weight, so it ran no power-iteration step.
-    assert torch.equal(model.head.parametrizations.weight[0]._u, u)
+def test_gwa_head_mode_scores_the_effective_weight(tmp_path) -> None:
+    """The parametrized head is found and scored on its effective weight; finding it read no
+    weight, so it ran no power-iteration step at setup."""
+    model = TinyModule(spectral_norm(nn.Linear(4, 3)), body=nn.Linear(4, 4))
+    candidates = GradientWeightAlignment(indices=None).probe_params(None, model)  # type: ignore[arg-type]
+    assert candidates == ["body.weight", "head.weight"]
+    gwa = GradientWeightAlignment(indices=None)
+    _fit_tiny(tmp_path, model, gwa)
+    assert gwa.head_name == "head.weight"
+    assert gwa.probe is not None and gwa.probe.param_names == ["head.weight"]
+    assert gwa.history and gwa.history[0]["count"] == 16
 
 
-def test_gwa_head_mode_names_the_parametrization_at_first_batch(tmp_path) -> None:
-    """A plain Linear exists too: the head is known after the first forward."""
-    model = TinyModule(weight_norm(nn.Linear(4, 3)), body=nn.Linear(4, 4))
-    with pytest.raises(RuntimeError) as info:
-        _fit_tiny(tmp_path, model, GradientWeightAlignment(indices=None))
-    message = str(info.value)
-    assert "'head.weight' is not a Parameter" in message
-    assert "parametrizations.weight (_WeightNorm)" in message
-    assert (
-        "params=['head.parametrizations.weight.original0', "
-        "'head.parametrizations.weight.original1']" in message
-    )
-
-
-def test_gwa_names_mode_names_the_parametrization(tmp_path) -> None:
-    model = TinyModule(legacy_weight_norm(nn.Linear(4, 3)))
-    with pytest.raises(ValueError) as info:
-        _fit_tiny(tmp_path, model, GradientWeightAlignment(params="head.weight", indices=None))
-    message = str(info.value)
-    assert "'head.weight' is computed by torch.nn.utils.weight_norm" in message
-    assert "params=['head.weight_g', 'head.weight_v']" in message
-
-
-def test_gwa_scores_the_sources_of_a_parametrized_head(tmp_path) -> None:
-    sources = ["head.parametrizations.weight.original"]
-    gwa = GradientWeightAlignment(params=sources, indices=None)
-    _fit_tiny(tmp_path, TinyModule(spectral_norm(nn.Linear(4, 3))), gwa)
+def test_gwa_accepts_a_reparametrized_weight_by_name(tmp_path) -> None:
+    gwa = GradientWeightAlignment(params=["head.weight"], indices=None)
+    _fit_tiny(tmp_path, TinyModule(legacy_weight_norm(nn.Linear(4, 3))), gwa)
     assert gwa.history and gwa.history[0]["count"] == 16
 
 

@@ -59,10 +59,13 @@ class GradientWeightAlignment(ProbeCallback):
 
     Args:
         params: ``"head"`` (default): the weight of the last ``nn.Linear`` whose output is the
-            model's output, found during the first training forward pass. ``"all"``: every
+            model's output, found during the first training forward pass (a head with a
+            reparametrized weight, e.g. ``spectral_norm``, is scored on its effective weight,
+            named ``"<module>.weight"``). ``"all"``: every
             trainable non-bias parameter (scores over their concatenation, plus one score per
-            layer). A name or a list of names from ``named_parameters()``: those (a list of
-            two or more also gets per-layer scores).
+            layer). A name or a list of names from ``named_parameters()``, or of
+            reparametrized weights (``"<module>.weight"``, scored as the effective weight):
+            those (a list of two or more also gets per-layer scores).
         indices: where to find each sample's dataset index in a batch, for per-sample
             attribution: a dict key (default ``"index"``, as :class:`IndexedDataset` adds to
             dict items), a tuple position (``-1`` for :class:`IndexedDataset` with tuple items),
@@ -114,8 +117,6 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_metric = AlignmentMoments(histogram_bins=histogram_bins)
         self._layer_metrics: dict[str, AlignmentMoments] = {}
         self._candidates: list[str] = []
-        # Head candidates whose weight is reparametrized: name -> (how, trainable sources).
-        self._reparametrized_heads: dict[str, tuple[str, list[str]]] = {}
         self._detector: _HeadDetector | None = None
         self._epoch_finalized = False
         self._warned_no_indices = False
@@ -145,23 +146,22 @@ class GradientWeightAlignment(ProbeCallback):
         if self._mode == HEAD:
             if self.head_name is not None:
                 return [self.head_name]
-            # A Linear whose weight is reparametrized stays a head candidate, so that finding
-            # it as the head gets its own message; its weight is not read here (for spectral
-            # norm in training mode, that would run a power-iteration step).
+            # A reparametrized head (spectral_norm, weight_norm, ...) is scored on its
+            # effective weight, the one the layer multiplies by. Its trainability is read
+            # from its sources: reading the weight itself would run a spectral-norm
+            # power-iteration step.
             reparametrized = reparametrized_tensors(pl_module)
-            self._reparametrized_heads = {}
-            self._candidates = []
-            for name, module in pl_module.named_modules():
-                weight_name = f"{name}.weight" if name else "weight"
-                if not isinstance(module, nn.Linear):
-                    continue
-                if weight_name in reparametrized:
-                    self._reparametrized_heads[weight_name] = reparametrized[weight_name]
-                elif module.weight.requires_grad:
-                    self._candidates.append(weight_name)
-            if not self._candidates and self._reparametrized_heads:
-                head = list(self._reparametrized_heads)[-1]
-                raise ValueError(_reparametrized_head_message(head, self._reparametrized_heads))
+            self._candidates = [
+                weight_name
+                for name, module in pl_module.named_modules()
+                if isinstance(module, nn.Linear)
+                for weight_name in [f"{name}.weight" if name else "weight"]
+                if (
+                    bool(reparametrized[weight_name][1])
+                    if weight_name in reparametrized
+                    else module.weight.requires_grad
+                )
+            ]
             if not self._candidates:
                 raise ValueError(
                     "GradientWeightAlignment(params='head') found no trainable nn.Linear in the "
@@ -178,10 +178,8 @@ class GradientWeightAlignment(ProbeCallback):
             if not self._names:
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
-        unknown = [n for n in self._names if n not in named]
         reparametrized = reparametrized_tensors(pl_module)
-        if any(n in reparametrized for n in unknown):
-            raise ValueError(_reparametrized_names_message(unknown, reparametrized))
+        unknown = [n for n in self._names if n not in named and n not in reparametrized]
         if unknown:
             raise ValueError(
                 f"GradientWeightAlignment: unknown parameter names {unknown}; pass names as "
@@ -237,9 +235,7 @@ class GradientWeightAlignment(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._mode == HEAD and self.head_name is None and self._detector is None:
-            self._detector = _HeadDetector(
-                pl_module, set(self._candidates) | set(self._reparametrized_heads)
-            )
+            self._detector = _HeadDetector(pl_module, set(self._candidates))
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -259,8 +255,6 @@ class GradientWeightAlignment(ProbeCallback):
                 f"GradientWeightAlignment(params={self._candidates[-1]!r}); candidates: "
                 f"{self._candidates}"
             )
-        if head in self._reparametrized_heads:
-            raise RuntimeError(_reparametrized_head_message(head, self._reparametrized_heads))
         self.head_name = head
 
     @override
@@ -573,34 +567,6 @@ def _load_metric_state(metric: AlignmentMoments, state: dict[str, Tensor]) -> No
     if float(state.get("count", torch.zeros(()))) > 0:
         metric._update_count = max(metric._update_count, 1)
     metric._computed = None
-
-
-def _reparametrized_head_message(head: str, heads: dict[str, tuple[str, list[str]]]) -> str:
-    how, sources = heads[head]
-    return (
-        f"GradientWeightAlignment(params='head'): the head's weight '{head}' is not a "
-        f"Parameter but computed by {how} from {sources}. GWA scores the per-sample gradients "
-        f"of Parameters against those Parameters, so it cannot score '{head}'. Score the "
-        f"trainable source(s) instead, GradientWeightAlignment(params={sources!r}) (the cosine "
-        f"between each sample's gradient of a source and that source), or remove the "
-        f"parametrization from the head."
-    )
-
-
-def _reparametrized_names_message(
-    unknown: list[str], reparametrized: dict[str, tuple[str, list[str]]]
-) -> str:
-    parts = [
-        f"'{name}' is computed by {reparametrized[name][0]} from {reparametrized[name][1]}"
-        for name in unknown
-        if name in reparametrized
-    ]
-    sources = [s for name in unknown if name in reparametrized for s in reparametrized[name][1]]
-    return (
-        f"GradientWeightAlignment(params=...): {'; '.join(parts)}: not Parameters, so they have "
-        f"no per-sample gradients of their own to score. Pass the trainable sources instead, "
-        f"e.g. params={sources!r}."
-    )
 
 
 class _HeadDetector:

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
 from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
 from .rules.fallback import FallbackRule
-from .rules.parametrized import parametrized_rule
+from .rules.parametrized import effective_tensor, parametrized_rule, reparametrized_tensors
 from .stats import ProbeStats
 
 LossReduction = Literal["mean", "sum"]
@@ -109,17 +109,32 @@ class GradientProbe:
         self.verify = verify
 
         named = dict(model.named_parameters())
+        # A reparametrized tensor (the weight of a layer with spectral_norm, ...) may be named
+        # too: its g_i is the gradient with respect to the effective tensor.
+        reparametrized = reparametrized_tensors(model)
         if params is None:
             self.param_names = [n for n, p in named.items() if p.requires_grad]
         else:
             self.param_names = list(dict.fromkeys(params))
-            unknown = [n for n in self.param_names if n not in named]
+            unknown = [n for n in self.param_names if n not in named and n not in reparametrized]
             if unknown:
                 raise ValueError(
                     f"unknown parameter names {unknown}; pass names as listed by "
                     f"model.named_parameters(), e.g. {list(named)[:5]}"
                 )
-        self._params = {n: named[n] for n in self.param_names}
+        self._params = {n: named[n] for n in self.param_names if n in named}
+        self._effective = {
+            n: (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+            for n in self.param_names
+            if n not in named
+        }
+        if self._effective and sum_grad_squared:
+            raise ValueError(
+                f"sum_grad_squared=True needs autograd's batch gradient of every tracked tensor, "
+                f"which the reparametrized {list(self._effective)} (not leaves) do not have; "
+                f"track their sources instead: "
+                f"{[s for n in self._effective for s in reparametrized[n][1]]}"
+            )
         self._owners = self._resolve_owners()
         owners_of: dict[str, int] = {}
         for owner in self._owners:
@@ -168,6 +183,7 @@ class GradientProbe:
                 for local_name, p in rule.owned_parameters(module).items()
                 if id(p) in canonical
             }
+            local.update({a: n for n, (m, a) in self._effective.items() if m is module})
             if local and not any(o.module is module for o in owners):
                 owners.append(_Owner(module, module_name, rule, local))
         return owners
@@ -396,6 +412,14 @@ class GradientProbe:
             s.grad_sample.mul_(factor)
         return s
 
+    def _tensor(self, name: str) -> Tensor:
+        """The tracked tensor's current value: a parameter, or a reparametrized tensor
+        recomputed without side effects."""
+        if name in self._effective:
+            module, attribute = self._effective[name]
+            return effective_tensor(module, attribute)
+        return self._params[name].detach()
+
     def _exclude(self, owner: _Owner, reason: str) -> None:
         owner.skip_reason = reason
         for call in owner.calls:
@@ -456,7 +480,7 @@ class GradientProbe:
         for name in self.param_names:
             if name in excluded:
                 continue
-            param = self._params[name].detach()
+            param = self._tensor(name)
             found = contributions.get(name)
             if not found:
                 if name in self._unowned or batch == 0:

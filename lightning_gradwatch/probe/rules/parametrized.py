@@ -308,6 +308,15 @@ class ParametrizedRule(LayerRule):
             n for n in ctx.want if not any(n in r.sources for r in reparams)
         ]  # the layer's own parameters (e.g. an unparametrized bias)
         reparams_wanted = [r for r in reparams if any(s in ctx.want for s in r.sources)]
+        tracked_effective = [r.name for r in reparams if r.name in ctx.want]
+        if tracked_effective and len(calls) > 1:
+            raise SkipModule(
+                f"the effective {tracked_effective} is tracked and the layer ran {len(calls)} "
+                f"times in one forward: its effective tensor may differ between the calls "
+                f"(spectral norm updates it at every call), so the per-sample gradient of the "
+                f"effective tensor is not defined; track the sources instead "
+                f"({[s for r in reparams if r.name in tracked_effective for s in r.sources]})"
+            )
         base_ctx = RuleContext(
             dtype=ctx.dtype,
             want=frozenset(direct) | {r.name for r in reparams_wanted},
@@ -358,6 +367,8 @@ class ParametrizedRule(LayerRule):
                     continue
                 if len(calls) == 1:
                     single[name] = result[name]
+                    if name not in ctx.need_grad_sample:
+                        single[name].grad_sample = None
                 else:
                     g = result[name].grad_sample
                     assert g is not None
