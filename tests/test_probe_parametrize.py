@@ -10,6 +10,7 @@ probed forward started from, and the test checks that both forwards left the sam
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 
@@ -492,3 +493,14 @@ def test_spectral_norms_tracks_the_effective_weight_without_side_effects() -> No
         assert_close(t.weight().double(), expected.double(), t.name, rtol=RTOL)
     for key, value in model.named_buffers():
         assert torch.equal(value, buffers[key]), key
+
+
+def test_gwa_all_mode_scores_effective_weights(tmp_path) -> None:
+    """In "all" mode a reparametrized weight replaces its sources (scoring spectral norm's
+    source would give a cosine that is identically 0: the map is scale invariant)."""
+    model = TinyModule(spectral_norm(nn.Linear(4, 3)), body=weight_norm(nn.Linear(4, 4)))
+    gwa = GradientWeightAlignment(params="all", indices=None)
+    assert gwa.probe_params(None, model) == ["body.weight", "head.weight"]  # type: ignore[arg-type]
+    _fit_tiny(tmp_path, model, gwa)
+    assert set(gwa.layer_history) == {"body.weight", "head.weight"}
+    assert all(math.isfinite(v) for values in gwa.layer_history.values() for v in values)

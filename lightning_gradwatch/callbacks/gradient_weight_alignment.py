@@ -63,8 +63,8 @@ class GradientWeightAlignment(ProbeCallback):
             reparametrized weight, e.g. ``spectral_norm``, is scored on its effective weight,
             named ``"<module>.weight"``). ``"all"``: every
             trainable non-bias parameter (scores over their concatenation, plus one score per
-            layer). A name or a list of names from ``named_parameters()``, or of
-            reparametrized weights (``"<module>.weight"``, scored as the effective weight):
+            layer; reparametrized weights as their effective weight). A name or a list of
+            names from ``named_parameters()``, or of reparametrized weights (``"<module>.weight"``, scored as the effective weight):
             those (a list of two or more also gets per-layer scores).
         indices: where to find each sample's dataset index in a batch, for per-sample
             attribution: a dict key (default ``"index"``, as :class:`IndexedDataset` adds to
@@ -175,6 +175,9 @@ class GradientWeightAlignment(ProbeCallback):
                 for n, p in named.items()
                 if p.requires_grad and not (n == "bias" or n.endswith(".bias"))
             ]
+            self._names = _effective_in_place_of_sources(
+                self._names, reparametrized_tensors(pl_module)
+            )
             if not self._names:
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
@@ -540,6 +543,22 @@ class GradientWeightAlignment(ProbeCallback):
         self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]
+
+
+def _effective_in_place_of_sources(
+    names: list[str], reparametrized: dict[str, tuple[str, list[str]]]
+) -> list[str]:
+    """``names`` with the sources of each reparametrized tensor replaced by the tensor itself
+    (``fc.parametrizations.weight.original`` -> ``fc.weight``), as in head mode: the cosine
+    against a source is another quantity (identically 0 for a scale-invariant
+    parametrization such as spectral_norm). Sources of a reparametrized bias are dropped."""
+    replaced_by = {
+        source: None if (name == "bias" or name.endswith(".bias")) else name
+        for name, (_, sources) in reparametrized.items()
+        for source in sources
+    }
+    kept = [replaced_by.get(n, n) for n in names]
+    return list(dict.fromkeys(n for n in kept if n is not None))
 
 
 def _step_is_logged(trainer: pl.Trainer) -> bool:
