@@ -59,13 +59,13 @@ class GradientWeightAlignment(ProbeCallback):
 
     Args:
         params: ``"head"`` (default): the weight of the last ``nn.Linear`` whose output is the
-            model's output, found during the first training forward pass (a head with a
-            reparametrized weight, e.g. ``spectral_norm``, is scored on its effective weight,
-            named ``"<module>.weight"``). ``"all"``: every
+            model's output, found during the first training forward pass. ``"all"``: every
             trainable non-bias parameter (scores over their concatenation, plus one score per
-            layer; reparametrized weights as their effective weight). A name or a list of
-            names from ``named_parameters()``, or of reparametrized weights (``"<module>.weight"``, scored as the effective weight):
-            those (a list of two or more also gets per-layer scores).
+            layer). A name or a list of names from ``named_parameters()``: those (a list of
+            two or more also gets per-layer scores). A reparametrized weight (``spectral_norm``,
+            ``weight_norm``, any ``torch.nn.utils.parametrize`` parametrization) is scored as
+            the effective weight the layer uses, named ``"<module>.weight"``: the head in head
+            mode, in place of its sources in ``"all"`` mode, and when named.
         indices: where to find each sample's dataset index in a batch, for per-sample
             attribution: a dict key (default ``"index"``, as :class:`IndexedDataset` adds to
             dict items), a tuple position (``-1`` for :class:`IndexedDataset` with tuple items),
