@@ -34,6 +34,7 @@ from lightning_gradwatch import (
     IndexedDataset,
     SpectralNorms,
 )
+from lightning_gradwatch.probe.probe import ParameterUseError
 
 
 class Symmetric(nn.Module):
@@ -504,3 +505,28 @@ def test_gwa_all_mode_scores_effective_weights(tmp_path) -> None:
     _fit_tiny(tmp_path, model, gwa)
     assert set(gwa.layer_history) == {"body.weight", "head.weight"}
     assert all(math.isfinite(v) for values in gwa.layer_history.values() for v in values)
+
+
+def test_reading_the_weight_outside_the_layer_is_reported_as_such() -> None:
+    """Evaluating a parametrization pushes its own modules: a weight penalty is a use outside
+    every module's forward, and a parent reading ``fc.weight`` is a use by the parent; neither
+    is blamed on the parametrization."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), spectral_norm(nn.Linear(4, 2)))
+    x = torch.randn(5, 3)
+    outside = r"'1.parametrizations.weight.original' is used outside"
+    with pytest.warns(UserWarning, match=outside), GradientProbe(model):
+        (model(x).pow(2).sum() + model[1].weight.pow(2).sum()).backward()
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = spectral_norm(nn.Linear(3, 2))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, self.fc.weight)
+
+    parent = Parent()
+    used_by_parent = r"inside the forward of module '' \(Parent\)"
+    with pytest.raises(ParameterUseError, match=used_by_parent), GradientProbe(parent):
+        parent(x).sum().backward()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -593,6 +594,12 @@ class _UseChecker(TorchFunctionMode):
             for name in owner.local_to_name.values():
                 self.owners_of.setdefault(name, set()).add(id(owner.module))
         self.stack: list[nn.Module] = []
+        self.parametrizations = {
+            id(m)
+            for plist in probe.model.modules()
+            if isinstance(plist, parametrize.ParametrizationList)
+            for m in plist.modules()
+        }
         self.names = {id(m): n for n, m in probe.model.named_modules(remove_duplicate=False)}
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self._push)
         post = torch.nn.modules.module.register_module_forward_hook(self._pop)
@@ -633,11 +640,14 @@ class _UseChecker(TorchFunctionMode):
             isinstance(r, Tensor) and r.grad_fn is not None for r in tree_flatten(result)[0]
         ):
             return result
-        on_stack = {id(m) for m in self.stack}
+        # Evaluating a parametrization (reading `fc.weight`) pushes its own modules: the use
+        # belongs to whichever module read the weight, below them on the stack.
+        stack = [m for m in self.stack if id(m) not in self.parametrizations]
+        on_stack = {id(m) for m in stack}
         for name in used:
             if self.owners_of.get(name, set()) & on_stack:
                 continue
-            if not self.stack:
+            if not stack:
                 key = f"outside:{name}"
                 if key not in self.probe._warned:
                     self.probe._warned.add(key)
@@ -649,10 +659,10 @@ class _UseChecker(TorchFunctionMode):
                         stacklevel=2,
                     )
                 continue
-            user = self.names.get(id(self.stack[-1]), type(self.stack[-1]).__name__)
+            user = self.names.get(id(stack[-1]), type(stack[-1]).__name__)
             raise ParameterUseError(
                 f"parameter '{name}' is used directly inside the forward of module "
-                f"'{user}' ({type(self.stack[-1]).__name__}), which does not own it, so its "
+                f"'{user}' ({type(stack[-1]).__name__}), which does not own it, so its "
                 f"per-sample gradient cannot be attributed exactly. Either leave it out "
                 f"(GradientProbe(params=[...]) without '{name}'), or call the owning module "
                 f"instead of using its weight, or share the Parameter object itself "
