@@ -406,12 +406,20 @@ class ParametrizedRule(LayerRule):
         _RNG_CHECKED.add(reparam.owner)
 
 
+_CPU_PULLBACK_ELEMENTS = 2**20
+
+
 def _pull_back(
     pullback: Callable[..., tuple[Tensor, ...]], grad_effective: Tensor, budget: int
 ) -> list[Tensor]:
     """``J_P^T G_i`` for every sample: ``grad_effective`` ``(B, *W.shape)`` to one
     ``(B, *source.shape)`` tensor per source, ``vmap`` over chunks of samples."""
     batch = grad_effective.shape[0]
+    if grad_effective.device.type == "cpu":
+        # The backward of a parametrization is a few elementwise passes over the chunk: on a
+        # CPU, chunks that stay in cache ran 1.5-2.5x faster than one chunk of the whole
+        # batch (spectral/weight norm, 256x256 weight, 128 samples, one thread).
+        budget = min(budget, _CPU_PULLBACK_ELEMENTS)
     step = chunk_size(batch, grad_effective[0].numel(), budget)
     pieces: list[tuple[Tensor, ...]] = []
     with warnings.catch_warnings():
