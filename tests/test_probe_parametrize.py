@@ -416,12 +416,35 @@ def test_parametrized_layer_without_a_dedicated_rule_is_refused() -> None:
     scale = weight_norm(Scale())
     model = nn.Sequential(nn.Linear(2, 3).double(), scale)
     x = torch.randn(4, 2, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="has no dedicated rule") as record:
-        run_probe(model, x, torch.randn(4, 3, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="not inside a Scale") as record:
+        stats = run_probe(model, x, torch.randn(4, 3, dtype=torch.float64))
     message = str(record[0].message)
     assert "ParametrizedScale '1'" in message
-    assert "parametrizations.weight (_WeightNorm)" in message
+    assert "'weight' by parametrizations.weight (_WeightNorm)" in message
     assert "leave its parameters out of params" in message
+    assert "1.parametrizations.weight.original0" in stats.excluded
+
+
+def test_reparametrized_child_of_a_recursive_rule_is_refused() -> None:
+    """nn.MultiheadAttention's rule owns its out_proj: it would read a spectral-normed
+    out_proj's weight as a plain one (zeros for the source, a power-iteration step)."""
+    torch.manual_seed(11)
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    spectral_norm(attention.out_proj)
+    u = attention.out_proj.parametrizations.weight[0]._u
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    readout = nn.Linear(4, 1).double()
+    model = nn.ModuleDict({"attention": attention, "readout": readout})
+    with pytest.warns(UserWarning, match="not inside a MultiheadAttention") as record:
+        probe = GradientProbe(model)
+        with probe:
+            loss = readout(attention(x, x, x)[0]).pow(2).sum()
+            version = u._version  # after the forward's own power-iteration step
+            loss.backward()
+    assert u._version == version
+    assert "'out_proj.weight' by parametrizations.weight (_SpectralNorm)" in str(record[0].message)
+    assert probe.stats.names == ["readout.weight", "readout.bias"]
+    assert "attention.out_proj.parametrizations.weight.original" in probe.stats.excluded
 
 
 class TinyModule(pl.LightningModule):

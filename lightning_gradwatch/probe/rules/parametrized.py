@@ -270,26 +270,28 @@ class ParametrizedRule(LayerRule):
         """The rule of the layer itself, or ``None`` when it has no dedicated one."""
         base = _base_type(module)
         rule = rule_for(_stand_in(module, base, {}))
-        if rule is None or rule.recursive or isinstance(rule, ParametrizedRule):
+        if rule is None or rule.recursive or not _is_reparametrized(module):
             return None
         others = [n for n in module._modules if n != "parametrizations"]
         return None if others else rule
 
     def check(self, module: nn.Module) -> str | None:
         base_rule = self.base_rule(module)
-        if base_rule is not None:
+        if base_rule is not None and _is_reparametrized(module):
             return base_rule.check(_stand_in(module, _base_type(module), {}))
-        if base_rule is None:
-            whats = ", ".join(r.what for r in self.reparams(module))
-            return (
-                f"its tensors are reparametrized ({whats}) and its type "
-                f"{_base_type(module).__name__} has no dedicated rule to compute the "
-                f"per-sample gradient of the effective tensor, so the chain through the "
-                f"parametrization cannot be formed exactly; leave its parameters out of "
-                f"params, or use the parametrization on nn.Linear, nn.Conv1d/2d/3d or "
-                f"nn.Embedding"
-            )
-        return None
+        whats = ", ".join(
+            f"'{name}{'.' if name else ''}{r.name}' by {r.what}"
+            for name, m in module.named_modules()
+            if _is_reparametrized(m)
+            for r in self.reparams(m)
+        )
+        return (
+            f"its tensors are reparametrized ({whats}), and the chain through a "
+            f"parametrization is formed only for a layer whose own dedicated rule gives the "
+            f"per-sample gradient of the effective tensor (nn.Linear, nn.Conv1d/2d/3d, "
+            f"nn.Embedding, ...), not inside a {_base_type(module).__name__}; leave its "
+            f"parameters out of params, or apply the parametrization to such a layer"
+        )
 
     def capture(self, module: nn.Module) -> _Captured:
         return _Captured(
@@ -455,9 +457,18 @@ _RULE = ParametrizedRule()
 def parametrized_rule(module: nn.Module) -> LayerRule | None:
     """The rule for a module with parametrized tensors or legacy weight/spectral-norm hooks,
     ``None`` for any other module."""
-    if parametrize.is_parametrized(module) or _is_legacy(module):
+    if _is_reparametrized(module):
+        return _RULE
+    # A rule that owns its children's parameters (nn.MultiheadAttention's out_proj) would
+    # read a reparametrized child's weight as a plain one: the module is refused instead.
+    rule = rule_for(module)
+    if rule is not None and rule.recursive and any(map(_is_reparametrized, module.modules())):
         return _RULE
     return None
+
+
+def _is_reparametrized(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module) or _is_legacy(module)
 
 
 def reparametrized_tensors(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
