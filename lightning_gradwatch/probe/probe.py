@@ -72,7 +72,9 @@ class GradientProbe:
     Args:
         model: the module to watch.
         params: names (as in ``model.named_parameters()``) to track; ``None`` tracks every
-            trainable parameter.
+            trainable parameter. A reparametrized tensor (``"fc.weight"`` of a layer with
+            ``spectral_norm``, ``weight_norm``, ... ) may be named too: its ``g_i`` is the
+            gradient with respect to the effective tensor (see ``docs/probe.md``).
         loss_reduction: how the batch loss was reduced over samples: ``"mean"`` (``1/B``) or
             ``"sum"``. ``g_i`` is always the gradient of sample ``i``'s own loss.
         sum_grad_squared: also compute ``sum_i g_i**2`` and ``sum_i g_i`` per parameter.
@@ -85,7 +87,8 @@ class GradientProbe:
             every forward (``"always"``), or never.
 
     Raises:
-        ValueError: unknown parameter names, or a bad ``loss_reduction``.
+        ValueError: unknown parameter names, a bad ``loss_reduction``, or
+            ``sum_grad_squared`` with a reparametrized tensor named in ``params``.
     """
 
     def __init__(
