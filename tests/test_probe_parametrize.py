@@ -44,6 +44,17 @@ class Symmetric(nn.Module):
         return x.triu() + x.triu(1).transpose(-1, -2)
 
 
+class LearnedScale(nn.Module):
+    """A parametrization with a trainable parameter of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x / x.norm()
+
+
 class Noisy(nn.Module):
     """A parametrization that draws random numbers: cannot be replayed."""
 
@@ -63,6 +74,7 @@ PARAMETRIZE: dict[str, Callable[[nn.Module], nn.Module]] = {
     "spectral_norm": spectral_norm,
     "orthogonal": orthogonal,
     "symmetric": lambda m: parametrize.register_parametrization(m, "weight", Symmetric()),
+    "learned_scale": lambda m: parametrize.register_parametrization(m, "weight", LearnedScale()),
     "legacy_weight_norm": legacy_weight_norm,
     "legacy_spectral_norm": torch.nn.utils.spectral_norm,
 }
@@ -553,3 +565,12 @@ def test_reading_the_weight_outside_the_layer_is_reported_as_such() -> None:
     used_by_parent = r"inside the forward of module '' \(Parent\)"
     with pytest.raises(ParameterUseError, match=used_by_parent), GradientProbe(parent):
         parent(x).sum().backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_frozen_magnitude_of_weight_norm(reduction: str) -> None:
+    """weight_norm with its magnitude g frozen: v alone is tracked, through the same chain."""
+    torch.manual_seed(12)
+    model, x, y = linear_model("weight_norm")
+    model[2].parametrizations.weight.original0.requires_grad_(False)
+    assert_parametrized_matches_oracle(model, x, y, reduction)

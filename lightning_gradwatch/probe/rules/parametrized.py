@@ -62,7 +62,7 @@ class _Reparam:
     Attributes:
         name: the attribute the layer's forward reads (``"weight"``).
         sources: local names (relative to the layer) of the tensors ``P`` takes, in order.
-        what: a description for messages, e.g. ``"parametrize: _SpectralNorm"``.
+        what: a description for messages, e.g. ``"parametrizations.weight (_SpectralNorm)"``.
         capture: returns the state of ``P`` as of now (called in the forward hook).
         replay: ``(state, sources) -> W``, with no side effect on the module.
     """
@@ -113,24 +113,18 @@ def _parametrize_reparams(module: nn.Module) -> list[_Reparam]:
     reparams = []
     for tensor_name, plist in module.parametrizations.items():  # type: ignore[union-attr]
         assert isinstance(plist, parametrize.ParametrizationList)
-        originals = [f"original{k}" for k in range(plist.ntensors)]
-        if plist.is_tensor:
-            originals = ["original"]
-        trainable = [
-            n for n in originals if isinstance(getattr(plist, n), nn.Parameter)
-        ]  # an original registered as a buffer is a constant: part of the state
+        # The originals, and any parameter of the parametrization modules themselves (a
+        # learnable scale, ...). An original registered as a buffer, or a frozen parameter,
+        # is a constant: part of the state.
+        trainable = [n for n, p in plist.named_parameters() if p.requires_grad]
         kinds = ", ".join(type(m).__name__ for m in plist)
 
         def capture(plist: nn.Module = plist, trainable: list[str] = trainable) -> Any:
-            buffers = _buffers(plist)
-            buffers.update(
-                {
-                    n: t.detach().clone()
-                    for n, t in plist.named_parameters(recurse=False)
-                    if n not in trainable
-                }
-            )
-            return buffers
+            # Buffers may change at the next evaluation (spectral norm's vectors): copied.
+            # Frozen parameters do not change before the backward: referenced.
+            state = _buffers(plist)
+            state.update({n: t.detach() for n, t in plist.named_parameters() if n not in trainable})
+            return state
 
         def replay(
             state: dict[str, Tensor],
