@@ -22,6 +22,7 @@ from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indi
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
+from ..probe.rules.parametrized import reparametrized_tensors
 from ._probe_callback import ProbeCallback
 
 HEAD = "head"
@@ -63,7 +64,10 @@ class GradientWeightAlignment(ProbeCallback):
             model's output, found during the first training forward pass. ``"all"``: every
             trainable non-bias parameter (scores over their concatenation, plus one score per
             layer). A name or a list of names from ``named_parameters()``: those (a list of
-            two or more also gets per-layer scores).
+            two or more also gets per-layer scores). A reparametrized weight (``spectral_norm``,
+            ``weight_norm``, any ``torch.nn.utils.parametrize`` parametrization) is scored as
+            the effective weight the layer uses, named ``"<module>.weight"``: the head in head
+            mode, in place of its sources in ``"all"`` mode, and when named.
         indices: where to find each sample's dataset index in a batch, for per-sample
             attribution: a dict key (default ``"index"``, as :class:`IndexedDataset` adds to
             dict items), a tuple position (``-1`` for :class:`IndexedDataset` with tuple items),
@@ -162,10 +166,21 @@ class GradientWeightAlignment(ProbeCallback):
         if self._mode == HEAD:
             if self.head_name is not None:
                 return [self.head_name]
+            # A reparametrized head (spectral_norm, weight_norm, ...) is scored on its
+            # effective weight, the one the layer multiplies by. Its trainability is read
+            # from its sources: reading the weight itself would run a spectral-norm
+            # power-iteration step.
+            reparametrized = reparametrized_tensors(pl_module)
             self._candidates = [
-                f"{name}.weight" if name else "weight"
+                weight_name
                 for name, module in pl_module.named_modules()
-                if isinstance(module, nn.Linear) and module.weight.requires_grad
+                if isinstance(module, nn.Linear)
+                for weight_name in [f"{name}.weight" if name else "weight"]
+                if (
+                    bool(reparametrized[weight_name][1])
+                    if weight_name in reparametrized
+                    else module.weight.requires_grad
+                )
             ]
             if not self._candidates:
                 raise ValueError(
@@ -176,10 +191,14 @@ class GradientWeightAlignment(ProbeCallback):
             return self._candidates
         if self._mode == ALL:
             self._names = [n for n, p in named.items() if p.requires_grad and not _is_bias(n)]
+            self._names = _effective_in_place_of_sources(
+                self._names, reparametrized_tensors(pl_module)
+            )
             if not self._names:
                 raise ValueError("GradientWeightAlignment(params='all'): no trainable weights")
             return self._names
-        unknown = [n for n in self._names if n not in named]
+        reparametrized = reparametrized_tensors(pl_module)
+        unknown = [n for n in self._names if n not in named and n not in reparametrized]
         if unknown:
             raise ValueError(
                 f"GradientWeightAlignment: unknown parameter names {unknown}; pass names as "
@@ -642,6 +661,22 @@ class GradientWeightAlignment(ProbeCallback):
             self._last_epoch_mean = state_dict["last_epoch_mean"]
         self._restored_epoch = state_dict.get("sums_epoch")
         self._epoch_finalized = False
+
+
+def _effective_in_place_of_sources(
+    names: list[str], reparametrized: dict[str, tuple[str, list[str]]]
+) -> list[str]:
+    """``names`` with the sources of each reparametrized tensor replaced by the tensor itself
+    (``fc.parametrizations.weight.original`` -> ``fc.weight``), as in head mode: the cosine
+    against a source is another quantity (identically 0 for a scale-invariant
+    parametrization such as spectral_norm). Sources of a reparametrized bias are dropped."""
+    replaced_by = {
+        source: None if (name == "bias" or name.endswith(".bias")) else name
+        for name, (_, sources) in reparametrized.items()
+        for source in sources
+    }
+    kept = [replaced_by.get(n, n) for n in names]
+    return list(dict.fromkeys(n for n in kept if n is not None))
 
 
 def _step_is_logged(trainer: pl.Trainer) -> bool:

@@ -34,6 +34,7 @@ from ..loggers import (
     tensorboard_writer,
     warn_if_no_logger,
 )
+from ..probe.rules.parametrized import effective_tensor, reparametrized_tensors
 from ._strategies import refuse_sharded_strategy
 
 #: Module types whose matrix-shaped parameters are tracked when neither ``params`` nor
@@ -58,9 +59,18 @@ class _Tracked:
     param: nn.Parameter
     module: nn.Module
     output_dim: int  # 1 for ConvTransposeNd, whose weight is (in, out/groups, *kernel)
+    #: For a reparametrized weight (``name`` is then the module's attribute, e.g.
+    #: ``fc.weight``, and ``param`` its first trainable source): the attribute's name in
+    #: ``module``, read with :func:`effective_tensor`.
+    effective: str | None = None
+
+    def weight(self) -> Tensor:
+        if self.effective is not None:
+            return effective_tensor(self.module, self.effective)
+        return self.param.detach()
 
     def matrix(self) -> Tensor:
-        weight = self.param.detach()
+        weight = self.weight()
         return as_matrix(weight.to(compute_dtype(weight.dtype)), self.output_dim)
 
 
@@ -267,8 +277,13 @@ class SpectralNorms(Callback):
             module_types = DEFAULT_MODULE_TYPES
         named = list(pl_module.named_parameters())
         if self.params is not None:
+            # A reparametrized weight is matched by its attribute name (``fc.weight``) too.
+            effective = [
+                (n, effective_tensor(m, a))
+                for n, (m, a) in _reparametrized_modules(pl_module).items()
+            ]
             for pattern in self.params:
-                hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+                hits = [(n, p) for n, p in named + effective if fnmatch.fnmatchcase(n, pattern)]
                 if not hits:
                     raise ValueError(
                         f"SpectralNorms: params pattern {pattern!r} matches no parameter. "
@@ -280,9 +295,10 @@ class SpectralNorms(Callback):
                         f"({[n for n, _ in hits[:5]]}); spectral norms need weights with 2 or "
                         f"more dimensions, so name weight matrices (e.g. '*.weight')"
                     )
-        tracked = []
+        tracked = self._select_reparametrized(pl_module, module_types)
+        sources = {id(p) for t in tracked for p in t.module.parameters()}
         for name, p in named:
-            if p.dim() < 2:
+            if p.dim() < 2 or id(p) in sources:
                 continue
             if self.params is not None and not any(
                 fnmatch.fnmatchcase(name, pat) for pat in self.params
@@ -298,6 +314,40 @@ class SpectralNorms(Callback):
                 f"SpectralNorms: no weight to track (params={self.params}, module_types="
                 f"{module_types}). Pass params=[...] with parameter-name patterns or "
                 f"module_types=(...) matching modules that hold weight matrices"
+            )
+        return tracked
+
+    def _select_reparametrized(
+        self, pl_module: pl.LightningModule, module_types: tuple[type[nn.Module], ...] | None
+    ) -> list[_Tracked]:
+        """Reparametrized weights (``parametrize``, legacy weight/spectral-norm hooks) of
+        matching modules, tracked as the effective weight the layer uses, under the module's
+        attribute name (``fc.weight``). Their gradient spectra are not computed: the effective
+        weight is not a leaf and has no ``.grad``."""
+        params = dict(pl_module.named_parameters())
+        tracked = []
+        for name, (_how, source_names) in reparametrized_tensors(pl_module).items():
+            module_name, _, attribute = name.rpartition(".")
+            module = pl_module.get_submodule(module_name)
+            if not source_names or (
+                module_types is not None and not isinstance(module, module_types)
+            ):
+                continue
+            if self.params is not None and not any(
+                fnmatch.fnmatchcase(name, pat) for pat in self.params
+            ):
+                continue
+            if effective_tensor(module, attribute).dim() < 2:
+                continue
+            transposed = isinstance(module, nn.modules.conv._ConvNd) and module.transposed
+            tracked.append(
+                _Tracked(
+                    name,
+                    params[source_names[0]],
+                    module,
+                    output_dim=1 if transposed else 0,
+                    effective=attribute,
+                )
             )
         return tracked
 
@@ -537,7 +587,7 @@ class SpectralNorms(Callback):
                     conv = t.module
                     logged[f"{PREFIX}/{t.name}/conv_operator_norm"] = float(
                         conv_operator_norm_fft(
-                            t.param.detach(),
+                            t.weight(),
                             self._conv_grid[t.name],
                             groups=conv.groups,
                             dilation=conv.dilation,
@@ -577,7 +627,9 @@ class SpectralNorms(Callback):
             return
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         layers = [
-            t for t in self._tracked if id(t.param) in in_optimizer and t.param.grad is not None
+            t
+            for t in self._tracked
+            if t.effective is None and id(t.param) in in_optimizer and t.param.grad is not None
         ]
         if not layers:
             return
@@ -701,6 +753,16 @@ class SpectralNorms(Callback):
             if u is None or v is None or u.shape != (rows,) or v.shape != (cols,):
                 self._reinit(t)
             self._iterations.setdefault(t.name, self.power_iterations)
+
+
+def _reparametrized_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{"fc.weight": (fc, "weight")}`` for every reparametrized tensor of ``model``."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name in reparametrized_tensors(model):
+        module_name, _, attribute = name.rpartition(".")
+        found[name] = (modules[module_name], attribute)
+    return found
 
 
 def _require(condition: bool, message: str) -> None:

@@ -9,12 +9,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
 from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
 from .rules.fallback import FallbackRule
+from .rules.parametrized import effective_tensor, parametrized_rule, reparametrized_tensors
 from .stats import ProbeStats
 
 LossReduction = Literal["mean", "sum"]
@@ -70,7 +72,9 @@ class GradientProbe:
     Args:
         model: the module to watch.
         params: a name or names (as in ``model.named_parameters()``) to track; ``None``
-            tracks every trainable parameter.
+            tracks every trainable parameter. A reparametrized tensor (``"fc.weight"`` of a
+            layer with ``spectral_norm``, ``weight_norm``, ... ) may be named too: its ``g_i``
+            is the gradient with respect to the effective tensor (see ``docs/probe.md``).
         loss_reduction: how the batch loss was reduced over samples: ``"mean"`` (``1/B``) or
             ``"sum"``. ``g_i`` is always the gradient of sample ``i``'s own loss.
         sum_grad_squared: also compute ``sum_i g_i**2`` and ``sum_i g_i`` per parameter.
@@ -83,7 +87,8 @@ class GradientProbe:
             every forward (``"always"``), or never.
 
     Raises:
-        ValueError: unknown parameter names, or a bad ``loss_reduction``.
+        ValueError: unknown parameter names, a bad ``loss_reduction``, or
+            ``sum_grad_squared`` with a reparametrized tensor named in ``params``.
     """
 
     def __init__(
@@ -110,17 +115,32 @@ class GradientProbe:
         named = dict(model.named_parameters())
         if isinstance(params, str):  # one name, not an iterable of its characters
             params = [params]
+        # A reparametrized tensor (the weight of a layer with spectral_norm, ...) may be named
+        # too: its g_i is the gradient with respect to the effective tensor.
+        reparametrized = reparametrized_tensors(model)
         if params is None:
             self.param_names = [n for n, p in named.items() if p.requires_grad]
         else:
             self.param_names = list(dict.fromkeys(params))
-            unknown = [n for n in self.param_names if n not in named]
+            unknown = [n for n in self.param_names if n not in named and n not in reparametrized]
             if unknown:
                 raise ValueError(
                     f"unknown parameter names {unknown}; pass names as listed by "
                     f"model.named_parameters(), e.g. {list(named)[:5]}"
                 )
-        self._params = {n: named[n] for n in self.param_names}
+        self._params = {n: named[n] for n in self.param_names if n in named}
+        self._effective = {
+            n: (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+            for n in self.param_names
+            if n not in named
+        }
+        if self._effective and sum_grad_squared:
+            raise ValueError(
+                f"sum_grad_squared=True needs autograd's batch gradient of every tracked tensor, "
+                f"which the reparametrized {list(self._effective)} (not leaves) do not have; "
+                f"track their sources instead: "
+                f"{[s for n in self._effective for s in reparametrized[n][1]]}"
+            )
         self._owners = self._resolve_owners()
         owners_of: dict[str, int] = {}
         for owner in self._owners:
@@ -155,7 +175,9 @@ class GradientProbe:
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             if id(module) in claimed_by_recursive:
                 continue
-            rule = rule_for(module)
+            # A module with parametrized tensors gets a rule that wraps its layer's own rule and
+            # claims the parametrizations' submodules (see rules/parametrized.py).
+            rule = parametrized_rule(module) or rule_for(module)
             if rule is None:
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
@@ -167,6 +189,7 @@ class GradientProbe:
                 for local_name, p in rule.owned_parameters(module).items()
                 if id(p) in canonical
             }
+            local.update({a: n for n, (m, a) in self._effective.items() if m is module})
             if local and not any(o.module is module for o in owners):
                 owners.append(_Owner(module, module_name, rule, local))
         return owners
@@ -260,6 +283,7 @@ class GradientProbe:
                 outputs=[o.detach() for o in outputs],
                 output_versions=[o._version for o in outputs],
                 grads=[None] * len(outputs),
+                state=owner.rule.capture(module),
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
@@ -394,6 +418,14 @@ class GradientProbe:
             s.grad_sample.mul_(factor)
         return s
 
+    def _tensor(self, name: str) -> Tensor:
+        """The tracked tensor's current value: a parameter, or a reparametrized tensor
+        recomputed without side effects."""
+        if name in self._effective:
+            module, attribute = self._effective[name]
+            return effective_tensor(module, attribute)
+        return self._params[name].detach()
+
     def _exclude(self, owner: _Owner, reason: str) -> None:
         owner.skip_reason = reason
         for call in owner.calls:
@@ -454,7 +486,7 @@ class GradientProbe:
         for name in self.param_names:
             if name in excluded:
                 continue
-            param = self._params[name].detach()
+            param = self._tensor(name)
             found = contributions.get(name)
             if not found:
                 if name in self._unowned or batch == 0:
@@ -510,7 +542,7 @@ def _release(call: Call, consumed: bool) -> None:
     """Drop a call's captured tensors. Its grad hooks stay registered on the graph for as long
     as the caller keeps any tensor of that graph (e.g. the loss), and they reference the call,
     so the tensors must be dropped explicitly to be freed after the backward."""
-    call.args, call.kwargs, call.outputs = (), {}, []
+    call.args, call.kwargs, call.outputs, call.state = (), {}, [], None
     call.grads = [None] * len(call.grads)
     call.consumed = consumed
 
@@ -567,6 +599,12 @@ class _UseChecker(TorchFunctionMode):
             for name in owner.local_to_name.values():
                 self.owners_of.setdefault(name, set()).add(id(owner.module))
         self.stack: list[nn.Module] = []
+        self.parametrizations = {
+            id(m)
+            for plist in probe.model.modules()
+            if isinstance(plist, parametrize.ParametrizationList)
+            for m in plist.modules()
+        }
         self.names = {id(m): n for n, m in probe.model.named_modules(remove_duplicate=False)}
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self._push)
         post = torch.nn.modules.module.register_module_forward_hook(self._pop)
@@ -607,11 +645,14 @@ class _UseChecker(TorchFunctionMode):
             isinstance(r, Tensor) and r.grad_fn is not None for r in tree_flatten(result)[0]
         ):
             return result
-        on_stack = {id(m) for m in self.stack}
+        # Evaluating a parametrization (reading `fc.weight`) pushes its own modules: the use
+        # belongs to whichever module read the weight, below them on the stack.
+        stack = [m for m in self.stack if id(m) not in self.parametrizations]
+        on_stack = {id(m) for m in stack}
         for name in used:
             if self.owners_of.get(name, set()) & on_stack:
                 continue
-            if not self.stack:
+            if not stack:
                 key = f"outside:{name}"
                 if key not in self.probe._warned:
                     self.probe._warned.add(key)
@@ -623,10 +664,10 @@ class _UseChecker(TorchFunctionMode):
                         stacklevel=2,
                     )
                 continue
-            user = self.names.get(id(self.stack[-1]), type(self.stack[-1]).__name__)
+            user = self.names.get(id(stack[-1]), type(stack[-1]).__name__)
             raise ParameterUseError(
                 f"parameter '{name}' is used directly inside the forward of module "
-                f"'{user}' ({type(self.stack[-1]).__name__}), which does not own it, so its "
+                f"'{user}' ({type(stack[-1]).__name__}), which does not own it, so its "
                 f"per-sample gradient cannot be attributed exactly. Either leave it out "
                 f"(GradientProbe(params=[...]) without '{name}'), or call the owning module "
                 f"instead of using its weight, or share the Parameter object itself "

@@ -25,7 +25,8 @@ class Call:
     an output after the forward bumps it), and ``grads`` the gradient autograd delivered for each
     output, ``None`` where none arrived (an output that does not reach the loss).
     ``consumed`` is set once a backward pass has used the call and the probe has dropped its
-    tensors (``outputs`` is then empty).
+    tensors (``outputs`` is then empty). ``state`` is what the rule's :meth:`LayerRule.capture`
+    returned for this call (``None`` for most rules).
     """
 
     args: tuple[Any, ...]
@@ -34,6 +35,7 @@ class Call:
     output_versions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
     consumed: bool = False
+    state: Any = None
 
     def output_intact(self, k: int = 0) -> bool:
         """Whether output ``k`` still holds the values the module produced."""
@@ -113,6 +115,12 @@ class LayerRule:
     def check(self, module: nn.Module) -> str | None:
         """Return a reason to exclude the module for this forward (e.g. BatchNorm in training
         mode), or ``None``. Called at forward time."""
+        return None
+
+    def capture(self, module: nn.Module) -> Any:
+        """Module state the rule needs as it was during this forward call (e.g. the buffers
+        of a weight parametrization, which the next forward may update). Called in the
+        forward hook, right after :meth:`check`; the result becomes :attr:`Call.state`."""
         return None
 
     def compute(
