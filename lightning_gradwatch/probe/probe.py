@@ -390,6 +390,8 @@ class GradientProbe:
             s.sum_sq.mul_(factor * factor)
         if s.grad_sample is not None:
             s.grad_sample.mul_(factor)
+        if s.grad_sum is not None:
+            s.grad_sum.mul_(factor)
         return s
 
     def _exclude(self, owner: _Owner, reason: str) -> None:
@@ -460,7 +462,8 @@ class GradientProbe:
                 # Tracked but unused in this forward: every per-sample gradient is zero.
                 dtype = torch.promote_types(param.dtype, torch.float32)
                 zeros = torch.zeros(batch, dtype=dtype, device=param.device)
-                found = [ParamStats(zeros, zeros, torch.zeros_like(param, dtype=dtype))]
+                nothing = torch.zeros_like(param, dtype=dtype)
+                found = [ParamStats(zeros, zeros, nothing, grad_sum=nothing)]
             if len(found) == 1:
                 s = found[0]
             else:
@@ -470,6 +473,7 @@ class GradientProbe:
                     dot=flat @ param.reshape(-1).to(flat.dtype),
                     sq_norm=flat.pow(2).sum(1),
                     sum_sq=grad_sample.pow(2).sum(0) if self.sum_grad_squared else None,
+                    grad_sum=grad_sample.sum(0) if self.sum_grad_squared else None,
                 )
             if s.dot.shape[0] != batch:
                 excluded[name] = f"batch size {s.dot.shape[0]} differs from {batch}"
@@ -480,7 +484,10 @@ class GradientProbe:
             stats.param_sq_norm[name] = flat @ flat
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
-                if name in self._grad_sum:
+                if s.grad_sum is not None:
+                    # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
+                    stats.grad_sum[name] = s.grad_sum
+                elif name in self._grad_sum:
                     grad = self._grad_sum[name]
                     stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
                 else:
