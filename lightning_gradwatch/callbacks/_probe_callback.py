@@ -108,10 +108,16 @@ class ProbeCallback(Callback):
         stats = probe.stats
         probe.reset()
         if not stats.is_finite():
-            self.skipped_steps += 1
+            self.on_probe_nonfinite(trainer, pl_module)
             return
         with torch.no_grad():
             self.on_probe_stats(trainer, pl_module, stats, self._batch, self._batch_idx)
+
+    def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called instead of :meth:`on_probe_stats` for a backward pass whose statistics hold
+        NaN or Inf (an AMP overflow, a non-finite loss). Counts it in :attr:`skipped_steps`;
+        subclasses that count optimizer steps rather than backward passes override this."""
+        self.skipped_steps += 1
 
     @override
     def on_train_batch_end(

@@ -121,7 +121,10 @@ class GradientSNR(ProbeCallback):
         self.zero_variance_rtol = zero_variance_rtol
         self.per_layer = per_layer
         self.noise_scale_ema = RatioEMA(noise_scale_decay)
+        #: The per-step sums, allocated at the first probed batch (after Lightning has cast the
+        #: model to its precision) in the parameters' dtype, at least float32.
         self.sums: GradientNoiseSums | None = None
+        self._layer_sizes: dict[str, int] = {}
         #: The quantities of the last computed step, as logged (``name -> 0-dim tensor``).
         self.latest: dict[str, Tensor] = {}
         #: ``optimizer_steps_done`` at the last computed step (``None`` before the first).
@@ -154,8 +157,8 @@ class GradientSNR(ProbeCallback):
                 "GradientSNR found no trainable parameter to track: pass params=[...] with "
                 "names from model.named_parameters() that require grad"
             )
-        dtype = torch.promote_types(named[names[0]].dtype, torch.float32)
-        self.sums = GradientNoiseSums({n: named[n].numel() for n in names}, dtype=dtype)
+        self._layer_sizes = {n: named[n].numel() for n in names}
+        self.sums = None
         warn_if_no_logger(trainer, "GradientSNR")
 
     @override
@@ -180,19 +183,33 @@ class GradientSNR(ProbeCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = optimizer_steps_done(trainer)
-        attached = self.sums is not None and self.probe is not None and self.probe._active
+        attached = self.probe is not None and self.probe._active
         if attached and self._sums_step != step:
             # First micro-batch of a scheduled optimizer step.
-            assert self.sums is not None
-            self.sums.reset()
             self._sums_step = step
-            self.sums.to(pl_module.device)
+            self._prepare_sums(pl_module)
+
+    def _prepare_sums(self, pl_module: pl.LightningModule) -> None:
+        """Zeroed sums on the module's device, in the tracked parameters' dtype or wider.
+
+        Allocated here rather than at ``setup``: Lightning casts the model to its precision
+        (e.g. ``precision="64-true"`` on a model built in float32) after ``setup``, and sums
+        kept in the pre-cast dtype would lose the digits the precision was chosen for.
+        """
+        named = dict(pl_module.named_parameters())
+        dtype = torch.float32
+        for name in self._layer_sizes:
+            dtype = torch.promote_types(dtype, named[name].dtype)
+        if self.sums is None or self.sums.grad_sum.dtype != dtype:
+            self.sums = GradientNoiseSums(self._layer_sizes, dtype=dtype)
+        else:
+            self.sums.reset()
+        self.sums.to(pl_module.device)
 
     @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        skipped_before = self.skipped_steps
-        super().on_after_backward(trainer, pl_module)
-        if self.skipped_steps != skipped_before and self.sums is not None:
+    def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Counted once per optimizer step, when the step's sums are consumed.
+        if self.sums is not None:
             self.sums.update({}, {}, {}, 0, finite=False)
 
     @override
@@ -212,14 +229,15 @@ class GradientSNR(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = optimizer_steps_done(trainer)
-        if self.sums is None or self._sums_step != step:
-            return
-        self._sums_step = None  # consumed: a second optimizer in this step computes nothing
-        # Collective on every rank (all ranks share the schedule): one all-reduce per state.
-        sums = self.sums.compute()
-        self.sums.reset()
-        with torch.no_grad():
-            values = self._quantities(sums)
+        interval = trainer.log_every_n_steps
+        logging_step = interval > 0 and (step + 1) % interval == 0
+        values = None
+        if self.sums is not None and self._sums_step == step:
+            self._sums_step = None  # consumed: a second optimizer in this step computes nothing
+            values = self._step_quantities(trainer, optimizer)
+        if logging_step:
+            # On every logging step, computed or not, so a logger shows when steps are skipped.
+            log_scalars_batch(trainer, {"gradwatch/skipped_steps": float(self.skipped_steps)})
         if values is None:
             return
         self.latest, self.latest_step = values, step
@@ -227,8 +245,6 @@ class GradientSNR(ProbeCallback):
         # millisecond of Lightning bookkeeping, so the per-layer values are written in one
         # batch (as LearningRateMonitor does), and only on steps the loggers write; they still
         # reach trainer.callback_metrics for monitoring.
-        interval = trainer.log_every_n_steps
-        logging_step = interval > 0 and (step + 1) % interval == 0
         for name in _HEADLINE_KEYS:
             value = values[name]
             if not torch.isnan(value):
@@ -237,10 +253,40 @@ class GradientSNR(ProbeCallback):
             log_scalars_batch(trainer, {n: v for n, v in values.items() if n not in _HEADLINE_KEYS})
 
     # -- computation -----------------------------------------------------------------
-    def _quantities(self, sums: Any) -> dict[str, Tensor] | None:
-        if int(sums.nonfinite) > 0:
-            return None  # counted in skipped_steps on the rank that saw it
-        count = int(sums.count)
+    def _step_quantities(self, trainer: pl.Trainer, optimizer: Any) -> dict[str, Tensor] | None:
+        """The step's statistics, or ``None`` for a step that is skipped (counted in
+        :attr:`skipped_steps` when it overflowed)."""
+        assert self.sums is not None
+        # Collective on every rank (all ranks share the schedule): one all-reduce per state.
+        sums = self.sums.compute()
+        self.sums.reset()
+        nonfinite = sums.nonfinite
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # The GradScaler skips optimizer.step when any gradient is non-finite after
+            # unscaling (done before this hook). The probe's statistics, formed in float32 from
+            # the 16-bit backprops, can stay finite on such a step while the 16-bit batch
+            # gradient overflowed: apply the scaler's own criterion so the step is skipped here
+            # too. The flag stays on the device and is read with the count below.
+            grads = [
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            ]
+            if grads:
+                finite = torch.stack([g.isfinite().all() for g in grads]).all()
+                nonfinite = nonfinite + (~finite).to(nonfinite.dtype)
+        # One device-to-host read per computed step: whether it overflowed, and its batch size.
+        nonfinite_count, count = torch.stack([nonfinite.to(sums.count.device), sums.count]).tolist()
+        if nonfinite_count > 0:
+            # An overflow step (or a non-finite loss): none of its values enter any state.
+            self.skipped_steps += 1
+            return None
+        with torch.no_grad():
+            return self._quantities(sums, count)
+
+    def _quantities(self, sums: Any, count: int) -> dict[str, Tensor] | None:
         if count == 0:
             return None  # no probed backward this step (e.g. training_step returned None)
         if count < 2:
