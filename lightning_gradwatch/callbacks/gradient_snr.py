@@ -22,8 +22,7 @@ from ..functional import noise as F
 from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
 from ..metrics.noise import GradientNoiseSums, RatioEMA
 from ..probe import ProbeStats
-from ..probe.probe import LossReduction
-from ._probe_callback import ProbeCallback
+from ._probe_callback import LossReductionSetting, ProbeCallback
 
 
 def optimizer_steps_done(trainer: pl.Trainer) -> int:
@@ -81,8 +80,11 @@ class GradientSNR(ProbeCallback):
             computed off Lightning's logging steps still reach ``trainer.callback_metrics``
             (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
         params: parameter names to include (``None``: every trainable parameter).
-        loss_reduction: how ``training_step`` reduces the per-sample losses (``"mean"`` or
-            ``"sum"``).
+        loss_reduction: how ``training_step`` reduces the per-sample losses: ``"auto"``
+            measures it on the first training batch (automatic optimisation); ``"mean"`` or
+            ``"sum"`` declare it (checked the same way; required with manual optimisation).
+            Only ``gsnr/trace_sigma``, ``gsnr/grad_sq_norm`` and the noise scale's parts
+            depend on it; a loss that is neither is refused at the first batch.
         eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
             every entry and adds ``eps`` to the variance (Cockpit's ``MeanGSNR`` convention).
         zero_variance_rtol: an entry counts as zero-variance when its variance is at most this
@@ -97,11 +99,14 @@ class GradientSNR(ProbeCallback):
             unknown parameter names or no parameter to track.
     """
 
+    # gsnr/trace_sigma and gsnr/grad_sq_norm scale with the loss reduction factor c squared.
+    needs_loss_scale = True
+
     def __init__(
         self,
         every_n_steps: int | None = None,
         params: list[str] | None = None,
-        loss_reduction: LossReduction = "mean",
+        loss_reduction: LossReductionSetting = "auto",
         eps: float = 0.0,
         zero_variance_rtol: float | None = None,
         noise_scale_decay: float = 0.9,
