@@ -4,10 +4,13 @@ The probe sees ``c * dl_i/dz`` in every backprop, where the loss is ``L = c * su
 from one backward's hooks alone ``c`` cannot be told apart from a scale inside every ``l_i``:
 the per-sample gradients the probe forms sum to exactly the ``.grad`` autograd accumulates,
 whatever ``c`` is assumed. So the reduction is measured on the loss itself: ``training_step``
-is evaluated, without gradients, on the first batch of ``B`` samples and on that batch repeated
-twice (``2B`` samples). A mean over samples gives the same loss, a sum twice the loss; any other
-ratio means the loss is not of the form ``c * sum_i l_i`` with ``c`` in ``{1/B, 1}`` (it mixes
-samples, or is normalised by something else), and per-sample statistics would be wrong.
+is evaluated, without gradients, on the first batch of ``B`` samples, on that batch repeated
+twice (``2B`` samples), and on its two halves. A mean over samples gives the same loss on the
+repeated batch and the size-weighted mean of the halves' losses; a sum gives twice the loss and
+the sum of the halves' losses. Anything else means the loss is not of the form
+``c * sum_i l_i`` with ``c`` in ``{1/B, 1}``: it mixes samples (the halves catch statistics of
+the batch, such as centring by its mean, which repeating the batch leaves unchanged), or it is
+normalised by something else, and per-sample statistics would be wrong.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class ReductionMeasurement:
         batch_size: ``B``, the first dimension shared by the batch's tensors.
         loss: ``()`` loss on the batch.
         doubled_loss: loss on the batch repeated twice.
+        halves_loss: the loss on the batch as the hypothesis ``verdict`` predicts it from the
+            losses on the two halves (``nan`` for a batch of one sample).
         noise: relative change of the loss between two evaluations on the same batch with
             different random numbers (0 for a deterministic model).
         tolerance: relative tolerance on the ratio (from the precision and ``noise``).
@@ -60,6 +65,7 @@ class ReductionMeasurement:
     batch_size: int
     loss: float
     doubled_loss: float
+    halves_loss: float
     noise: float
     tolerance: float
     verdict: LossReduction | None
@@ -77,6 +83,11 @@ class ReductionMeasurement:
             f"on that batch repeated twice ({2 * self.batch_size} samples), the loss went from "
             f"{self.loss:.6g} to {self.doubled_loss:.6g}, a ratio of {self.ratio:.4f} (a mean "
             f"over samples gives 1, a sum 2, here within a relative {self.tolerance:.2g})"
+            + (
+                f"; from its two halves the loss would be {self.halves_loss:.6g}"
+                if math.isfinite(self.halves_loss)
+                else ""
+            )
         )
 
 
@@ -141,10 +152,10 @@ def measure_loss_reduction(
     """Evaluate ``training_step`` on ``batch`` and on ``batch`` repeated twice, and decide.
 
     Every tensor of the batch whose first dimension equals ``B`` (that of the first tensor) is
-    repeated; other leaves are passed unchanged. Three evaluations, all without gradients and
-    with no side effect left behind: the batch twice with different random numbers (their
-    difference measures dropout-like noise, which widens the tolerance), then the repeated
-    batch with the first evaluation's random numbers.
+    repeated (or split); other leaves are passed unchanged. Five evaluations, all without
+    gradients and with no side effect left behind: the batch twice with different random
+    numbers (their difference measures dropout-like noise, which widens the tolerance), then,
+    from the first evaluation's random numbers, the repeated batch and the two halves.
 
     Returns:
         The measurement, or ``None`` when this batch cannot decide (``training_step`` returned
@@ -153,11 +164,17 @@ def measure_loss_reduction(
     batch_size = _sample_count(batch)
     if batch_size is None or batch_size == 0:
         return None
-    doubled = apply_to_collection(
-        batch,
-        Tensor,
-        lambda t: torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == batch_size else t,
-    )
+
+    def samples(transform: Any) -> Any:
+        return apply_to_collection(
+            batch,
+            Tensor,
+            lambda t: transform(t) if t.dim() > 0 and t.shape[0] == batch_size else t,
+        )
+
+    doubled = samples(lambda t: torch.cat([t, t]))
+    split = (batch_size + 1) // 2
+    halves = [samples(lambda t: t[:split]), samples(lambda t: t[split:])] if batch_size > 1 else []
     step_context = trainer.precision_plugin.train_step_context
     with torch.no_grad(), _side_effects_undone(pl_module):
         rng_state = torch.random.get_rng_state()
@@ -170,31 +187,50 @@ def measure_loss_reduction(
             torch.cuda.set_rng_state(cuda_state)
         with step_context():
             twice = _loss_of(pl_module.training_step(doubled, batch_idx))
-    if first is None or second is None or twice is None:
+            parts = [_loss_of(pl_module.training_step(half, batch_idx)) for half in halves]
+    losses = [first, second, twice, *parts]
+    if any(loss is None for loss in losses):
         return None
     # One read, once per fit.
-    loss, again, doubled_loss = torch.stack([first, second, twice]).double().tolist()
-    if not all(map(math.isfinite, (loss, again, doubled_loss))) or loss == 0.0:
+    values = torch.stack([loss.detach().double().reshape(()) for loss in losses]).tolist()
+    if not all(map(math.isfinite, values)) or values[0] == 0.0:
         return None
+    loss, again, doubled_loss = values[:3]
+    sizes = (split, batch_size - split)
+    half_losses = values[3:]
     noise = abs(again - loss) / abs(loss)
     tolerance = max(MIN_RATIO_TOLERANCE, EPS_FACTOR * precision_eps(trainer)) + NOISE_FACTOR * noise
     ratio = doubled_loss / loss
     verdict: LossReduction | None = None
+    halves_loss = math.nan
     reason = ""
     if tolerance > MAX_RATIO_TOLERANCE:
         reason = (
             f"the loss changes by {noise:.1%} between two evaluations on the same batch "
             f"(dropout or other randomness), too much to tell a mean from a sum safely"
         )
-    elif abs(ratio - 1.0) <= tolerance:
-        verdict = "mean"
-    elif abs(ratio / 2.0 - 1.0) <= tolerance:
-        verdict = "sum"
     else:
-        reason = (
-            "the loss is neither a mean nor a sum over samples: it may mix samples (batch "
-            "statistics, contrastive or pairwise terms), be normalised by something other "
-            "than the number of samples, or the batch may hold tensors whose first "
-            "dimension is not the sample dimension"
-        )
-    return ReductionMeasurement(batch_size, loss, doubled_loss, noise, tolerance, verdict, reason)
+        for hypothesis, expected_ratio in (("mean", 1.0), ("sum", 2.0)):
+            if abs(ratio / expected_ratio - 1.0) > tolerance:
+                continue
+            if not half_losses:
+                verdict = hypothesis  # type: ignore[assignment]
+                break
+            # A mean is the size-weighted mean of the halves' means; a sum the sum of theirs.
+            weights = [n / batch_size for n in sizes] if hypothesis == "mean" else [1.0, 1.0]
+            terms = [w * h for w, h in zip(weights, half_losses, strict=True)]
+            halves_loss = sum(terms)
+            if abs(loss - halves_loss) <= tolerance * sum(map(abs, terms)):
+                verdict = hypothesis  # type: ignore[assignment]
+            break
+        if verdict is None:
+            reason = (
+                "the loss is neither a mean nor a sum of per-sample losses: it may mix samples "
+                "(BatchNorm in training mode or other batch statistics, contrastive or "
+                "pairwise terms), be normalised by something "
+                "other than the number of samples, or the batch may hold tensors whose first "
+                "dimension is not the sample dimension"
+            )
+    return ReductionMeasurement(
+        batch_size, loss, doubled_loss, halves_loss, noise, tolerance, verdict, reason
+    )
