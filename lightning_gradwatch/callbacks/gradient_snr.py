@@ -96,7 +96,14 @@ class GradientSNR(ProbeCallback):
 
     Raises:
         ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
-            unknown parameter names or no parameter to track.
+            unknown parameter names, no parameter to track, or ``loss_reduction="auto"``
+            with manual optimisation; at the first training batch, a loss that is neither a
+            mean nor a sum over samples, or one that contradicts a declared
+            ``loss_reduction``.
+
+    Overflow steps (a ``GradScaler`` skipping ``optimizer.step``, a non-finite loss) are
+    skipped, counted once per step in ``skipped_steps`` and logged as
+    ``gradwatch/skipped_steps`` on logging steps; nothing of theirs enters any state.
     """
 
     # gsnr/trace_sigma and gsnr/grad_sq_norm scale with the loss reduction factor c squared.
