@@ -8,6 +8,7 @@ brute-force oracle at rtol=1e-6.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -131,6 +132,24 @@ def test_sum_reduced_loss_is_detected_and_exact(kind: str, tmp_path: Path) -> No
         # oracle_for_step differentiates each per-sample cross-entropy on its own, which is
         # independent of the reduction.
         assert_close(values, oracle_for_step(module, batches, params))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_reduction_is_measured_for_any_batch_size(
+    loss: str, batch_size: int, tmp_path: Path
+) -> None:
+    # B = 1 cannot be split (and cannot mix samples); an odd B has halves of 2 and 1 samples,
+    # which the mean hypothesis weights by their sizes.
+    torch.manual_seed(0)
+    gsnr = GradientSNR()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*effective batch has 1 sample.*")
+        run(Net(mlp(), loss), [gsnr], tmp_path, loader(n=8, batch_size=batch_size))
+    measurement = gsnr.reduction_measurement
+    assert measurement is not None and measurement.verdict == loss
+    assert measurement.batch_size == batch_size
+    assert math.isnan(measurement.halves_loss) == (batch_size == 1)
 
 
 def test_mean_is_detected_with_dropout(tmp_path: Path) -> None:
