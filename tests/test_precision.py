@@ -215,6 +215,38 @@ def test_16bit_matches_same_precision_brute_force(
             assert abs(got - want) <= 2 * bound[key], (key, got, want, bound[key])
 
 
+def test_rule_without_float32_batch_sum_is_refused_under_16_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A rule that leaves ParamStats.grad_sum unset gets autograd's batch gradient instead:
+    # exact at 32 bits, but rounded to 16 bits under autocast, so the probe refuses the layer.
+    from lightning_gradwatch import GradientProbe
+    from lightning_gradwatch.probe.rules.linear import LinearRule
+
+    compute = LinearRule.compute
+
+    def without_grad_sum(self: LinearRule, *args: Any) -> dict[str, Any]:
+        result = compute(self, *args)
+        for stats in result.values():
+            stats.grad_sum = None
+        return result
+
+    monkeypatch.setattr(LinearRule, "compute", without_grad_sum)
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = data("mlp").tensors
+    for dtype, refused in ((torch.bfloat16, True), (torch.float32, False)):
+        probe = GradientProbe(model, sum_grad_squared=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with probe, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        messages = [str(w.message) for w in caught]
+        assert any("no float32 sum of per-sample gradients" in m for m in messages) == refused
+        assert (probe.stats.names == []) == refused
+
+
 # ----------------------------------------------------------------------------- 64-bit
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_64_true_on_a_float32_model_matches_float64_oracle(kind: str, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Every function takes the sums over the ``B`` samples of a batch (the effective batch of one
 optimizer step, across micro-batches and ranks) and returns the quantity that
-``docs/gsnr.md`` defines. Notation:
+``docs/gsnr.md`` and the metrics reference define. Notation:
 
 - ``grad_sum`` ``S = sum_i g_i`` (``(D,)``, or any shape: it is flattened),
 - ``grad_sq_sum`` ``Q = sum_i g_i**2`` (same shape as ``S``),

@@ -377,6 +377,18 @@ class GradientProbe:
             return
         finally:
             self._replaying = False
+        coarse_sum = any(s.sum_sq is not None and s.grad_sum is None for s in result.values())
+        if self.sum_grad_squared and sample.dtype.itemsize < 4 and coarse_sum:
+            # Autograd's batch gradient is rounded to 16 bits here, and Q/B - (S/B)**2 would
+            # cancel down to that rounding: refuse rather than report it.
+            self._exclude(
+                owner,
+                f"its rule gives no float32 sum of per-sample gradients, and with "
+                f"{sample.dtype} backprops autograd's batch gradient is too coarse for the "
+                f"variance; train in precision='32-true' to monitor it, or leave it out "
+                f"with params=[...]",
+            )
+            return
         owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
 
     def _unscale(self, s: ParamStats) -> ParamStats:
