@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
 from ._strategies import refuse_sharded_strategy
+from ._loss_reduction import ReductionMeasurement, measure_loss_reduction
+
+#: ``"auto"`` measures the reduction on the first training batch (see ``_loss_reduction``).
+LossReductionSetting = Literal["auto", "mean", "sum"]
+_REDUCTION_CODES: tuple[LossReduction | None, ...] = ("mean", "sum", None)
 
 
 def lightning_loss_scale(trainer: pl.Trainer) -> float:
@@ -44,19 +50,29 @@ class ProbeCallback(Callback):
     generator and discriminator losses). ``None``: the batch's only backward pass that reaches
     the tracked parameters; a second one in the same batch raises, since each sample would be
     counted once per backward pass.
+
+    A subclass whose outputs depend on the absolute scale of the per-sample gradients (not
+    only on directions or ratios) sets :attr:`needs_loss_scale`; it then measures the loss
+    reduction once per fit, on the first training batch (``loss_reduction="auto"``), or checks
+    the declared one the same way, and refuses a loss that is neither a mean nor a sum over
+    samples.
     """
+
+    #: Whether the subclass's outputs depend on the loss's reduction factor ``c``. Cosines
+    #: and ratios (GWA, GSNR, coherence) do not; ``tr(Sigma)`` and ``|G|^2`` do.
+    needs_loss_scale: bool = False
 
     def __init__(
         self,
-        loss_reduction: LossReduction = "mean",
+        loss_reduction: LossReductionSetting = "auto",
         sum_grad_squared: bool = False,
         backward: int | None = None,
     ):
         super().__init__()
-        if loss_reduction not in ("mean", "sum"):
+        if loss_reduction not in ("auto", "mean", "sum"):
             raise ValueError(
-                f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}: say how your "
-                f"training_step reduces the per-sample losses"
+                f"loss_reduction must be 'auto', 'mean' or 'sum', got {loss_reduction!r}: say "
+                f"how your training_step reduces the per-sample losses, or 'auto' to measure it"
             )
         if backward is not None and (
             isinstance(backward, bool) or not isinstance(backward, int) or backward < 0
@@ -68,7 +84,12 @@ class ProbeCallback(Callback):
         self.backward = backward
         self._backward_index = 0  # backward passes seen in the current training batch
         self._used_backward: int | None = None  # the one whose statistics were used
-        self.loss_reduction: LossReduction = loss_reduction
+        #: As passed: ``"auto"``, ``"mean"`` or ``"sum"``; the probe holds the value in use.
+        self.loss_reduction: LossReductionSetting = loss_reduction
+        #: The measurement on the first batch of this fit (``None`` before, or when the
+        #: callback does not need one).
+        self.reduction_measurement: ReductionMeasurement | None = None
+        self._reduction_settled = False
         self.sum_grad_squared = sum_grad_squared
         self.probe: GradientProbe | None = None
         self.skipped_steps = 0
@@ -102,10 +123,22 @@ class ProbeCallback(Callback):
             return
         refuse_sharded_strategy(trainer.strategy, type(self).__name__)
         self._trainer = trainer
+        self.reduction_measurement = None
+        # Callbacks whose outputs do not depend on c need no measurement: "auto" is "mean".
+        self._reduction_settled = not self.needs_loss_scale
+        if self.needs_loss_scale and not pl_module.automatic_optimization:
+            if self.loss_reduction == "auto":
+                raise ValueError(
+                    f"{type(self).__name__}: loss_reduction='auto' cannot be measured with "
+                    f"manual optimisation (training_step's return value is not the loss you "
+                    f"pass to manual_backward). Pass loss_reduction='mean' if that loss is the "
+                    f"mean of the per-sample losses over the batch, or 'sum' if it is their sum."
+                )
+            self._reduction_settled = True  # declared by the user; trusted, documented
         self.probe = GradientProbe(
             pl_module,
             params=self.probe_params(trainer, pl_module),
-            loss_reduction=self.loss_reduction,
+            loss_reduction="mean" if self.loss_reduction == "auto" else self.loss_reduction,
             sum_grad_squared=self.sum_grad_squared,
             loss_scale=self._loss_scale,
         )
@@ -114,11 +147,56 @@ class ProbeCallback(Callback):
         assert self._trainer is not None
         return lightning_loss_scale(self._trainer)
 
+    def _settle_loss_reduction(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Measure the reduction on this batch and apply (or check) it; once per fit."""
+        measurement = measure_loss_reduction(trainer, pl_module, batch, batch_idx)
+        # Every rank measures its own batch; they must agree (a consistent decision on all
+        # ranks: nobody raises alone). Code 2 means "no verdict", 3 "try the next batch".
+        code = 3 if measurement is None else _REDUCTION_CODES.index(measurement.verdict)
+        codes = trainer.strategy.all_gather(torch.tensor(code, device=pl_module.device))
+        lowest, highest = (int(v) for v in torch.stack([codes.min(), codes.max()]).tolist())
+        if highest == 3:
+            return  # some rank's training_step gave no usable loss on this batch
+        self._reduction_settled = True
+        self.reduction_measurement = measurement
+        assert measurement is not None and self.probe is not None
+        name = type(self).__name__
+        verdict = _REDUCTION_CODES[lowest] if lowest == highest else None
+        if verdict is None:
+            reason = measurement.reason or "the ranks measured different reductions"
+            if self.loss_reduction == "auto":
+                raise ValueError(
+                    f"{name}: could not infer how training_step reduces the per-sample losses: "
+                    f"{measurement.describe()}; {reason}. Per-sample statistics need a loss "
+                    f"L = c * sum_i l_i of per-sample losses l_i: pass loss_reduction='mean' "
+                    f"(c = 1/B) or 'sum' (c = 1) if your loss has that form; a loss that mixes "
+                    f"samples has no per-sample gradients to monitor."
+                )
+            rank_zero_warn(
+                f"{name}: could not confirm loss_reduction={self.loss_reduction!r}: "
+                f"{measurement.describe()}; {reason}. Absolute magnitudes (gsnr/trace_sigma, "
+                f"gsnr/grad_sq_norm) are exact only if the loss is "
+                f"{'the mean' if self.loss_reduction == 'mean' else 'the sum'} of per-sample "
+                f"losses over the batch."
+            )
+            return
+        if self.loss_reduction not in ("auto", verdict):
+            raise ValueError(
+                f"{name}: loss_reduction={self.loss_reduction!r} was passed, but "
+                f"training_step's loss is a {verdict!r} over samples: "
+                f"{measurement.describe()}. Pass loss_reduction={verdict!r} (or 'auto')."
+            )
+        self.probe.loss_reduction = verdict
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._backward_index, self._used_backward = 0, None
+        if self.probe is not None and not self._reduction_settled:
+            self._settle_loss_reduction(trainer, pl_module, batch, batch_idx)
         if self.probe is not None and self.should_probe(trainer, batch_idx):
             self._batch, self._batch_idx = batch, batch_idx
             self.probe.reset()
@@ -148,10 +226,16 @@ class ProbeCallback(Callback):
             )
         self._used_backward = index
         if not stats.is_finite():
-            self.skipped_steps += 1
+            self.on_probe_nonfinite(trainer, pl_module)
             return
         with torch.no_grad():
             self.on_probe_stats(trainer, pl_module, stats, self._batch, self._batch_idx)
+
+    def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called instead of :meth:`on_probe_stats` for a backward pass whose statistics hold
+        NaN or Inf (an AMP overflow, a non-finite loss). Counts it in :attr:`skipped_steps`;
+        subclasses that count optimizer steps rather than backward passes override this."""
+        self.skipped_steps += 1
 
     @override
     def on_train_batch_end(

@@ -27,8 +27,7 @@ from ..functional import noise as F
 from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
 from ..metrics.noise import GradientNoiseSums, RatioEMA
 from ..probe import ProbeStats
-from ..probe.probe import LossReduction
-from ._probe_callback import ProbeCallback
+from ._probe_callback import LossReductionSetting, ProbeCallback
 
 
 def optimizer_steps_done(trainer: pl.Trainer) -> int:
@@ -86,8 +85,11 @@ class GradientSNR(ProbeCallback):
             computed off Lightning's logging steps still reach ``trainer.callback_metrics``
             (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
         params: a parameter name or names to include (``None``: every trainable parameter).
-        loss_reduction: how ``training_step`` reduces the per-sample losses (``"mean"`` or
-            ``"sum"``).
+        loss_reduction: how ``training_step`` reduces the per-sample losses: ``"auto"``
+            measures it on the first training batch (automatic optimisation); ``"mean"`` or
+            ``"sum"`` declare it (checked the same way; required with manual optimisation).
+            Only ``gsnr/trace_sigma``, ``gsnr/grad_sq_norm`` and the noise scale's parts
+            depend on it; a loss that is neither is refused at the first batch.
         eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
             every entry and adds ``eps`` to the variance (Cockpit's ``MeanGSNR`` convention).
         zero_variance_rtol: an entry counts as zero-variance when its variance is at most this
@@ -102,14 +104,24 @@ class GradientSNR(ProbeCallback):
 
     Raises:
         ValueError: bad ``every_n_steps``, ``eps``, ``noise_scale_decay``; at ``setup``,
-            unknown parameter names or no parameter to track.
+            unknown parameter names, no parameter to track, or ``loss_reduction="auto"``
+            with manual optimisation; at the first training batch, a loss that is neither a
+            mean nor a sum over samples, or one that contradicts a declared
+            ``loss_reduction``.
+
+    Overflow steps (a ``GradScaler`` skipping ``optimizer.step``, a non-finite loss) are
+    skipped, counted once per step in ``skipped_steps`` and logged as
+    ``gradwatch/skipped_steps`` on logging steps; nothing of theirs enters any state.
     """
+
+    # gsnr/trace_sigma and gsnr/grad_sq_norm scale with the loss reduction factor c squared.
+    needs_loss_scale = True
 
     def __init__(
         self,
         every_n_steps: int | None = None,
         params: str | Sequence[str] | None = None,
-        loss_reduction: LossReduction = "mean",
+        loss_reduction: LossReductionSetting = "auto",
         eps: float = 0.0,
         zero_variance_rtol: float | None = None,
         noise_scale_decay: float = 0.9,
@@ -132,7 +144,10 @@ class GradientSNR(ProbeCallback):
         self.zero_variance_rtol = zero_variance_rtol
         self.per_layer = per_layer
         self.noise_scale_ema = RatioEMA(noise_scale_decay)
+        #: The per-step sums, allocated at the first probed batch (after Lightning has cast the
+        #: model to its precision) in the parameters' dtype, at least float32.
         self.sums: GradientNoiseSums | None = None
+        self._layer_sizes: dict[str, int] = {}
         #: The quantities of the last computed step, as logged (``name -> 0-dim tensor``).
         self.latest: dict[str, Tensor] = {}
         #: ``optimizer_steps_done`` at the last computed step (``None`` before the first).
@@ -173,8 +188,8 @@ class GradientSNR(ProbeCallback):
                 "GradientSNR found no trainable parameter to track: pass params=[...] with "
                 "names from model.named_parameters() that require grad"
             )
-        dtype = torch.promote_types(named[names[0]].dtype, torch.float32)
-        self.sums = GradientNoiseSums({n: named[n].numel() for n in names}, dtype=dtype)
+        self._layer_sizes = {n: named[n].numel() for n in names}
+        self.sums = None
         warn_if_no_logger(trainer, "GradientSNR")
 
     @override
@@ -199,19 +214,33 @@ class GradientSNR(ProbeCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = optimizer_steps_done(trainer)
-        attached = self.sums is not None and self.probe is not None and self.probe._active
+        attached = self.probe is not None and self.probe._active
         if attached and self._sums_step != step:
             # First micro-batch of a scheduled optimizer step.
-            assert self.sums is not None
-            self.sums.reset()
             self._sums_step = step
-            self.sums.to(pl_module.device)
+            self._prepare_sums(pl_module)
+
+    def _prepare_sums(self, pl_module: pl.LightningModule) -> None:
+        """Zeroed sums on the module's device, in the tracked parameters' dtype or wider.
+
+        Allocated here rather than at ``setup``: Lightning casts the model to its precision
+        (e.g. ``precision="64-true"`` on a model built in float32) after ``setup``, and sums
+        kept in the pre-cast dtype would lose the digits the precision was chosen for.
+        """
+        named = dict(pl_module.named_parameters())
+        dtype = torch.float32
+        for name in self._layer_sizes:
+            dtype = torch.promote_types(dtype, named[name].dtype)
+        if self.sums is None or self.sums.grad_sum.dtype != dtype:
+            self.sums = GradientNoiseSums(self._layer_sizes, dtype=dtype)
+        else:
+            self.sums.reset()
+        self.sums.to(pl_module.device)
 
     @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        skipped_before = self.skipped_steps
-        super().on_after_backward(trainer, pl_module)
-        if self.skipped_steps != skipped_before and self.sums is not None:
+    def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Counted once per optimizer step, when the step's sums are consumed.
+        if self.sums is not None:
             self.sums.update({}, {}, {}, 0, finite=False)
 
     @override
@@ -231,14 +260,15 @@ class GradientSNR(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = optimizer_steps_done(trainer)
-        if self.sums is None or self._sums_step != step:
-            return
-        self._sums_step = None  # consumed: a second optimizer in this step computes nothing
-        # Collective on every rank (all ranks share the schedule): one all-reduce per state.
-        sums = self.sums.compute()
-        self.sums.reset()
-        with torch.no_grad():
-            values = self._quantities(sums)
+        interval = trainer.log_every_n_steps
+        logging_step = interval > 0 and (step + 1) % interval == 0
+        values = None
+        if self.sums is not None and self._sums_step == step:
+            self._sums_step = None  # consumed: a second optimizer in this step computes nothing
+            values = self._step_quantities(trainer, optimizer)
+        if logging_step:
+            # On every logging step, computed or not, so a logger shows when steps are skipped.
+            log_scalars_batch(trainer, {"gradwatch/skipped_steps": float(self.skipped_steps)})
         if values is None:
             return
         self.latest, self.latest_step = values, step
@@ -246,8 +276,6 @@ class GradientSNR(ProbeCallback):
         # millisecond of Lightning bookkeeping, so the per-layer values are written in one
         # batch (as LearningRateMonitor does), and only on steps the loggers write; they still
         # reach trainer.callback_metrics for monitoring.
-        interval = trainer.log_every_n_steps
-        logging_step = interval > 0 and (step + 1) % interval == 0
         for name in _HEADLINE_KEYS:
             value = values[name]
             if not torch.isnan(value):
@@ -256,10 +284,40 @@ class GradientSNR(ProbeCallback):
             log_scalars_batch(trainer, {n: v for n, v in values.items() if n not in _HEADLINE_KEYS})
 
     # -- computation -----------------------------------------------------------------
-    def _quantities(self, sums: Any) -> dict[str, Tensor] | None:
-        if int(sums.nonfinite) > 0:
-            return None  # counted in skipped_steps on the rank that saw it
-        count = int(sums.count)
+    def _step_quantities(self, trainer: pl.Trainer, optimizer: Any) -> dict[str, Tensor] | None:
+        """The step's statistics, or ``None`` for a step that is skipped (counted in
+        :attr:`skipped_steps` when it overflowed)."""
+        assert self.sums is not None
+        # Collective on every rank (all ranks share the schedule): one all-reduce per state.
+        sums = self.sums.compute()
+        self.sums.reset()
+        nonfinite = sums.nonfinite
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # The GradScaler skips optimizer.step when any gradient is non-finite after
+            # unscaling (done before this hook). The probe's statistics, formed in float32 from
+            # the 16-bit backprops, can stay finite on such a step while the 16-bit batch
+            # gradient overflowed: apply the scaler's own criterion so the step is skipped here
+            # too. The flag stays on the device and is read with the count below.
+            grads = [
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            ]
+            if grads:
+                finite = torch.stack([g.isfinite().all() for g in grads]).all()
+                nonfinite = nonfinite + (~finite).to(nonfinite.dtype)
+        # One device-to-host read per computed step: whether it overflowed, and its batch size.
+        nonfinite_count, count = torch.stack([nonfinite.to(sums.count.device), sums.count]).tolist()
+        if nonfinite_count > 0:
+            # An overflow step (or a non-finite loss): none of its values enter any state.
+            self.skipped_steps += 1
+            return None
+        with torch.no_grad():
+            return self._quantities(sums, count)
+
+    def _quantities(self, sums: Any, count: int) -> dict[str, Tensor] | None:
         if count == 0:
             return None  # no probed backward this step (e.g. training_step returned None)
         if count < 2:

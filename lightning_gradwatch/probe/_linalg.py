@@ -40,7 +40,14 @@ def stats_from_grad_sample(
         sq_norm=row_sq_norm(flat),
         sum_sq=grad_sample.pow(2).sum(0) if need_sum_sq else None,
         grad_sample=grad_sample if keep else None,
+        grad_sum=grad_sample.sum(0) if need_sum_sq else None,
     )
+
+
+def outer_product_sum(a: Tensor, delta: Tensor) -> Tensor:
+    """``sum_i G_i`` ``(G, O, K)`` for ``a`` ``(B, T, G, K)`` and ``delta`` ``(B, T, G, O)``, in
+    their dtype (the batch gradient, consistent with the per-sample sums of squares)."""
+    return torch.einsum("btgo,btgk->gok", delta, a)
 
 
 def outer_product_stats(

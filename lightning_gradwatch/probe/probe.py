@@ -403,6 +403,18 @@ class GradientProbe:
             return
         finally:
             self._replaying = False
+        coarse_sum = any(s.sum_sq is not None and s.grad_sum is None for s in result.values())
+        if self.sum_grad_squared and sample.dtype.itemsize < 4 and coarse_sum:
+            # Autograd's batch gradient is rounded to 16 bits here, and Q/B - (S/B)**2 would
+            # cancel down to that rounding: refuse rather than report it.
+            self._exclude(
+                owner,
+                f"its rule gives no float32 sum of per-sample gradients, and with "
+                f"{sample.dtype} backprops autograd's batch gradient is too coarse for the "
+                f"variance; train in precision='32-true' to monitor it, or leave it out "
+                f"with params=[...]",
+            )
+            return
         owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
 
     def _unscale(self, s: ParamStats) -> ParamStats:
@@ -416,6 +428,8 @@ class GradientProbe:
             s.sum_sq.mul_(factor * factor)
         if s.grad_sample is not None:
             s.grad_sample.mul_(factor)
+        if s.grad_sum is not None:
+            s.grad_sum.mul_(factor)
         return s
 
     def _tensor(self, name: str) -> Tensor:
@@ -494,7 +508,8 @@ class GradientProbe:
                 # Tracked but unused in this forward: every per-sample gradient is zero.
                 dtype = torch.promote_types(param.dtype, torch.float32)
                 zeros = torch.zeros(batch, dtype=dtype, device=param.device)
-                found = [ParamStats(zeros, zeros, torch.zeros_like(param, dtype=dtype))]
+                nothing = torch.zeros_like(param, dtype=dtype)
+                found = [ParamStats(zeros, zeros, nothing, grad_sum=nothing)]
             if len(found) == 1:
                 s = found[0]
             else:
@@ -504,6 +519,7 @@ class GradientProbe:
                     dot=flat @ param.reshape(-1).to(flat.dtype),
                     sq_norm=flat.pow(2).sum(1),
                     sum_sq=grad_sample.pow(2).sum(0) if self.sum_grad_squared else None,
+                    grad_sum=grad_sample.sum(0) if self.sum_grad_squared else None,
                 )
             if s.dot.shape[0] != batch:
                 excluded[name] = f"batch size {s.dot.shape[0]} differs from {batch}"
@@ -514,7 +530,10 @@ class GradientProbe:
             stats.param_sq_norm[name] = flat @ flat
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
-                if name in self._grad_sum:
+                if s.grad_sum is not None:
+                    # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
+                    stats.grad_sum[name] = s.grad_sum
+                elif name in self._grad_sum:
                     grad = self._grad_sum[name]
                     stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
                 else:

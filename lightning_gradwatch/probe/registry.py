@@ -53,12 +53,17 @@ class ParamStats:
         grad_sample: ``(B, *param.shape)`` per-sample gradients; ``None`` unless requested
             (only for parameters shared between modules, whose contributions must be summed
             before taking norms).
+        grad_sum: ``param.shape``, ``sum_i g_i`` formed from the same per-sample values as
+            ``sum_sq`` (in ``ctx.dtype``); set whenever ``sum_sq`` is. Autograd's own batch
+            gradient is not a substitute under 16-bit precision: it is rounded to 16 bits, and
+            the variance ``sum_sq/B - (grad_sum/B)**2`` cancels to that rounding error.
     """
 
     dot: Tensor
     sq_norm: Tensor
     sum_sq: Tensor | None = None
     grad_sample: Tensor | None = None
+    grad_sum: Tensor | None = None
 
 
 @dataclass(frozen=True)

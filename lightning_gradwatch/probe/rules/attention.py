@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats
+from .._linalg import bias_stats, outer_product_stats, outer_product_sum
 from ..registry import Call, ParamStats, RuleContext, register_rule
 from .fallback import FallbackRule
 
@@ -141,6 +141,11 @@ class MultiheadAttentionRule(FallbackRule):
                 dot=(delta_b * z).sum((1, 2)),
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
+                grad_sum=(
+                    outer_product_sum(core_b.unsqueeze(2), delta_b.unsqueeze(2)).squeeze(0)
+                    if ctx.need_sum_sq
+                    else None
+                ),
             )
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
@@ -178,6 +183,16 @@ class MultiheadAttentionRule(FallbackRule):
                 dot=dot,
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(w_in.shape) if sum_sq is not None else None,
+                grad_sum=(
+                    torch.cat(
+                        [
+                            outer_product_sum(a.unsqueeze(2), d.unsqueeze(2)).squeeze(0)
+                            for a, d in zip(inputs, grads, strict=True)
+                        ]
+                    ).reshape(w_in.shape)
+                    if ctx.need_sum_sq
+                    else None
+                ),
             )
         if b_in is not None and "in_proj_bias" in ctx.want:
             bias_grad = torch.cat([d.sum(1) for d in grads], -1)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, chunk_size, outer_product_stats, row_sq_norm, rowdot
+from .._linalg import (
+    bias_stats,
+    chunk_size,
+    outer_product_stats,
+    outer_product_sum,
+    row_sq_norm,
+    rowdot,
+)
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -159,6 +166,9 @@ class ConvRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
+                grad_sum=(
+                    outer_product_sum(a, delta).reshape(weight.shape) if ctx.need_sum_sq else None
+                ),
             )
         if bias is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
@@ -185,6 +195,7 @@ class ConvRule(LayerRule):
         keep = "weight" in ctx.need_grad_sample
         sq_norm = dot.new_empty(batch)
         sum_sq = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sum = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
         grad_sample = dot.new_empty(batch, *weight.shape) if keep else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
@@ -192,8 +203,11 @@ class ConvRule(LayerRule):
             for x, d in zip(inputs[1:], deltas[1:], strict=True):
                 g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module)
             sq_norm[lo:hi] = row_sq_norm(g)
-            if sum_sq is not None:
+            if sum_sq is not None and grad_sum is not None:
                 sum_sq += g.pow(2).sum(0)
+                grad_sum += g.sum(0)
             if grad_sample is not None:
                 grad_sample[lo:hi] = g
-        return ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample)
+        return ParamStats(
+            dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample, grad_sum=grad_sum
+        )

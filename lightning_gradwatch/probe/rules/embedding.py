@@ -80,7 +80,9 @@ class EmbeddingRule(LayerRule):
         sq_norm = delta.new_zeros(batch).index_add_(
             0, torch.div(unique_keys, vocab, rounding_mode="floor"), segment_sq.sum(1)
         )
-        sum_sq = None
+        sum_sq = grad_sum = None
         if ctx.need_sum_sq:
-            sum_sq = weight.new_zeros(vocab, dim).index_add_(0, unique_keys % vocab, segment_sq)
-        return {"weight": ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq)}
+            rows = unique_keys % vocab
+            sum_sq = weight.new_zeros(vocab, dim).index_add_(0, rows, segment_sq)
+            grad_sum = weight.new_zeros(vocab, dim).index_add_(0, rows, segment)
+        return {"weight": ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, row_sq_norm, rowdot
+from .._linalg import bias_stats, outer_product_stats, outer_product_sum, row_sq_norm, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -61,6 +61,11 @@ class LinearRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
+                grad_sum=(
+                    outer_product_sum(a.unsqueeze(2), delta.unsqueeze(2)).reshape(weight.shape)
+                    if ctx.need_sum_sq
+                    else None
+                ),
             )
         if bias is not None and bias_grad is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
@@ -89,11 +94,13 @@ class LinearRule(LayerRule):
                     dot=bias_dot,
                     sq_norm=delta_sq,
                     sum_sq=delta.pow(2).sum(0) if ctx.need_sum_sq else None,
+                    grad_sum=delta.sum(0) if ctx.need_sum_sq else None,
                 )
         if "weight" in ctx.want:
             out["weight"] = ParamStats(
                 dot=dot_z - bias_dot if bias_dot is not None else dot_z,
                 sq_norm=delta_sq * row_sq_norm(a),
                 sum_sq=delta.pow(2).T @ a.pow(2) if ctx.need_sum_sq else None,
+                grad_sum=delta.T @ a if ctx.need_sum_sq else None,
             )
         return out
