@@ -12,8 +12,8 @@ from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
-from ._strategies import refuse_sharded_strategy
 from ._loss_reduction import ReductionMeasurement, measure_loss_reduction
+from ._strategies import refuse_sharded_strategy
 
 #: ``"auto"`` measures the reduction on the first training batch (see ``_loss_reduction``).
 LossReductionSetting = Literal["auto", "mean", "sum"]
