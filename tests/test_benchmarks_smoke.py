@@ -78,3 +78,18 @@ def test_cases_are_discoverable() -> None:
     assert all(isinstance(case, CallbackCase) for _, case in cases)
     labels = [case.label for _, case in cases]
     assert "no-op callback (control)" in labels, (labels, failures)
+
+
+def test_early_stopping_study_runs_once(tmp_path: Path) -> None:
+    """One short configuration of the early-stopping study, both Lightning runs, replayed
+    through every candidate rule (the study's own quick mode, with 3 epochs)."""
+    from benchmarks import early_stopping
+
+    run = early_stopping.run_config(("digits", "mlp", 0.2, 0, 3), root_dir=str(tmp_path))
+    assert len(run["history"]) == len(run["test_acc"]) == len(run["auroc"]) == 3
+    assert all(0.5 < a <= 1.0 for a in run["auroc"])  # 20% noise: better than chance
+    rows = early_stopping.evaluate(run)
+    assert len(rows) == len(early_stopping.CANDIDATES) + 5
+    for row in rows.values():
+        assert 0 <= row["epoch"] < 3 and 1 <= row["trained"] <= 3 and 0 < row["acc"] <= 100
+    assert "| last epoch | 20% |" in early_stopping.tables([run])
