@@ -469,7 +469,7 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -484,7 +484,13 @@ def main() -> None:
         metavar="JSON",
         help="print the tables of saved results (e.g. the --out of an earlier run) and exit",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--root-dir",
+        default=None,
+        help="where the validation-split checkpoints go (a temporary directory under it, removed "
+        "after each run; default: the system's temporary directory)",
+    )
+    args = parser.parse_args(argv)
     if args.tabulate:
         with open(args.tabulate) as handle:
             saved = json.load(handle)
@@ -503,9 +509,9 @@ def main() -> None:
     start = time.perf_counter()
     if args.workers > 1:
         with ProcessPoolExecutor(min(args.workers, 2)) as pool:
-            results = list(pool.map(run_config, jobs))
+            results = list(pool.map(run_config, jobs, [args.root_dir] * len(jobs)))
     else:
-        results = [run_config(job) for job in jobs]
+        results = [run_config(job, args.root_dir) for job in jobs]
     with open(args.out, "w") as handle:
         json.dump([compact(r) for r in results], handle, separators=(",", ":"))
     print(
