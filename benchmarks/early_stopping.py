@@ -105,6 +105,8 @@ CANDIDATES: list[tuple[str, str, dict[str, Any], int]] = [
     ),
     ("mean_after_kurtosis_settles, patience 5", "mean_after_kurtosis_settles", {}, 5),
     ("mean_after_kurtosis_settles, patience 10", "mean_after_kurtosis_settles", {}, 10),
+    ("gwa_after_kurtosis_settles, patience 5", "gwa_after_kurtosis_settles", {}, 5),
+    ("gwa_after_kurtosis_settles, patience 10", "gwa_after_kurtosis_settles", {}, 10),
 ]
 
 
