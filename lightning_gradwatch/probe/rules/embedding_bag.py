@@ -118,6 +118,8 @@ class EmbeddingBagRule(LayerRule):
 
         sq_norm = weight.new_zeros(batch)
         sum_sq = weight.new_zeros(vocab, dim) if ctx.need_sum_sq else None
+        # The batch gradient from the same per-sample terms as sum_sq (consistent under 16-bit).
+        grad_sum = weight.new_zeros(vocab, dim) if ctx.need_sum_sq else None
         keep = "weight" in ctx.need_grad_sample
         grad_sample = weight.new_zeros(batch, vocab, dim) if keep else None
         if row_keys:
@@ -126,6 +128,8 @@ class EmbeddingBagRule(LayerRule):
             sq_norm.index_add_(0, torch.div(keys, vocab, rounding_mode="floor"), squares.sum(1))
             if sum_sq is not None:
                 sum_sq.index_add_(0, keys % vocab, squares)
+            if grad_sum is not None:
+                grad_sum.index_add_(0, keys % vocab, values)
             if grad_sample is not None:
                 grad_sample.view(batch * vocab, dim).index_add_(0, keys, values)
         if cell_keys:
@@ -135,6 +139,8 @@ class EmbeddingBagRule(LayerRule):
             sq_norm.index_add_(0, torch.div(keys, size, rounding_mode="floor"), squares)
             if sum_sq is not None:
                 sum_sq.view(-1).index_add_(0, keys % size, squares)
+            if grad_sum is not None:
+                grad_sum.view(-1).index_add_(0, keys % size, values)
             if grad_sample is not None:
                 grad_sample.view(-1).index_add_(0, keys, values)
         return {
@@ -143,6 +149,7 @@ class EmbeddingBagRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq,
                 grad_sample=grad_sample,
+                grad_sum=grad_sum,
             )
         }
 

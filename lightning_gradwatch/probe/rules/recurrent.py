@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .._linalg import outer_product_stats, stats_from_grad_sample
+from .._linalg import outer_product_stats, outer_product_sum, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -104,6 +104,13 @@ class _ReplayRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *shape) if grad_sample is not None else None,
+                # The batch gradient from the same per-sample terms as sum_sq, so that the
+                # variance sum_sq/B - (grad_sum/B)**2 does not cancel against a 16-bit .grad.
+                grad_sum=(
+                    outer_product_sum(a.unsqueeze(2), delta.unsqueeze(2)).reshape(shape)
+                    if ctx.need_sum_sq
+                    else None
+                ),
             )
         for name, grads in bias_pieces.items():
             out[name] = stats_from_grad_sample(
