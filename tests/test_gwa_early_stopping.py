@@ -375,11 +375,10 @@ def test_core_callbacks_beside_a_validation_loop(
         epoch = int(path.stem.split("=")[1])
         scores = [v for v in state["callbacks"].values() if "best_model_score" in v]
         saved_score = float(scores[0]["current_score"]) if scores else math.nan
-        consistent &= saved_score == pytest.approx(values[epoch], rel=1e-12)
-    if flag:
-        assert consistent and not warned_ckpt and not warned_stop
-    else:
-        # without the flag: either consistent, or the warning named the flag
-        assert consistent or warned_ckpt
-        assert warned_ckpt == (check_val_every_n_epoch != 1)
-        assert warned_stop == (check_val_every_n_epoch != 1)
+        # pl_module.log stores the float64 GWA as float32: relative error <= 2**-24
+        consistent &= saved_score == pytest.approx(values[epoch], rel=1e-6)
+    # Unset flags act at validation end when validation is not at every epoch end: then the
+    # saved values lag by one epoch and the warning names the flag.
+    at_validation_end = flag is None and check_val_every_n_epoch != 1
+    assert consistent != at_validation_end
+    assert warned_ckpt == warned_stop == at_validation_end

@@ -656,7 +656,9 @@ def _warn_if_checked_at_validation(trainer: pl.Trainer, pl_module: pl.LightningM
             flag, value = "save_on_train_epoch_end", callback._save_on_train_epoch_end
         else:
             continue
-        if value is True or (value is None and every_epoch_end and flag.startswith("check")):
+        # Unset, both resolve to the training epoch end only when validation runs once at the
+        # end of every epoch (Lightning's EarlyStopping.setup and ModelCheckpoint rules).
+        if value is True or (value is None and every_epoch_end):
             continue
         rank_zero_warn(
             f"{type(callback).__name__}(monitor={monitor!r}) may act at the end of validation, "
