@@ -382,3 +382,79 @@ def test_core_callbacks_beside_a_validation_loop(
     at_validation_end = flag is None and check_val_every_n_epoch != 1
     assert consistent != at_validation_end
     assert warned_ckpt == warned_stop == at_validation_end
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_gradwatch import GradientWeightAlignment, GWAEarlyStopping, IndexedDataset
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=3.0)
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+stopper = GWAEarlyStopping(rule="argmax", patience=3)
+# The head is named: this test is about the stopper, not head detection under DDP.
+checkpoint = ModelCheckpoint(dirpath=f"{out}/ckpt", filename="{epoch}", save_top_k=-1,
+                             save_on_train_epoch_end=True)
+trainer = pl.Trainer(
+    max_epochs=10, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    callbacks=[GradientWeightAlignment(params="net.2.weight", indices=-1), stopper, checkpoint],
+    enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+)
+model = Model()
+trainer.fit(model, DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4))
+torch.save(model.state_dict(), f"{out}/weights_{trainer.global_rank}.pt")
+with open(f"{out}/result_{trainer.global_rank}.json", "w") as f:
+    json.dump({"best": stopper.best_epoch, "stopped": stopper.stopped_epoch,
+               "restored": stopper.restored_epoch, "history": stopper.history}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_decision_and_the_weights(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == results[1]
+    assert results[0]["restored"] == results[0]["best"] is not None
+    weights = [torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1)]
+    saved = weights_of(tmp_path / "ckpt" / f"epoch={results[0]['best']}.ckpt")
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]) and torch.equal(value, saved[name]), name
