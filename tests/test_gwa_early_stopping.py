@@ -150,7 +150,7 @@ def test_degenerate_curves_warn_once() -> None:
     with pytest.warns(UserWarning, match="flat"):
         drive(GWAEarlyStopping(patience=None), [0.2, 0.2, 0.2, 0.2])
     with pytest.warns(UserWarning, match="first one"):
-        drive(GWAEarlyStopping(patience=3), [0.9, 0.1, 0.2, 0.3, 0.1])
+        drive(GWAEarlyStopping(rule="argmax", patience=3), [0.9, 0.1, 0.2, 0.3, 0.1])
     with pytest.warns(UserWarning, match="non-finite in all 2 epochs"):
         drive(GWAEarlyStopping(patience=None), [math.nan, math.nan])
 
@@ -196,7 +196,11 @@ def test_restores_the_selected_epoch_bitwise(tmp_path: Path) -> None:
     )
     curve = [h["gwa"] for h in gwa.history]
     assert [h["gwa"] for h in stopper.history] == curve
-    assert stopper.best_epoch == gwa.best_epoch() == max(range(len(curve)), key=curve.__getitem__)
+    assert (
+        stopper.best_epoch
+        == gwa.best_epoch("argmax")
+        == max(range(len(curve)), key=curve.__getitem__)
+    )
     assert stopper.best_epoch != trainer.current_epoch - 1  # the restore is not a no-op
     assert stopper.restored_epoch == stopper.best_epoch
     saved = weights_of(tmp_path / f"epoch={stopper.best_epoch}.ckpt")
@@ -458,3 +462,29 @@ def test_ddp_ranks_agree_on_the_decision_and_the_weights(tmp_path: Path) -> None
     saved = weights_of(tmp_path / "ckpt" / f"epoch={results[0]['best']}.ckpt")
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]) and torch.equal(value, saved[name]), name
+
+
+def test_default_rule_is_the_single_constant() -> None:
+    from lightning_gradwatch.callbacks import _stopping_default as default
+
+    stopper = GWAEarlyStopping()
+    assert (stopper.rule, stopper.patience, stopper.options) == (
+        default.DEFAULT_RULE,
+        default.DEFAULT_PATIENCE,
+        default.DEFAULT_OPTIONS,
+    )
+    curve = [0.9, 0.3, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]
+    stopped, model = drive(stopper, curve)
+    history = [{"gwa": v} for v in curve]
+    assert stopper.best_epoch == select_epoch(history, default.DEFAULT_RULE) == 2
+    assert stopped == 2 + default.DEFAULT_PATIENCE and float(model.weight) == 2.0
+    gwa = GradientWeightAlignment()
+    gwa.history = [{"epoch": float(e), "gwa": v} for e, v in enumerate(curve)]
+    assert gwa.best_epoch() == 2 and gwa.best_epoch("argmax") == 0
+
+
+def test_no_selected_epoch_keeps_the_last_weights_and_says_so() -> None:
+    stopper = GWAEarlyStopping(rule="max_after_first_min", patience=2)
+    with pytest.warns(UserWarning, match="selected no epoch"):
+        stopped, model = drive(stopper, [0.5, 0.4, 0.3])
+    assert stopped is None and stopper.best_epoch is None and float(model.weight) == 2.0

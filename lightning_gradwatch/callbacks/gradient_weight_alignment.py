@@ -24,6 +24,7 @@ from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
 from ._probe_callback import ProbeCallback
+from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_RULE
 
 HEAD = "head"
 ALL = "all"
@@ -498,11 +499,14 @@ class GradientWeightAlignment(ProbeCallback):
         ]
         return torch.stack(rows)
 
-    def best_epoch(self, rule: str = "argmax", **options: Any) -> int | None:
+    def best_epoch(self, rule: str | None = None, **options: Any) -> int | None:
         """Post-hoc selection over the finished epochs: the epoch number ``rule`` selects from
         :attr:`history` (``None`` when it selects none), with the rules and options of
         :mod:`lightning_gradwatch.functional.stopping`. ``"argmax"`` is the paper's rule for
-        training from scratch, ``"max_after_first_min"`` its rule for fine-tuning."""
+        training from scratch, ``"max_after_first_min"`` its rule for fine-tuning; ``None``
+        (default) is ``GWAEarlyStopping``'s default rule and options."""
+        if rule is None:
+            rule, options = DEFAULT_RULE, {**DEFAULT_OPTIONS, **options}
         selected = select_epoch(self.history, rule, **options)
         return None if selected is None else int(self.history[selected]["epoch"])
 
@@ -513,7 +517,7 @@ class GradientWeightAlignment(ProbeCallback):
         Args:
             k: how many indices.
             epoch: ``"best"`` (default): the epoch selected by the ``GWAEarlyStopping`` in the
-                same Trainer, or, without one, :meth:`best_epoch` (``"argmax"``). ``"last"``:
+                same Trainer, or, without one, :meth:`best_epoch` (the default rule). ``"last"``:
                 the last finished epoch. An ``int``: that epoch.
 
         Raises:

@@ -13,13 +13,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..functional.stopping import RULES, select_epoch, should_stop, validate_options
+from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_PATIENCE, DEFAULT_RULE
 from .gradient_weight_alignment import GradientWeightAlignment
-
-#: The rule, patience and options ``GWAEarlyStopping()`` uses when no rule is given.
-#: ``docs/gwa.md`` ("Which rule by default") says why; change it here only.
-DEFAULT_RULE: str = "argmax"
-DEFAULT_PATIENCE: int = 10
-DEFAULT_OPTIONS: dict[str, Any] = {}
 
 EPOCH_KEY = "gwa/epoch"
 LAYER_PREFIX = "gwa/layer/"
@@ -361,6 +356,13 @@ class GWAEarlyStopping(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warn_if_degenerate()
+        if self.best_epoch is None and any(math.isfinite(h["gwa"]) for h in self.history):
+            rank_zero_warn(
+                f"GWAEarlyStopping: rule {self.rule!r} selected no epoch in {len(self.history)} "
+                "epochs (with 'max_after_first_min': GWA never rose after falling), so the model "
+                "keeps its last weights. Train longer, or select post hoc with "
+                "GradientWeightAlignment.best_epoch(rule='argmax')."
+            )
         if not self.restore_best_weights or self.best_epoch is None:
             return
         # Every rank decided on the same all-reduced values; check it before loading.
