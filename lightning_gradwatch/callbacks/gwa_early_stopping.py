@@ -151,7 +151,8 @@ class GWAEarlyStopping(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, rule=self.rule)
+        # Not keyed on the rule: a run resumed with another rule keeps the history (and warns).
+        return self._generate_state_key(monitor=self.monitor)
 
     # ------------------------------------------------------------------ setup
     @override
