@@ -295,7 +295,8 @@ def test_setup_errors_name_the_fix(tmp_path: Path) -> None:
         )
     gwa = GradientWeightAlignment(params="all", indices=-1)
     stopper = GWAEarlyStopping(monitor="gwa/layer/head.weight", patience=None)
-    fit(Classifier().double(), [gwa, stopper], epochs=2, default_root_dir=tmp_path)
+    # the stopper first: the GWA callback's layer names are known only after its setup
+    fit(Classifier().double(), [stopper, gwa], epochs=2, default_root_dir=tmp_path)
     assert [h["gwa"] for h in stopper.history] == gwa.layer_history["head.weight"]
 
 

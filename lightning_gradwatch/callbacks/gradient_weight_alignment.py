@@ -526,12 +526,13 @@ class GradientWeightAlignment(ProbeCallback):
                 selected.
         """
         if epoch == "best":
-            selector_epoch = getattr(self._selector, "best_epoch", None)
-            chosen = selector_epoch if selector_epoch is not None else self.best_epoch()
+            by = "the GWAEarlyStopping" if self._selector is not None else "best_epoch()"
+            chosen = self._selector.best_epoch if self._selector is not None else self.best_epoch()
             if chosen is None:
                 raise ValueError(
-                    "most_misaligned(epoch='best'): no epoch is selected yet (no finished epoch "
-                    "with a finite GWA). Pass epoch='last' or an epoch number."
+                    f"most_misaligned(epoch='best'): {by} has selected no epoch (no finite GWA "
+                    "yet, or, with 'max_after_first_min', GWA has not risen after falling). "
+                    "Pass epoch='last' or an epoch number."
                 )
         elif epoch == "last":
             if self.keep_history and self._score_history_epochs:
@@ -630,7 +631,13 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum = state_dict.get("epoch_sum")
         self._epoch_count = state_dict.get("epoch_count")
         self._score_history = list(state_dict.get("score_history", []))
-        self._score_history_epochs = [int(e) for e in state_dict.get("score_history_epochs", [])]
+        if "score_history_epochs" in state_dict:
+            self._score_history_epochs = [int(e) for e in state_dict["score_history_epochs"]]
+        elif len(self._score_history) == len(self.history):
+            # A checkpoint from before the epochs were stored: one row per recorded epoch.
+            self._score_history_epochs = [int(h["epoch"]) for h in self.history]
+        else:
+            self._score_history_epochs = []
         self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]

@@ -171,24 +171,29 @@ class GWAEarlyStopping(Callback):
                 "Trainer and cannot tell which one to follow; keep a single one."
             )
         gwa = found[0]
-        if self.monitor != EPOCH_KEY:
-            valid = [EPOCH_KEY]
-            if gwa.multi_layer:
-                # Known at setup in every multi-layer mode (params is run at the probe's setup).
-                valid += [LAYER_PREFIX + name for name in gwa.score_names]
-            if self.monitor not in valid:
-                raise ValueError(
-                    f"GWAEarlyStopping(monitor={self.monitor!r}) is not a key the "
-                    f"GradientWeightAlignment callback logs. Valid keys: {valid}."
-                    + (
-                        ""
-                        if gwa.multi_layer
-                        else " Per-layer keys need GradientWeightAlignment(params='all') or a "
-                        "list of two or more weight names."
-                    )
-                )
         self._gwa = gwa
         gwa._selector = self  # so that gwa.most_misaligned(k, epoch="best") uses this selection
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's setup: the GWA callback knows its per-layer names by now.
+        gwa = self._gwa
+        if gwa is None or self.monitor == EPOCH_KEY:
+            return
+        valid = [EPOCH_KEY]
+        if gwa.multi_layer:
+            valid += [LAYER_PREFIX + name for name in gwa.score_names]
+        if self.monitor not in valid:
+            raise ValueError(
+                f"GWAEarlyStopping(monitor={self.monitor!r}) is not a key the "
+                f"GradientWeightAlignment callback logs. Valid keys: {valid}."
+                + (
+                    ""
+                    if gwa.multi_layer
+                    else " Per-layer keys need GradientWeightAlignment(params='all') or a "
+                    "list of two or more weight names."
+                )
+            )
 
     # ------------------------------------------------------------------ decision
     @override
