@@ -58,6 +58,20 @@ ARCHS = ("mlp", "mlp_ln")
 EPOCHS = {"mnist1d": 60, "digits": 60}
 BATCH_SIZE = {"mnist1d": 128, "digits": 64}
 
+#: The rule chosen as ``GWAEarlyStopping``'s default from this study.
+DEFAULT_LABEL = "max_after_first_min, patience 5 (default)"
+VAL_LABEL = "10% val. split: EarlyStopping + ModelCheckpoint(val/loss)"
+#: The rows of the per-configuration tables in benchmarks/README.md.
+README_LABELS = [
+    "paper: argmax over the run (post hoc)",
+    "paper: max after first min (post hoc)",
+    "argmax, patience 5 (old default)",
+    DEFAULT_LABEL,
+    VAL_LABEL,
+    "last epoch",
+    "oracle (best test epoch)",
+]
+
 #: Candidate online stoppers: (label, rule, options, patience).
 CANDIDATES: list[tuple[str, str, dict[str, Any], int]] = [
     ("argmax, patience 5 (old default)", "argmax", {}, 5),
@@ -81,7 +95,7 @@ CANDIDATES: list[tuple[str, str, dict[str, Any], int]] = [
         {"warmup": 1, "min_rel_delta": 0.05},
         10,
     ),
-    ("max_after_first_min, patience 5", "max_after_first_min", {}, 5),
+    (DEFAULT_LABEL, "max_after_first_min", {}, 5),
     ("max_after_first_min, patience 10", "max_after_first_min", {}, 10),
     (
         "max_after_first_min, smoothing 0.5, patience 10",
@@ -91,6 +105,8 @@ CANDIDATES: list[tuple[str, str, dict[str, Any], int]] = [
     ),
     ("mean_after_kurtosis_settles, patience 5", "mean_after_kurtosis_settles", {}, 5),
     ("mean_after_kurtosis_settles, patience 10", "mean_after_kurtosis_settles", {}, 10),
+    ("gwa_after_kurtosis_settles, patience 5", "gwa_after_kurtosis_settles", {}, 5),
+    ("gwa_after_kurtosis_settles, patience 10", "gwa_after_kurtosis_settles", {}, 10),
 ]
 
 
@@ -306,6 +322,22 @@ def run_config(
     return result
 
 
+def compact(result: dict[str, Any]) -> dict[str, Any]:
+    """The result with its curves rounded (6 significant digits for the GWA history, 4 decimals
+    for accuracies and AUROCs) to keep the saved JSON small; NaN becomes null."""
+
+    def rounded(value: float, fmt: str) -> float | None:
+        return float(format(value, fmt)) if np.isfinite(value) else None
+
+    return {
+        **result,
+        "history": [{k: rounded(v, ".6g") for k, v in h.items()} for h in result["history"]],
+        "test_acc": [rounded(v, ".4f") for v in result["test_acc"]],
+        "auroc": [rounded(v, ".4f") for v in result["auroc"]],
+        "seconds": round(result["seconds"], 1),
+    }
+
+
 def replay(
     history: list[dict[str, float]], rule: str, options: dict[str, Any], patience: int | None
 ) -> tuple[int, int]:
@@ -342,7 +374,7 @@ def evaluate(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     for label, rule, options, patience in CANDIDATES:
         rows[label] = row(*replay(history, rule, options, patience))
     val = run["val_split"]
-    rows["10% val. split: EarlyStopping + ModelCheckpoint(val/loss)"] = {
+    rows[VAL_LABEL] = {
         "acc": 100 * val["test_acc"],
         "trained": val["epochs_trained"],
         "epoch": val["best_epoch"],
@@ -358,12 +390,12 @@ def _fmt(values: np.ndarray, digits: int = 1) -> str:
     return f"{values.mean():.{digits}f} ± {std:.{digits}f}"
 
 
-def tables(results: list[dict[str, Any]]) -> str:
-    """One markdown table per dataset x architecture, rows strategy x noise."""
+def tables(results: list[dict[str, Any]], labels: list[str] | None = None) -> str:
+    """One markdown table per dataset x architecture, rows strategy (all, or ``labels``) x
+    noise."""
     out = []
     evaluated = [(r, evaluate(r)) for r in results]
     groups = sorted({(r["dataset"], r["arch"]) for r in results})
-    val_label = "10% val. split: EarlyStopping + ModelCheckpoint(val/loss)"
     for dataset, arch in groups:
         out += [
             f"\n**{dataset}, {arch}** ({len({r['seed'] for r in results})} seeds, mean ± std)\n",
@@ -371,8 +403,7 @@ def tables(results: list[dict[str, Any]]) -> str:
             "| selected epoch | # epoch 0 | AUROC at selected |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        labels = list(evaluated[0][1])
-        for label in labels:
+        for label in labels or list(evaluated[0][1]):
             for noise in sorted({r["noise"] for r in results}):
                 group = [
                     rows
@@ -383,7 +414,7 @@ def tables(results: list[dict[str, Any]]) -> str:
                     np.array([g[label][key] for g in group])
                     for key in ("acc", "trained", "epoch", "auroc")
                 )
-                gap = acc - np.array([g[val_label]["acc"] for g in group])
+                gap = acc - np.array([g[VAL_LABEL]["acc"] for g in group])
                 out.append(
                     f"| {label} | {noise:.0%} | {_fmt(acc)} | {_fmt(gap)} | "
                     f"{_fmt(trained)} | {_fmt(epoch)} | "
@@ -393,7 +424,54 @@ def tables(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def summary(results: list[dict[str, Any]]) -> str:
+    """One row per strategy over all runs: the mean gap to the validation split at each noise
+    level (averaged over the dataset x architecture groups), the worst group mean, how often
+    epoch 0 was selected, the mean epochs trained and the mean AUROC at the selected epoch."""
+    evaluated = [(r, evaluate(r)) for r in results]
+    noises = sorted({r["noise"] for r in results})
+    groups = sorted({(r["dataset"], r["arch"]) for r in results})
+    noisy = [n for n in noises if n > 0]
+    out = [
+        "| strategy | "
+        + " | ".join(f"gap {n:.0%}" for n in noises)
+        + " | worst group (gap, where) | # epoch 0 | epochs trained | "
+        + " | ".join(f"AUROC {n:.0%}" for n in noisy)
+        + " |",
+        "|---|" + "---|" * (len(noises) + 3 + len(noisy)),
+    ]
+    for label in evaluated[0][1]:
+        cells, worst = [], (np.inf, "")
+        for noise in noises:
+            group_means = []
+            for group in groups:
+                gaps = [
+                    rows[label]["acc"] - rows[VAL_LABEL]["acc"]
+                    for r, rows in evaluated
+                    if (r["dataset"], r["arch"], r["noise"]) == (*group, noise)
+                ]
+                group_means.append(float(np.mean(gaps)))
+                if group_means[-1] < worst[0]:
+                    worst = (group_means[-1], f"{group[0]} {group[1]} {noise:.0%}")
+            cells.append(f"{np.mean(group_means):+.2f}")
+        all_rows = [rows[label] for _, rows in evaluated]
+        aurocs = [
+            np.mean([rows[label]["auroc"] for r, rows in evaluated if r["noise"] == n])
+            for n in noisy
+        ]
+        out.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {worst[0]:+.2f} ({worst[1]}) | "
+            + f"{sum(row['epoch'] == 0 for row in all_rows)}/{len(all_rows)} | "
+            + f"{np.mean([row['trained'] for row in all_rows]):.1f} | "
+            + " | ".join("n/a" if np.isnan(a) else f"{a:.3f}" for a in aurocs)
+            + " |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -403,7 +481,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 seed, digits, mlp, 20%%, 8 epochs")
     parser.add_argument("--out", default="benchmarks/early_stopping_results.json")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--tabulate",
+        metavar="JSON",
+        help="print the tables of saved results (e.g. the --out of an earlier run) and exit",
+    )
+    parser.add_argument(
+        "--root-dir",
+        default=None,
+        help="where the validation-split checkpoints go (a temporary directory under it, removed "
+        "after each run; default: the system's temporary directory)",
+    )
+    args = parser.parse_args(argv)
+    if args.tabulate:
+        with open(args.tabulate) as handle:
+            saved = json.load(handle)
+        print(summary(saved), tables(saved, README_LABELS), tables(saved), sep="\n")
+        return
     if args.quick:
         args.datasets, args.archs, args.seeds, args.noise = ["digits"], ["mlp"], [0], [0.2]
         args.epochs = args.epochs or 8
@@ -417,16 +511,16 @@ def main() -> None:
     start = time.perf_counter()
     if args.workers > 1:
         with ProcessPoolExecutor(min(args.workers, 2)) as pool:
-            results = list(pool.map(run_config, jobs))
+            results = list(pool.map(run_config, jobs, [args.root_dir] * len(jobs)))
     else:
-        results = [run_config(job) for job in jobs]
+        results = [run_config(job, args.root_dir) for job in jobs]
     with open(args.out, "w") as handle:
-        json.dump(results, handle, separators=(",", ":"))
+        json.dump([compact(r) for r in results], handle, separators=(",", ":"))
     print(
         f"\n{len(jobs)} configurations, machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.1f}; {time.perf_counter() - start:.0f} s"
     )
-    print(tables(results))
+    print(summary(results), tables(results), sep="\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ runs end to end. No timing is asserted."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import warnings
@@ -80,16 +81,32 @@ def test_cases_are_discoverable() -> None:
     assert "no-op callback (control)" in labels, (labels, failures)
 
 
-def test_early_stopping_study_runs_once(tmp_path: Path) -> None:
-    """One short configuration of the early-stopping study, both Lightning runs, replayed
-    through every candidate rule (the study's own quick mode, with 3 epochs)."""
+def test_early_stopping_study_quick_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The study's ``--quick`` mode (shortened to 3 epochs): both Lightning runs, every candidate
+    rule replayed, the JSON written and the tables printed."""
     from benchmarks import early_stopping
 
-    run = early_stopping.run_config(("digits", "mlp", 0.2, 0, 3), root_dir=str(tmp_path))
+    out = tmp_path / "results.json"
+    early_stopping.main(
+        [
+            "--quick",
+            "--epochs",
+            "3",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "--root-dir",
+            str(tmp_path),
+        ]
+    )
+    (run,) = json.loads(out.read_text())
+    assert (run["dataset"], run["arch"], run["noise"], run["seed"]) == ("digits", "mlp", 0.2, 0)
     assert len(run["history"]) == len(run["test_acc"]) == len(run["auroc"]) == 3
     assert all(0.5 < a <= 1.0 for a in run["auroc"])  # 20% noise: better than chance
     rows = early_stopping.evaluate(run)
     assert len(rows) == len(early_stopping.CANDIDATES) + 5
     for row in rows.values():
         assert 0 <= row["epoch"] < 3 and 1 <= row["trained"] <= 3 and 0 < row["acc"] <= 100
-    assert "| last epoch | 20% |" in early_stopping.tables([run])
+    printed = capsys.readouterr().out
+    assert f"| {early_stopping.DEFAULT_LABEL} | 20% |" in printed

@@ -40,6 +40,13 @@ def test_rules_include_the_paper_rules() -> None:
     assert "argmax" in RULES and "max_after_first_min" in RULES
 
 
+def test_max_after_first_min_never_selects_epoch_0() -> None:
+    """The first minimum is followed by a strict rise, so epoch 0 is never the maximum after it
+    (the property the benchmark relies on for the default)."""
+    for values in ([0.9, 0.1, 0.2], [0.1, 0.2, 0.15], [0.5, 0.5, 0.6, 0.4], [0.3, 0.2, 0.1]):
+        assert select_epoch(curve(values), "max_after_first_min") != 0
+
+
 def test_transient_peak_at_epoch_0() -> None:
     history = curve([0.9, 0.2, 0.3, 0.4, 0.5, 0.45, 0.4, 0.35, 0.3])
     assert select_epoch(history, "argmax") == 0
@@ -118,6 +125,9 @@ def test_mean_after_kurtosis_settles() -> None:
     assert select_epoch(history, "mean_after_kurtosis_settles") == 4
     assert select_epoch(history, "mean_after_kurtosis_settles", settle_tol=1.0) == 4
     assert stop_epoch(history, "mean_after_kurtosis_settles", patience=2) == 6
+    # gwa = mean / (kurt + 1.2) over epochs 3.. is 0.06, 0.0690, 0.0613, 0.0459: maximum at 4.
+    assert select_epoch(history[:3], "gwa_after_kurtosis_settles") is None
+    assert select_epoch(history, "gwa_after_kurtosis_settles") == 4
 
 
 histories = st.lists(st.one_of(st.floats(-1.0, 1.0), st.just(NAN)), min_size=1, max_size=25).map(
@@ -132,6 +142,7 @@ option_sets = st.sampled_from(
         ("max_after_first_min", {"smoothing": 0.3, "min_rel_delta": 0.01, "warmup": 1}),
         ("mean_after_kurtosis_settles", {}),
         ("mean_after_kurtosis_settles", {"settle_tol": 0.1, "smoothing": 0.5}),
+        ("gwa_after_kurtosis_settles", {"warmup": 1, "min_rel_delta": 0.02}),
     ]
 )
 
@@ -166,6 +177,7 @@ def test_online_validity(history: list[dict[str, float]], rule_options) -> None:
         ("argmax", {"key": "kurtosis"}, "key must be one of gwa, mean"),
         ("mean_after_kurtosis_settles", {"key": "gwa"}, "Unknown option(s) key"),
         ("mean_after_kurtosis_settles", {"settle_tol": 0}, "settle_tol must be a finite number"),
+        ("gwa_after_kurtosis_settles", {"key": "mean"}, "Unknown option(s) key"),
     ],
 )
 def test_validate_options_refuses_with_a_helpful_message(rule, options, message) -> None:

@@ -17,6 +17,8 @@ from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_PATIENCE, DEFAULT_RULE
 from .gradient_weight_alignment import GradientWeightAlignment
 
 EPOCH_KEY = "gwa/epoch"
+#: Rules that read the epoch aggregate's mean or kurtosis, which per-layer GWA does not record.
+_EPOCH_MOMENT_RULES = ("mean_after_kurtosis_settles", "gwa_after_kurtosis_settles")
 LAYER_PREFIX = "gwa/layer/"
 
 
@@ -111,7 +113,7 @@ class GWAEarlyStopping(Callback):
                 f"'{LAYER_PREFIX}<param name>'."
             )
         if monitor != EPOCH_KEY and (
-            rule == "mean_after_kurtosis_settles" or options.get("key", "gwa") != "gwa"
+            rule in _EPOCH_MOMENT_RULES or options.get("key", "gwa") != "gwa"
         ):
             raise ValueError(
                 f"GWAEarlyStopping(monitor={monitor!r}): per-layer GWA records only the "
