@@ -11,19 +11,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
+from ..functional.stopping import select_epoch
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
 from ..probe.rules.parametrized import reparametrized_tensors
 from ._probe_callback import ProbeCallback
+from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_RULE
 
 HEAD = "head"
 ALL = "all"
@@ -131,6 +134,12 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum: Tensor | None = None
         self._epoch_count: Tensor | None = None
         self._score_history: list[Tensor] = []
+        self._score_history_epochs: list[int] = []  # the epoch of each _score_history row
+        # The GWAEarlyStopping following this callback (it registers itself at setup).
+        self._selector: Any = None
+        self._warned_excluded = False
+        self._scored_any_batch = False  # plain bool: set on the first batch with scores
+        self._checked_first_batch = False
         self._num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
         self._dataset_length: int | None = None  # of the training dataset, when it has one
         self._warned_label_like = False
@@ -243,6 +252,7 @@ class GradientWeightAlignment(ProbeCallback):
                     f"or use GWAEarlyStopping.",
                     stacklevel=2,
                 )
+        _warn_if_checked_at_validation(trainer, pl_module)
 
     def _own_tensor_state(self) -> None:
         """Give this process its own copy of every accumulating tensor.
@@ -351,6 +361,10 @@ class GradientWeightAlignment(ProbeCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not self._checked_first_batch and self._detector is None:
+            self._checked_first_batch = True
+            if not self._scored_any_batch and not self._warned_excluded:
+                self._warn_excluded([], self._probe_exclusions())
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._detector is not None:  # the forward never reached backward (skipped step)
             self._detector.finish()
@@ -383,8 +397,11 @@ class GradientWeightAlignment(ProbeCallback):
         batch_idx: int,
     ) -> None:
         names = [n for n in self.score_names if n in stats.dot]
+        if not self._warned_excluded:
+            self._warn_excluded(names, stats.excluded)
         if not names or stats.batch_size == 0:
             return
+        self._scored_any_batch = True
         scores = stats.alignment(names)
         self._epoch_metric.update(scores)
         if self.multi_layer:
@@ -440,7 +457,11 @@ class GradientWeightAlignment(ProbeCallback):
         layer_results = {name: m.compute() for name, m in self._layer_metrics.items()}
         edges, _ = self._epoch_metric.histogram()
         counts = result["histogram_counts"]  # summed over ranks
-        self._finalize_samples(trainer, write=restored_epoch is None)
+        self._finalize_samples(
+            trainer,
+            epoch=trainer.current_epoch if restored_epoch is None else restored_epoch,
+            write=restored_epoch is None,
+        )
         # Next epoch's power sums are taken around this epoch's mean (identical on all ranks):
         # that keeps float64 cancellation negligible (see metrics/alignment.py).
         for metric, res in [
@@ -512,9 +533,9 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum.index_add_(0, indices, scores)
         self._epoch_count.index_add_(0, indices, torch.ones_like(scores))
 
-    def _finalize_samples(self, trainer: pl.Trainer, write: bool = True) -> None:
-        """Merge this epoch's per-sample sums across ranks and append the epoch means (and
-        write them when ``write_scores`` and ``write``)."""
+    def _finalize_samples(self, trainer: pl.Trainer, epoch: int, write: bool = True) -> None:
+        """Merge epoch ``epoch``'s per-sample sums across ranks and append the epoch means
+        (and write them when ``write_scores`` and ``write``)."""
         if self.indices is None:
             return
         world = trainer.world_size
@@ -549,6 +570,7 @@ class GradientWeightAlignment(ProbeCallback):
         self._last_epoch_mean = epoch_mean.float().cpu()
         if self.keep_history:
             self._score_history.append(self._last_epoch_mean)
+            self._score_history_epochs.append(epoch)
         if self.write_scores and write and trainer.is_global_zero:
             self._write_epoch_scores(trainer, self._last_epoch_mean)
         self._epoch_sum.zero_()
@@ -613,11 +635,101 @@ class GradientWeightAlignment(ProbeCallback):
         ]
         return torch.stack(rows)
 
-    def most_misaligned(self, k: int) -> Tensor:
-        """``(min(k, M),)`` dataset indices with the lowest latest scores, lowest first."""
-        table = self.sample_scores()
-        order = torch.argsort(table["score"])[:k]
-        return table["index"][order]
+    def best_epoch(self, rule: str | None = None, **options: Any) -> int | None:
+        """Post-hoc selection over the finished epochs: the epoch number ``rule`` selects from
+        :attr:`history` (``None`` when it selects none), with the rules and options of
+        :mod:`lightning_gradwatch.functional.stopping`. ``"argmax"`` is the paper's rule for
+        training from scratch, ``"max_after_first_min"`` its rule for fine-tuning; ``None``
+        (default) is ``GWAEarlyStopping``'s default rule and options."""
+        if rule is None:
+            rule, options = DEFAULT_RULE, {**DEFAULT_OPTIONS, **options}
+        selected = select_epoch(self.history, rule, **options)
+        return None if selected is None else int(self.history[selected]["epoch"])
+
+    def most_misaligned(self, k: int, epoch: int | str = "best") -> Tensor:
+        """``(min(k, M),)`` dataset indices with the lowest mean score over one epoch, lowest
+        first (``M`` samples seen in that epoch).
+
+        Args:
+            k: how many indices.
+            epoch: ``"best"`` (default): the epoch selected by the ``GWAEarlyStopping`` in the
+                same Trainer, or, without one, :meth:`best_epoch` (the default rule). ``"last"``:
+                the last finished epoch. An ``int``: that epoch.
+
+        Raises:
+            ValueError: when that epoch's per-sample scores were not kept (they are with
+                ``keep_history=True`` and dataset indices in the batches), or no epoch is
+                selected.
+        """
+        if epoch == "best":
+            by = "the GWAEarlyStopping" if self._selector is not None else "best_epoch()"
+            chosen = self._selector.best_epoch if self._selector is not None else self.best_epoch()
+            if chosen is None:
+                raise ValueError(
+                    f"most_misaligned(epoch='best'): {by} has selected no epoch (no finite GWA "
+                    "yet, or, with 'max_after_first_min', GWA has not risen after falling). "
+                    "Pass epoch='last' or an epoch number."
+                )
+        elif epoch == "last":
+            if self.keep_history and self._score_history_epochs:
+                chosen = self._score_history_epochs[-1]
+            else:
+                scores = getattr(self, "_last_epoch_mean", None)
+                if scores is None:
+                    raise ValueError(
+                        "most_misaligned(epoch='last'): no finished epoch with per-sample "
+                        "scores; the batches need dataset indices (IndexedDataset and the "
+                        "`indices` argument)."
+                    )
+                return _lowest(scores, k)
+        elif isinstance(epoch, int) and not isinstance(epoch, bool):
+            chosen = epoch
+        else:
+            raise ValueError(f"epoch must be 'best', 'last' or an epoch number, got {epoch!r}")
+        if not self.keep_history:
+            raise ValueError(
+                f"most_misaligned(epoch={epoch!r}) needs the per-sample scores of epoch {chosen}, "
+                "which are kept only with GradientWeightAlignment(keep_history=True); "
+                "epoch='last' works without it."
+            )
+        if chosen not in self._score_history_epochs:
+            raise ValueError(
+                f"most_misaligned(epoch={epoch!r}): no per-sample scores for epoch {chosen}; "
+                f"epochs with scores: {self._score_history_epochs}. The batches need dataset "
+                "indices (IndexedDataset and the `indices` argument)."
+            )
+        return _lowest(self._score_history[self._score_history_epochs.index(chosen)], k)
+
+    def _probe_exclusions(self) -> dict[str, str]:
+        """Parameter name to the reason the probe left it out (when no backward produced
+        statistics, there is no ``ProbeStats.excluded`` to read it from)."""
+        if self.probe is None:
+            return {}
+        return {
+            name: owner.skip_reason
+            for owner in self.probe._owners
+            if owner.skip_reason is not None
+            for name in owner.local_to_name.values()
+        }
+
+    def _warn_excluded(self, names: list[str], excluded: dict[str, str]) -> None:
+        """Once: a scored weight got no per-sample statistics; name it and the probe's reason."""
+        missing = [n for n in self.score_names if n not in names and n in excluded]
+        if not missing:
+            return
+        self._warned_excluded = True
+        reasons = "; ".join(f"{n}: {excluded[n]}" for n in missing)
+        consequence = (
+            "GWA has no scores at all, so gwa/epoch is not logged and GWAEarlyStopping cannot "
+            "select an epoch"
+            if not names
+            else f"the scores use only {names}"
+        )
+        rank_zero_warn(
+            f"GradientWeightAlignment: the probe excluded {missing} ({reasons}), so "
+            f"{consequence}. Score other weights with params=[...] (names from "
+            "model.named_parameters()), or change the layer as the reason says."
+        )
 
     # ------------------------------------------------------------------ state
     @override
@@ -633,6 +745,7 @@ class GradientWeightAlignment(ProbeCallback):
             epoch_sum=None if self._epoch_sum is None else self._epoch_sum.cpu(),
             epoch_count=None if self._epoch_count is None else self._epoch_count.cpu(),
             score_history=list(self._score_history),
+            score_history_epochs=list(self._score_history_epochs),
             num_indices=self._num_indices,
             last_epoch_mean=getattr(self, "_last_epoch_mean", None),
             # the epoch the unfinished sums above belong to
@@ -656,6 +769,13 @@ class GradientWeightAlignment(ProbeCallback):
         self._epoch_sum = state_dict.get("epoch_sum")
         self._epoch_count = state_dict.get("epoch_count")
         self._score_history = list(state_dict.get("score_history", []))
+        if "score_history_epochs" in state_dict:
+            self._score_history_epochs = [int(e) for e in state_dict["score_history_epochs"]]
+        elif len(self._score_history) == len(self.history):
+            # A checkpoint from before the epochs were stored: one row per recorded epoch.
+            self._score_history_epochs = [int(h["epoch"]) for h in self.history]
+        else:
+            self._score_history_epochs = []
         self._num_indices = int(state_dict.get("num_indices", 0))
         if state_dict.get("last_epoch_mean") is not None:
             self._last_epoch_mean = state_dict["last_epoch_mean"]
@@ -677,6 +797,42 @@ def _effective_in_place_of_sources(
     }
     kept = [replaced_by.get(n, n) for n in names]
     return list(dict.fromkeys(n for n in kept if n is not None))
+
+
+def _lowest(epoch_scores: Tensor, k: int) -> Tensor:
+    """``(min(k, M),)`` indices of the ``k`` lowest non-NaN entries of ``(N,)`` scores."""
+    seen = torch.nonzero(~torch.isnan(epoch_scores)).flatten()
+    order = torch.argsort(epoch_scores[seen], stable=True)[:k]
+    return seen[order]
+
+
+def _warn_if_checked_at_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Warn when an ``EarlyStopping``/``ModelCheckpoint`` monitoring a ``gwa/`` key may act at
+    the end of validation: validation runs before the training epoch ends, so it would rank
+    each epoch by the previous epoch's GWA."""
+    if not is_overridden("validation_step", pl_module):
+        return
+    every_epoch_end = trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        monitor = getattr(callback, "monitor", None)
+        if not (isinstance(monitor, str) and monitor.startswith("gwa/")):
+            continue
+        if isinstance(callback, EarlyStopping):
+            flag, value = "check_on_train_epoch_end", callback._check_on_train_epoch_end
+        elif isinstance(callback, ModelCheckpoint):
+            flag, value = "save_on_train_epoch_end", callback._save_on_train_epoch_end
+        else:
+            continue
+        # Unset, both resolve to the training epoch end only when validation runs once at the
+        # end of every epoch (Lightning's EarlyStopping.setup and ModelCheckpoint rules).
+        if value is True or (value is None and every_epoch_end):
+            continue
+        rank_zero_warn(
+            f"{type(callback).__name__}(monitor={monitor!r}) may act at the end of validation, "
+            f"which runs before the training epoch's GWA is computed, so it would judge each "
+            f"epoch by the previous epoch's value. Pass {type(callback).__name__}(..., "
+            f"{flag}=True)."
+        )
 
 
 def _step_is_logged(trainer: pl.Trainer) -> bool:
