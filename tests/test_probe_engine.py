@@ -683,3 +683,65 @@ def test_module_on_a_subset_of_the_batch_is_excluded(make_sub, row_counts) -> No
     assert stats.batch_size == 4
     sub_names = [n for n, _ in model.named_parameters() if n.startswith("sub.")]
     assert set(stats.excluded) == set(sub_names)
+
+
+def test_frozen_parameter_named_in_params_is_refused_at_construction() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] are frozen \(requires_grad=False\)"):
+        GradientProbe(model, params=["0.weight"])
+
+
+class _DoubledLinear(nn.Linear):
+    """A subclass of a supported layer with its own forward: the Linear rule does not apply."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class _EvalNormBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm subclass with its own forward: replayed, but still refused in training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 1.5
+
+
+def test_subclass_with_its_own_forward_uses_the_fallback() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_DoubledLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+def test_subclass_of_batchnorm_keeps_the_training_mode_refusal() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _EvalNormBatchNorm(4)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'1' is left out.*batch statistics"):
+        stats = run_probe(model, x, torch.zeros(5, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"1.weight", "1.bias"}
+    model.eval()
+    assert_matches_oracle(model, x, torch.zeros(5, 4, dtype=torch.float64))
+
+
+class _Renamed(nn.Module):
+    """Opacus' ``RenameParamsMixin`` pattern: the child's parameters registered again on the
+    parent under other names, and used only through the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.Linear(3, 4)
+        self.register_parameter("l0_weight", self.cell.weight)
+        self.l0_bias = self.cell.bias
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.cell(x)))
+
+
+def test_reregistered_parameter_is_owned_by_the_module_that_uses_it() -> None:
+    torch.manual_seed(0)
+    model = _Renamed().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    stats = assert_matches_oracle(model, x, _target_like(model, x))
+    assert set(stats.names) == {"l0_weight", "l0_bias", "head.weight", "head.bias"}

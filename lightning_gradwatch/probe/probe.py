@@ -13,7 +13,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
-from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
+from .registry import (
+    Call,
+    LayerRule,
+    ParamStats,
+    RuleContext,
+    SkipModule,
+    registered_base,
+    rule_for,
+)
 from .rules.fallback import FallbackRule
 from .stats import ProbeStats
 
@@ -38,6 +46,9 @@ class _Owner:
     missing_grads: int = 0
     result: dict[str, ParamStats] | None = None
     skip_reason: str | None = None
+    # The rule of the registered base class of a subclass that overrides ``forward`` (which
+    # gets the fallback): its ``check`` still applies, e.g. batch statistics in BatchNorm.
+    base_rule: LayerRule | None = None
 
 
 class GradientProbe:
@@ -118,6 +129,13 @@ class GradientProbe:
                     f"unknown parameter names {unknown}; pass names as listed by "
                     f"model.named_parameters(), e.g. {list(named)[:5]}"
                 )
+            frozen = [n for n in self.param_names if not named[n].requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"parameters {frozen} are frozen (requires_grad=False), so they have no "
+                    f"gradient to probe; unfreeze them (param.requires_grad_(True)) or leave "
+                    f"them out of params"
+                )
         self._params = {n: named[n] for n in self.param_names}
         self._owners = self._resolve_owners()
         owners_of: dict[str, int] = {}
@@ -154,10 +172,13 @@ class GradientProbe:
             if id(module) in claimed_by_recursive:
                 continue
             rule = rule_for(module)
+            base_rule = None
             if rule is None:
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
                 rule = _FALLBACK
+                found = registered_base(module)
+                base_rule = found[1] if found is not None else None
             if rule.recursive:
                 claimed_by_recursive.update(id(m) for m in module.modules() if m is not module)
             local = {
@@ -166,8 +187,8 @@ class GradientProbe:
                 if id(p) in canonical
             }
             if local and not any(o.module is module for o in owners):
-                owners.append(_Owner(module, module_name, rule, local))
-        return owners
+                owners.append(_Owner(module, module_name, rule, local, base_rule=base_rule))
+        return _drop_reregistered(owners)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -249,6 +270,8 @@ class GradientProbe:
             if not live:
                 return
             reason = owner.rule.check(module)
+            if reason is None and owner.base_rule is not None:
+                reason = owner.base_rule.check(module)
             if reason is not None:
                 self._exclude(owner, reason)
                 return
@@ -502,6 +525,35 @@ class GradientProbe:
         self._incomplete = False
         self._model_batch = None
         self._finalize_queued = False
+
+
+def _drop_reregistered(owners: list[_Owner]) -> list[_Owner]:
+    """Give a Parameter that a module registers again under a second name (Opacus'
+    ``RenameParamsMixin``, ``self.w = self.child.weight``) to the descendant that owns it too.
+
+    The descendant is the module whose forward uses it; the ancestor's registration is an alias,
+    and counting both would add the ancestor's replay to the descendant's rule (double the
+    gradient). Two modules where neither contains the other (genuine tying) both keep it.
+    """
+    descendants = {
+        id(o.module): {id(m) for m in o.module.modules()} - {id(o.module)} for o in owners
+    }
+    kept: list[_Owner] = []
+    for owner in owners:
+        inner = descendants[id(owner.module)]
+        aliases = {
+            local
+            for local, name in owner.local_to_name.items()
+            if any(
+                id(other.module) in inner and name in other.local_to_name.values()
+                for other in owners
+            )
+        }
+        if aliases:
+            owner.local_to_name = {k: v for k, v in owner.local_to_name.items() if k not in aliases}
+        if owner.local_to_name:
+            kept.append(owner)
+    return kept
 
 
 def _release(call: Call, consumed: bool) -> None:

@@ -128,7 +128,8 @@ R = TypeVar("R", bound=type[LayerRule])
 
 
 def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
-    """Class decorator: use this rule for ``module_types`` and their subclasses."""
+    """Class decorator: use this rule for ``module_types`` and for their subclasses that keep
+    the registered type's ``forward`` (see :func:`rule_for`)."""
 
     def decorate(rule_cls: R) -> R:
         rule = rule_cls()
@@ -139,13 +140,31 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
     return decorate
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
-    """The registered rule for the most specific registered type in ``module``'s MRO."""
+def registered_base(module: nn.Module) -> tuple[type[nn.Module], LayerRule] | None:
+    """The most specific registered type in ``module``'s MRO and its rule, whether or not the
+    module overrides that type's ``forward``."""
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
         if rule is not None:
-            return rule
+            return klass, rule
     return None
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The dedicated rule for ``module``, or ``None`` (the probe then uses the generic fallback).
+
+    A rule describes what its registered type's ``forward`` computes, so it applies to a module
+    whose type is registered, or whose type inherits the registered type's ``forward``
+    unchanged. A subclass with its own ``forward`` (e.g. a Linear that scales its weight) may
+    compute anything: it gets no dedicated rule.
+    """
+    found = registered_base(module)
+    if found is None:
+        return None
+    klass, rule = found
+    if type(module) is not klass and type(module).forward is not klass.forward:
+        return None
+    return rule
 
 
 def registered_types() -> list[type[nn.Module]]:
