@@ -15,6 +15,7 @@ from conftest import DEVICES, assert_matches_oracle, run_probe, squared_error
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientProbe, ParameterUseError
+from lightning_gradwatch.probe.registry import LayerRule, register_rule
 
 
 def _target_like(model: nn.Module, x: Tensor) -> Tensor:
@@ -745,3 +746,39 @@ def test_reregistered_parameter_is_owned_by_the_module_that_uses_it() -> None:
     x = torch.randn(5, 3, dtype=torch.float64)
     stats = assert_matches_oracle(model, x, _target_like(model, x))
     assert set(stats.names) == {"l0_weight", "l0_bias", "head.weight", "head.bias"}
+
+
+class _BrokenRuleModule(nn.Linear):
+    """A module type whose (test-only) rule has a bug."""
+
+
+@register_rule(_BrokenRuleModule)
+class _BrokenRule(LayerRule):
+    def compute(self, module: nn.Module, calls: list, ctx: object) -> dict:
+        raise IndexError("a bug in the rule")
+
+
+def test_a_bug_in_a_rule_propagates() -> None:
+    """Only deliberate refusals (SkipModule) become exclusions; a bug is never a warning."""
+    model = nn.Sequential(_BrokenRuleModule(3, 2))
+    with GradientProbe(model), pytest.raises(IndexError, match="a bug in the rule"):
+        model(torch.randn(4, 3)).sum().backward()
+
+
+class _PickyForward(nn.Module):
+    """A fallback module whose forward raises on anything but its training batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != 4:
+            raise ValueError(f"expected 4 rows, got {x.shape[0]}")
+        return x * self.scale
+
+
+def test_a_non_vmap_error_in_the_fallback_replay_propagates() -> None:
+    model = nn.Sequential(_PickyForward())
+    with GradientProbe(model), pytest.raises(ValueError, match="expected 4 rows, got 1"):
+        model(torch.randn(4, 3)).sum().backward()

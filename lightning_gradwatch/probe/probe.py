@@ -390,13 +390,8 @@ class GradientProbe:
         self._replaying = True
         try:
             result = owner.rule.compute(owner.module, calls, ctx)
-        except SkipModule as skip:
+        except SkipModule as skip:  # a deliberate refusal; any other error is a bug: propagate
             self._exclude(owner, skip.reason)
-            return
-        except Exception as err:
-            # E.g. calls of one module over different numbers of rows (subsets of the batch).
-            # Monitoring must not crash the backward: leave the module out, with a warning.
-            self._exclude(owner, f"its rule failed on this step ({type(err).__name__}: {err})")
             return
         finally:
             self._replaying = False

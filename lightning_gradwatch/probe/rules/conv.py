@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, chunk_size, outer_product_stats, row_sq_norm, rowdot
+from .._linalg import (
+    bias_stats,
+    chunk_size,
+    outer_product_stats,
+    require_one_batch,
+    row_sq_norm,
+    rowdot,
+)
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -116,6 +123,7 @@ class ConvRule(LayerRule):
         grouped_route = nd >= 2
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:

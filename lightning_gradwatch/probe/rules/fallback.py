@@ -3,7 +3,9 @@
 ``G_i`` is the VJP of ``theta -> module(x_i; theta)`` at ``delta_i``, computed with
 ``torch.func.grad`` under ``torch.func.vmap`` over samples, from the captured inputs and output
 gradients, in chunks of samples to bound memory. It is exact for every module that treats
-samples independently and uses no randomness in its forward pass.
+samples independently and uses no randomness in its forward pass. A module that ``vmap``
+refuses to replay (randomness, ``.item()``, data-dependent control flow, in-place updates of
+buffers) is excluded with a warning; any other error propagates.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._linalg import chunk_size, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule
+
+#: Messages of the errors by which ``torch.func.vmap`` refuses to replay a forward per sample:
+#: randomness (dropout inside the module), ``.item()`` or data-dependent control flow, in-place
+#: updates of unbatched buffers (e.g. running statistics), operators without a batching rule.
+_VMAP_REFUSALS = ("vmap:", "Batching rule not implemented")
+
+
+def _is_vmap_refusal(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap refusing the replay, rather than a bug (which must propagate)."""
+    message = str(err)
+    return any(marker in message for marker in _VMAP_REFUSALS)
 
 
 class FallbackRule(LayerRule):
@@ -65,7 +78,14 @@ class FallbackRule(LayerRule):
         live = [(o, g) for o, g in zip(call.outputs, call.grads, strict=True) if g is not None]
         if not live:
             return None
-        batch = live[0][1].shape[bdim]
+        batch = live[0][1].shape[bdim] if live[0][1].dim() > bdim else -1
+        if any(g.dim() <= bdim or g.shape[bdim] != batch for _, g in live):
+            # E.g. an LSTM's (out, (h_n, c_n)): h_n is (layers, B, H), sample dim 1.
+            shapes = [tuple(g.shape) for _, g in live]
+            raise SkipModule(
+                f"its outputs {shapes} do not all hold the samples along dim {bdim}, so the "
+                f"sample dimension of each output is unknown; give it a dedicated rule"
+            )
         deltas = [g.to(ctx.dtype) for _, g in live]
         live_index = [k for k, g in enumerate(call.grads) if g is not None]
 
@@ -100,9 +120,8 @@ class FallbackRule(LayerRule):
                 xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
                 ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
                 pieces.append(per_sample_grad(params, xs, ds))
-        except Exception as err:
-            # Dropout inside the module (vmap refuses randomness), or an input whose sample
-            # dimension the rule guessed wrong (modules validate shapes with assert/ValueError
-            # too): the module is left out with a warning rather than crashing the backward.
+        except RuntimeError as err:
+            if not _is_vmap_refusal(err):
+                raise
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}

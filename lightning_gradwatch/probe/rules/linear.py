@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, row_sq_norm, rowdot
+from .._linalg import bias_stats, outer_product_stats, require_one_batch, row_sq_norm, rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -18,6 +18,7 @@ class LinearRule(LayerRule):
         weight = module.weight.detach()
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         inputs, deltas, dots = [], [], []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:

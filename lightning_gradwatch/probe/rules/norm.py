@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import stats_from_grad_sample
+from .._linalg import require_one_batch, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -29,6 +29,7 @@ class _AffineNormRule(LayerRule):
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
         weight_grads, bias_grads = [], []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:
