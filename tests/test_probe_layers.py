@@ -472,3 +472,50 @@ def test_unbatched_input_is_excluded_with_a_warning(layer: nn.Module, x: Tensor)
         stats = run_probe(model, x, torch.zeros(()), loss_fn=lambda out, t: out.sum().reshape(1))
     assert set(stats.excluded) == {"0.weight", "0.bias"}
     assert not stats.names
+
+
+def test_batchnorm_without_running_stats_in_eval_says_why() -> None:
+    _setup()
+    bn = nn.BatchNorm1d(4, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(3, 4), bn).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"in eval mode too.*track_running_stats=False"):
+        stats = run_probe(model, x, torch.zeros(6, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_instancenorm_affine_is_exact(nd: int, track: bool, training: bool) -> None:
+    """Per-sample statistics (training, or no running stats) or running statistics (eval with
+    them): a per-sample map either way. The probe never updates the running statistics."""
+    _setup()
+    norm_cls = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[nd - 1]
+    norm = norm_cls(3, affine=True, track_running_stats=track)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        if track:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(norm, nn.Tanh()).double().train(training)
+    x = torch.randn(4, 3, *(3,) * nd, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 3), (4, 0, 3)], ids=["B0", "B0_seq", "T0"])
+def test_empty_batch_or_sequence(shape: tuple[int, ...]) -> None:
+    """B = 0: statistics with ``batch_size == 0`` and no per-sample entries (no crash, no NaN).
+    An empty sequence with B > 0: every per-sample gradient is exactly zero."""
+    _setup()
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), _Scaled(4)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    stats = run_probe(model, x, torch.zeros(*shape[:-1], 4, dtype=torch.float64))
+    assert stats.batch_size == shape[0]
+    assert not stats.excluded
+    assert stats.is_finite()
+    if shape[0] == 0:
+        assert not stats.names
+    else:
+        assert_matches_oracle(model, x, torch.zeros(*shape[:-1], 4, dtype=torch.float64))

@@ -269,6 +269,12 @@ class GradientProbe:
             live = [k for k, o in enumerate(outputs) if o.requires_grad]
             if not live:
                 return
+            if all(outputs[k].numel() == 0 for k in live):
+                # An empty batch (or empty sequence): no output element depends on the
+                # parameters, so their per-sample gradients are zero (none for B = 0). Nothing
+                # to capture, but the backward must still be seen to produce statistics.
+                outputs[live[0]].register_hook(self._on_empty_output)
+                return
             reason = owner.rule.check(module)
             if reason is None and owner.base_rule is not None:
                 reason = owner.base_rule.check(module)
@@ -327,6 +333,9 @@ class GradientProbe:
                 self._compute(owner)
 
         return hook
+
+    def _on_empty_output(self, grad: Tensor) -> None:
+        self._start_backward()
 
     def _make_param_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
