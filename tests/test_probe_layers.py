@@ -519,3 +519,94 @@ def test_empty_batch_or_sequence(shape: tuple[int, ...]) -> None:
         assert not stats.names
     else:
         assert_matches_oracle(model, x, torch.zeros(*shape[:-1], 4, dtype=torch.float64))
+
+
+def _sequence_first_loss(out: Tensor, target: Tensor) -> Tensor:
+    """``(B,)`` per-sample losses of ``(T, B, E)`` outputs."""
+    return (out - target).pow(2).sum((0, 2))
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+@pytest.mark.parametrize("kind", ["encoder", "transformer"])
+def test_sequence_first_transformer_is_exact(kind: str, steps: int) -> None:
+    """``batch_first=False``: the Linear, LayerNorm and attention submodules see ``(T, B, E)``
+    and take their samples along dim 1 (also when T == B, where shapes cannot tell)."""
+    _setup()
+    batch = 3
+    if kind == "encoder":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+        encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        model = encoder.double()
+        inputs = torch.randn(steps, batch, 8, dtype=torch.float64)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # enable_nested_tensor is moot for training
+            model = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0).double()
+        src = torch.randn(steps, batch, 8, dtype=torch.float64)
+        inputs = (src, torch.randn(4, batch, 8, dtype=torch.float64))
+        model = _TupleInput(model)
+    target = torch.randn(steps if kind == "encoder" else 4, batch, 8, dtype=torch.float64)
+    assert_matches_oracle(model, inputs, target, loss_fn=_sequence_first_loss, batch_size=batch)
+
+
+class _TupleInput(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
+        return self.inner(*pair)
+
+
+def test_sequence_first_without_batch_size_is_excluded_with_warnings() -> None:
+    """Dim 0 of the model input (T = 5) is not the batch (3): every module is left out, each
+    with a warning naming it and its shape, until ``batch_size`` is given."""
+    _setup()
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False).double()
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = run_probe(layer, x, torch.zeros_like(x), loss_fn=_sequence_first_loss)
+    assert not stats.names
+    messages = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert len(messages) == 5  # self_attn, linear1, linear2, norm1, norm2
+    assert any(
+        "Linear 'linear1'" in m and "3 samples but the batch has 5" in m and "(5, 3, 8)" in m
+        for m in messages
+    )
+
+
+class _TransposingUser(nn.Module):
+    """User code that runs its layers sequence-first internally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 4) -> (B, T, 2)
+        return self.body(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+def test_declared_batch_dims_for_user_code_that_transposes(steps: int) -> None:
+    _setup()
+    model = _TransposingUser().double()
+    x = torch.randn(3, steps, 4, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x), batch_dims={"body": 1})
+
+
+def test_conv_with_a_declared_non_zero_batch_dim_is_refused() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 2, 1))
+    x = torch.randn(3, 2, 4)
+    with pytest.warns(UserWarning, match="sees samples along dim 1.*needs them along dim 0"):
+        stats = run_probe(model, x, torch.zeros(3, 2, 4), batch_dims={"0": 1})
+    assert set(stats.excluded) == {"0.weight", "0.bias"}
+
+
+def test_bad_batch_dims_and_batch_size_are_refused() -> None:
+    from lightning_gradwatch import GradientProbe
+
+    with pytest.raises(ValueError, match="module names as listed by model.named_modules"):
+        GradientProbe(nn.Linear(2, 2), batch_dims={"nope": 1})
+    with pytest.raises(ValueError, match="batch_size must be a non-negative int"):
+        GradientProbe(nn.Linear(2, 2), batch_size=-1)

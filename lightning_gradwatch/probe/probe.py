@@ -49,6 +49,8 @@ class _Owner:
     # The rule of the registered base class of a subclass that overrides ``forward`` (which
     # gets the fallback): its ``check`` still applies, e.g. batch statistics in BatchNorm.
     base_rule: LayerRule | None = None
+    batch_dim: int = 0  # the dim of its inputs and outputs that indexes samples
+    seen_shape: tuple[int, ...] | None = None  # first input's shape, for messages
 
 
 class GradientProbe:
@@ -92,9 +94,18 @@ class GradientProbe:
         verify: check on the first forward inside a block that every use of a tracked
             parameter happens inside a module whose rule accounts for it (``"first"``), on
             every forward (``"always"``), or never.
+        batch_size: the number of samples ``B`` of every step, when dim 0 of the model's
+            first input is not it (a sequence-first model takes ``(T, B, ...)``); see also
+            :meth:`set_batch_size`. Modules whose statistics have another number of samples
+            are left out with a warning.
+        batch_dims: module name (as in ``model.named_modules()``) to the dim of its inputs
+            and outputs that indexes samples, for modules inside user code that transposes to
+            sequence-first. Submodules of ``nn.Transformer``, ``nn.TransformerEncoder*`` and
+            ``nn.TransformerDecoder*`` with ``batch_first=False`` get 1 without this.
 
     Raises:
-        ValueError: unknown parameter names, or a bad ``loss_reduction``.
+        ValueError: unknown parameter names or module names, frozen parameters named in
+            ``params``, or a bad ``loss_reduction``, ``batch_size`` or ``batch_dims``.
     """
 
     def __init__(
@@ -106,6 +117,8 @@ class GradientProbe:
         loss_scale: float | Callable[[], float] = 1.0,
         chunk_elements: int = 2**24,
         verify: Literal["first", "always", "never"] = "first",
+        batch_size: int | None = None,
+        batch_dims: dict[str, int] | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -137,7 +150,23 @@ class GradientProbe:
                     f"them out of params"
                 )
         self._params = {n: named[n] for n in self.param_names}
+        self._batch_size: int | None = None
+        self.set_batch_size(batch_size)
         self._owners = self._resolve_owners()
+        module_dims = _builtin_batch_dims(model)
+        if batch_dims:
+            modules = dict(model.named_modules())
+            bad = {n: d for n, d in batch_dims.items() if n not in modules or d < 0}
+            if bad:
+                raise ValueError(
+                    f"batch_dims {bad}: keys must be module names as listed by "
+                    f"model.named_modules() and values non-negative dims"
+                )
+            for name, dim in batch_dims.items():
+                for module in modules[name].modules():
+                    module_dims[id(module)] = dim
+        for owner in self._owners:
+            owner.batch_dim = module_dims.get(id(owner.module), 0)
         owners_of: dict[str, int] = {}
         for owner in self._owners:
             for name in owner.local_to_name.values():
@@ -207,6 +236,13 @@ class GradientProbe:
     def add_listener(self, listener: Callable[[ProbeStats], None]) -> None:
         """Call ``listener(stats)`` at the end of every probed backward pass."""
         self._listeners.append(listener)
+
+    def set_batch_size(self, batch_size: int | None) -> None:
+        """Declare the number of samples ``B`` of the coming steps (``None``: dim 0 of the
+        model's first input, the default). The Lightning callbacks set it from the batch."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 0):
+            raise ValueError(f"batch_size must be a non-negative int or None, got {batch_size!r}")
+        self._batch_size = batch_size
 
     def reset(self) -> None:
         """Forget the last statistics."""
@@ -387,6 +423,22 @@ class GradientProbe:
         if not calls or owner.skip_reason is not None:
             return
         sample = next(g for c in calls for g in c.grads if g is not None)
+        owner.seen_shape = next(
+            (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
+        )
+        batch_dim = owner.batch_dim
+        if batch_dim != 0:
+            if owner.rule.positionwise:
+                calls = [_samples_first(c, batch_dim) for c in calls]
+                batch_dim = 0
+            elif not isinstance(owner.rule, FallbackRule):
+                self._exclude(
+                    owner,
+                    f"it sees samples along dim {batch_dim} (input shape {owner.seen_shape}) "
+                    f"and its rule needs them along dim 0; make the model batch-first",
+                    kind="sample dim",
+                )
+                return
         ctx = RuleContext(
             dtype=torch.promote_types(sample.dtype, torch.float32),
             want=frozenset(owner.local_to_name),
@@ -395,6 +447,7 @@ class GradientProbe:
                 local for local, name in owner.local_to_name.items() if name in self._shared
             ),
             chunk_elements=self.chunk_elements,
+            batch_dim=batch_dim,
         )
         self._replaying = True
         try:
@@ -419,12 +472,15 @@ class GradientProbe:
             s.grad_sample.mul_(factor)
         return s
 
-    def _exclude(self, owner: _Owner, reason: str) -> None:
+    def _exclude(self, owner: _Owner, reason: str, kind: str | None = None) -> None:
+        """Leave ``owner``'s parameters out of this step, warning once per module and ``kind``
+        of reason (default: the reason itself; a reason that quotes shapes passes a kind so
+        that a changing sequence length does not warn on every step)."""
         owner.skip_reason = reason
         for call in owner.calls:
             _release(call, consumed=False)
         owner.calls = []
-        key = f"{type(owner.module).__name__}:{reason}"
+        key = f"{owner.module_name}:{type(owner.module).__name__}:{kind or reason}"
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(
@@ -461,18 +517,34 @@ class GradientProbe:
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
         excluded: dict[str, str] = {}
-        # The batch is the model's: dim 0 of the first tensor its latest forward received. A
-        # module that saw another number of rows (a subset of the batch, or flattened
-        # positions) has no per-sample statistics to report. Without a model forward
-        # (submodules called directly), the first module's batch is the reference.
-        batch = self._model_batch
+        # The batch is the declared one, else the model's: dim 0 of the first tensor its latest
+        # forward received. A module that saw another number of rows (a subset of the batch,
+        # flattened positions, a sequence-first layout) has no per-sample statistics to
+        # report. Without either (submodules called directly), the first module's batch is
+        # the reference.
+        batch = self._batch_size if self._batch_size is not None else self._model_batch
         for owner in self._owners:
+            if owner.result and batch is None:
+                batch = next(iter(owner.result.values())).dot.shape[0]
+            if owner.result and batch is not None:
+                rows = next(iter(owner.result.values())).dot.shape[0]
+                if rows != batch:
+                    owner.result = None
+                    self._exclude(
+                        owner,
+                        f"its statistics have {rows} samples but the batch has {batch} (its "
+                        f"input shape {owner.seen_shape}, sample dim {owner.batch_dim}): it "
+                        f"saw a subset of the batch, flattened positions, or samples along "
+                        f"another dim; declare that dim with GradientProbe(batch_dims=...), "
+                        f"or the batch with batch_size=... if dim 0 of the model's input is "
+                        f"not the batch",
+                        kind="batch size",
+                    )
             if owner.skip_reason is not None:
                 for name in owner.local_to_name.values():
                     excluded[name] = owner.skip_reason
             for name, s in (owner.result or {}).items():
                 contributions.setdefault(name, []).append(s)
-                batch = s.dot.shape[0] if batch is None else batch
         if batch is None:
             batch = 0
         stats = ProbeStats(batch_size=batch, excluded=excluded)
@@ -529,6 +601,52 @@ class GradientProbe:
         self._incomplete = False
         self._model_batch = None
         self._finalize_queued = False
+
+
+_SEQUENCE_FIRST_CONTAINERS = (
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+)
+
+
+_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def _builtin_batch_dims(model: nn.Module) -> dict[int, int]:
+    """``id(module) -> 1`` for every module inside a built-in transformer container that runs
+    sequence-first (``batch_first=False``): its Linear, LayerNorm and attention submodules see
+    ``(T, B, E)``. Layers carry the flag on ``self_attn``; ``nn.TransformerEncoder``/``Decoder``
+    follow their first layer."""
+    dims: dict[int, int] = {}
+    for module in model.modules():
+        if not isinstance(module, _SEQUENCE_FIRST_CONTAINERS):
+            continue
+        # Layers keep the flag on their attention module; stacks follow their first layer.
+        layer = module.layers[0] if isinstance(module, _STACKS) and len(module.layers) else module
+        attention = getattr(layer, "self_attn", None)
+        flag = getattr(module, "batch_first", getattr(attention, "batch_first", None))
+        if flag is False:
+            dims.update((id(m), 1) for m in module.modules())
+    return dims
+
+
+def _samples_first(call: Call, batch_dim: int) -> Call:
+    """The call of a position-wise layer with the sample dim of its first argument, its
+    outputs and their gradients moved to dim 0 (the layer acts on each position alike)."""
+
+    def move(x: Any) -> Any:
+        return x.movedim(batch_dim, 0) if isinstance(x, Tensor) and x.dim() > batch_dim else x
+
+    return Call(
+        args=(move(call.args[0]), *call.args[1:]) if call.args else call.args,
+        kwargs=call.kwargs,
+        outputs=[move(o) for o in call.outputs],
+        output_versions=call.output_versions,
+        grads=[move(g) for g in call.grads],
+    )
 
 
 def _drop_reregistered(owners: list[_Owner]) -> list[_Owner]:

@@ -74,6 +74,11 @@ class RuleContext:
         need_sum_sq: compute ``sum_i g_i**2``.
         need_grad_sample: local names whose per-sample gradients must be materialised.
         chunk_elements: bound on the number of elements of any materialised per-sample tensor.
+        batch_dim: the dimension of the module's tensor inputs and outputs that indexes samples
+            (1 inside a sequence-first ``nn.Transformer*`` with ``batch_first=False``, or as
+            declared with ``GradientProbe(batch_dims=...)``). The probe moves it to dim 0
+            before calling a :attr:`LayerRule.positionwise` rule, so those see 0; other rules
+            that cannot honour a non-zero value raise :class:`SkipModule`.
     """
 
     dtype: torch.dtype
@@ -81,6 +86,7 @@ class RuleContext:
     need_sum_sq: bool
     need_grad_sample: frozenset[str]
     chunk_elements: int
+    batch_dim: int = 0
 
 
 class SkipModule(Exception):
@@ -97,10 +103,17 @@ class LayerRule:
 
     Subclasses implement :meth:`compute`. ``recursive = True`` makes the rule own the
     parameters of the module's children too (for modules whose forward uses its children's
-    parameters directly, like ``nn.MultiheadAttention``'s ``out_proj``).
+    parameters directly, like ``nn.MultiheadAttention``'s ``out_proj``). ``positionwise = True``
+    lets the probe hand it inputs whose sample dimension was elsewhere (see
+    :attr:`RuleContext.batch_dim`); a rule with ``positionwise = False`` gets the calls as
+    captured and must honour ``ctx.batch_dim`` itself or refuse a non-zero one.
     """
 
     recursive: bool = False
+    #: The layer acts on each position of the leading dims independently (Linear, Embedding,
+    #: LayerNorm, RMSNorm): the probe may move the sample dimension of its first argument,
+    #: first output and their gradients to dim 0 before :meth:`compute`.
+    positionwise: bool = False
 
     def owned_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """Local name to parameter, for every trainable parameter this rule covers."""

@@ -16,6 +16,8 @@ from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, reg
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
+    positionwise = True
+
     def check(self, module: nn.Module) -> str | None:
         if getattr(module, "scale_grad_by_freq", False):
             return (

@@ -45,7 +45,8 @@ class FallbackRule(LayerRule):
         if not names:
             return {}
         params = {n: owned[n].detach().to(ctx.dtype) for n in names}
-        bdim = self.batch_dim(module)
+        # The module's own layout (sequence-first attention), else the one the probe found.
+        bdim = self.batch_dim(module) or ctx.batch_dim
         totals: dict[str, Tensor] | None = None
         for call in calls:
             grad_sample = self._call_grad_sample(module, call, params, bdim, ctx)

@@ -11,6 +11,8 @@ from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, reg
 
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
+    positionwise = True
+
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:

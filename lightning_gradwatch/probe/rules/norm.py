@@ -62,6 +62,8 @@ def _trailing_dims(x: Tensor, n_trailing: int) -> tuple[int, ...]:
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(_AffineNormRule):
+    positionwise = True
+
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         assert isinstance(module, nn.LayerNorm)
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -73,6 +75,8 @@ class LayerNormRule(_AffineNormRule):
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(_AffineNormRule):
+    positionwise = True
+
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         assert isinstance(module, nn.RMSNorm)
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
