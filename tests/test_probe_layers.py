@@ -606,7 +606,7 @@ def test_conv_with_a_declared_non_zero_batch_dim_is_refused() -> None:
 def test_bad_batch_dims_and_batch_size_are_refused() -> None:
     from lightning_gradwatch import GradientProbe
 
-    with pytest.raises(ValueError, match="module names as listed by model.named_modules"):
+    with pytest.raises(ValueError, match=r"module names as listed by model\.named_modules"):
         GradientProbe(nn.Linear(2, 2), batch_dims={"nope": 1})
     with pytest.raises(ValueError, match="batch_size must be a non-negative int"):
         GradientProbe(nn.Linear(2, 2), batch_size=-1)
