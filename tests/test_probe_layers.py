@@ -610,3 +610,24 @@ def test_bad_batch_dims_and_batch_size_are_refused() -> None:
         GradientProbe(nn.Linear(2, 2), batch_dims={"nope": 1})
     with pytest.raises(ValueError, match="batch_size must be a non-negative int"):
         GradientProbe(nn.Linear(2, 2), batch_size=-1)
+
+
+class _HeadMaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, steps, _ = x.shape
+        mask = torch.zeros(batch * 2, steps, steps, dtype=torch.bool)
+        mask[0, 0, 1] = True
+        return self.attn(x, x, x, attn_mask=mask)[0]
+
+
+def test_attention_replay_refuses_a_per_head_mask() -> None:
+    _setup()
+    model = _HeadMaskedAttention().double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"3-D attn_mask \(6, 4, 4\) interleaves samples"):
+        stats = run_probe(model, x, torch.zeros_like(x))
+    assert not stats.names

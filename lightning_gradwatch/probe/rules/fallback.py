@@ -10,6 +10,8 @@ buffers) is excluded with a warning; any other error propagates.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -36,6 +38,18 @@ class FallbackRule(LayerRule):
     def batch_dim(self, module: nn.Module) -> int:
         """Dimension of the module's tensor inputs and outputs that indexes samples."""
         return 0
+
+    def sample_dims(
+        self, module: nn.Module, call: Call, leaves: list[Any], bdim: int, batch: int
+    ) -> list[int | None]:
+        """For each leaf of ``(call.args, call.kwargs)`` (flattened), the dim that indexes
+        samples, or ``None`` for a leaf shared by all samples: by default, a tensor with
+        ``batch`` entries along ``bdim`` is per-sample and anything else is broadcast.
+        Rules for modules whose inputs have several layouts override this."""
+        return [
+            bdim if isinstance(x, Tensor) and x.dim() > bdim and x.shape[bdim] == batch else None
+            for x in leaves
+        ]
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
@@ -91,10 +105,9 @@ class FallbackRule(LayerRule):
         live_index = [k for k, g in enumerate(call.grads) if g is not None]
 
         leaves, spec = tree_flatten((call.args, call.kwargs))
-        # A tensor leaf with the batch size along the batch dim is per-sample; others broadcast.
-        batched = [
-            isinstance(x, Tensor) and x.dim() > bdim and x.shape[bdim] == batch for x in leaves
-        ]
+        leaf_dims = self.sample_dims(module, call, leaves, bdim, batch)
+        batched = [d is not None for d in leaf_dims]
+        dims = [d for d in leaf_dims if d is not None]
         leaves = [
             x.to(ctx.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
             for x in leaves
@@ -102,7 +115,7 @@ class FallbackRule(LayerRule):
         per_sample = [x for x, b in zip(leaves, batched, strict=True) if b]
 
         def sample_loss(p: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> Tensor:
-            it = iter(x.unsqueeze(bdim) for x in xs)
+            it = iter(x.unsqueeze(d) for x, d in zip(xs, dims, strict=True))
             full = [next(it) if b else x for x, b in zip(leaves, batched, strict=True)]
             args, kwargs = tree_unflatten(full, spec)
             out_leaves, _ = tree_flatten(functional_call(module, p, tuple(args), kwargs))
@@ -112,13 +125,16 @@ class FallbackRule(LayerRule):
                 torch.zeros((), dtype=ctx.dtype, device=ds[0].device),
             )
 
-        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, bdim, bdim))
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, dims, bdim))
         elements = sum(p.numel() for p in params.values())
         step = chunk_size(batch, elements, ctx.chunk_elements)
         pieces: list[dict[str, Tensor]] = []
         try:
             for lo in range(0, batch, step):
-                xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
+                xs = [
+                    x.narrow(d, lo, min(step, batch - lo))
+                    for x, d in zip(per_sample, dims, strict=True)
+                ]
                 ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
                 pieces.append(per_sample_grad(params, xs, ds))
         except RuntimeError as err:
