@@ -55,7 +55,7 @@ class MultiheadAttentionRule(FallbackRule):
             )
         dims = super().sample_dims(module, call, leaves, bdim, batch)
         for k, leaf in enumerate(leaves):
-            if leaf is padding or leaf is mask:
+            if isinstance(leaf, Tensor) and (leaf is padding or leaf is mask):
                 dims[k] = 0 if leaf.dim() == 3 or leaf is padding else None
                 if leaf.dim() == 2 and leaf is padding and leaf.shape[0] != batch:
                     raise SkipModule(f"key_padding_mask {tuple(leaf.shape)} is not (B, S)")
