@@ -61,11 +61,14 @@ class GradientProbe:
     to ``.grad``, never changes a gradient, keeps no graph alive, and frees what it captured at
     the end of each backward.
 
-    Samples are indexed by dim 0 of every module's input (dim 1 for sequence-first
-    ``nn.MultiheadAttention``); the batch size ``B`` is dim 0 of the first tensor the model's
-    latest forward received. A module that saw a different number of rows (a subset of the
-    batch, flattened positions) is listed in ``stats.excluded``. A second backward through a
-    graph kept with ``retain_graph=True`` is not probed (warning, no statistics).
+    Samples are indexed by dim 0 of every module's input, except dim 1 for sequence-first
+    ``nn.MultiheadAttention`` and for every submodule of a built-in transformer with
+    ``batch_first=False``, and the dims declared in ``batch_dims``. The batch size ``B`` is
+    ``batch_size`` (or :meth:`set_batch_size`) when given, else dim 0 of the first tensor the
+    model's latest forward received. A module whose statistics have another number of samples
+    (a subset of the batch, flattened positions, another layout) is left out with a warning
+    and listed in ``stats.excluded``. A second backward through a graph kept with
+    ``retain_graph=True`` is not probed (warning, no statistics).
 
     Example::
 
@@ -239,7 +242,9 @@ class GradientProbe:
 
     def set_batch_size(self, batch_size: int | None) -> None:
         """Declare the number of samples ``B`` of the coming steps (``None``: dim 0 of the
-        model's first input, the default). The Lightning callbacks set it from the batch."""
+        model's first input, the default), e.g. from the batch in a training loop that knows
+        it. Modules whose statistics have another number of samples are left out with a
+        warning."""
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 0):
             raise ValueError(f"batch_size must be a non-negative int or None, got {batch_size!r}")
         self._batch_size = batch_size
