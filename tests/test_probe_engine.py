@@ -782,3 +782,33 @@ def test_a_non_vmap_error_in_the_fallback_replay_propagates() -> None:
     model = nn.Sequential(_PickyForward())
     with GradientProbe(model), pytest.raises(ValueError, match="expected 4 rows, got 1"):
         model(torch.randn(4, 3)).sum().backward()
+
+
+def _train_with_randomness_and_buffers(probed: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 2)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(6, 5, generator=data), torch.randn(6, 2, generator=data)
+        optimizer.zero_grad()
+        if probed:  # a new probe each step: the sample-dim replay runs every step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # BatchNorm in training mode is left out
+                with GradientProbe(model):
+                    squared_error(model(x), y).mean().backward()
+        else:
+            squared_error(model(x), y).mean().backward()
+        optimizer.step()
+    return model
+
+
+def test_sample_dim_replay_leaves_rng_and_buffers_untouched() -> None:
+    """The verification forward's no-grad replay restores the RNG state and runs on copies of
+    the buffers: dropout masks, running statistics and parameters stay bitwise identical."""
+    plain = _train_with_randomness_and_buffers(probed=False)
+    probed = _train_with_randomness_and_buffers(probed=True)
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

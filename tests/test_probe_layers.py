@@ -631,3 +631,49 @@ def test_attention_replay_refuses_a_per_head_mask() -> None:
     with pytest.warns(UserWarning, match=r"3-D attn_mask \(6, 4, 4\) interleaves samples"):
         stats = run_probe(model, x, torch.zeros_like(x))
     assert not stats.names
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+def test_sample_dim_of_user_code_that_transposes_is_detected(steps: int) -> None:
+    """Without ``batch_dims``: the verification forward finds that ``body``'s modules hold the
+    samples along dim 1 (also when T == B, where the shapes agree either way)."""
+    _setup()
+    model = _TransposingUser().double()
+    x = torch.randn(3, steps, 4, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+class _TransposedTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, idx: Tensor) -> Tensor:  # (B, T) token ids
+        return self.fc(torch.tanh(self.emb(idx.T))).transpose(0, 1)
+
+
+def test_sample_dim_detection_with_token_ids() -> None:
+    _setup()
+    model = _TransposedTokens().double()
+    idx = torch.randint(0, 7, (3, 3))
+    assert_matches_oracle(model, idx, _target_like(model, idx))
+
+
+class _TransposedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, L) with C == B: a conv on (C, B, L)
+        return self.conv(self.fc(x.transpose(1, 2)).transpose(1, 2).transpose(0, 1))
+
+
+def test_detected_sample_dim_that_a_conv_cannot_take_is_refused() -> None:
+    _setup()
+    model = _TransposedConv().double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'conv' .*sees samples along dim 1"):
+        stats = run_probe(model, x, torch.zeros(3, 2, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"conv.weight", "conv.bias"}

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
 from .registry import (
@@ -186,6 +187,7 @@ class GradientProbe:
         self._incomplete = False
         self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
+        self._dims_checked = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
         # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
@@ -277,6 +279,10 @@ class GradientProbe:
                 self._handles.append(param.register_hook(self._make_param_hook(name)))
         if self.verify == "always" or (self.verify == "first" and not self._verified):
             self._handles.append(_UseChecker(self))
+        if self.verify != "never" and not self._dims_checked:
+            self._handles.append(
+                self.model.register_forward_hook(self._check_sample_dims, with_kwargs=True)
+            )
 
     def detach(self) -> None:
         """Remove the hooks and drop anything captured (what leaving the block does)."""
@@ -295,6 +301,73 @@ class GradientProbe:
             if isinstance(leaf, Tensor) and leaf.dim() > 0:
                 self._model_batch = leaf.shape[0]
                 return
+
+    def _check_sample_dims(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """On the first probed forward, find along which dim each module's input holds the
+        samples, from evidence rather than shapes (which cannot tell ``(T, B)`` from
+        ``(B, T)`` when ``T == B``).
+
+        Replays the model forward without grad with sample 0 of its input changed (dim 0 of
+        every batched tensor input: floats get 1 added, integers take sample 1's values), and
+        compares each module's first input with the one it saw: the dim along which every
+        change is confined to index 0 holds the samples. A module whose samples turn out to be
+        along one other dim than assumed gets that dim (position-wise and generic rules use
+        it; other rules refuse it with a warning). Without evidence (sample 0 does not reach
+        the module, or the change is confined along several dims) the assumption stays. RNG
+        states are restored and the replay runs on copies of the buffers, so training is
+        unchanged; the cost is one forward
+        pass without grad, once.
+        """
+        if self._replaying or not torch.is_grad_enabled() or self._dims_checked:
+            return
+        self._dims_checked = True
+        leaves, spec = tree_flatten((args, kwargs))
+        batch = self._model_batch
+        if not batch or batch < 2 or (self._batch_size not in (None, batch)):
+            return  # no sample 1 to copy, or the model's input is not batch-first
+        perturbed = [_perturb_sample_zero(x, batch) for x in leaves]
+        seen = {
+            id(o.module): o.calls[0].args[0]
+            for o in self._owners
+            if o.calls and o.calls[0].args and isinstance(o.calls[0].args[0], Tensor)
+        }
+        replayed: dict[int, Tensor] = {}
+
+        def record(module: nn.Module, module_args: tuple) -> None:
+            first = module_args[0] if module_args else None
+            if id(module) in seen and id(module) not in replayed and isinstance(first, Tensor):
+                replayed[id(module)] = first.detach()
+
+        # Buffers are replaced by copies for the replay: in-place updates (running statistics)
+        # must not touch the originals, whose version counters autograd checks.
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        rng = torch.random.get_rng_state()
+        devices = {x.device for x in leaves if isinstance(x, Tensor) and x.device.type != "cpu"}
+        accel = {d: torch.get_device_module(d).get_rng_state(d) for d in devices}
+        handles = [o.module.register_forward_pre_hook(record) for o in self._owners]
+        self._replaying = True
+        try:
+            with torch.no_grad():
+                new_args, new_kwargs = tree_unflatten(perturbed, spec)
+                functional_call(model, buffers, tuple(new_args), new_kwargs)
+        finally:
+            self._replaying = False
+            for handle in handles:
+                handle.remove()
+            torch.random.set_rng_state(rng)
+            for device, state in accel.items():
+                torch.get_device_module(device).set_rng_state(state, device)
+        for owner in self._owners:
+            before, after = seen.get(id(owner.module)), replayed.get(id(owner.module))
+            if before is None or after is None or before.shape != after.shape:
+                continue
+            found = _confined_dims(before, after, batch)
+            if not found or owner.batch_dim in found:
+                continue  # no evidence (sample 0 did not reach it), or as assumed
+            if len(found) == 1:
+                # Position-wise and generic rules take it from here; other rules refuse it
+                # (with a warning) when the step is computed.
+                owner.batch_dim = found.pop()
 
     def _make_forward_hook(self, owner: _Owner) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -652,6 +725,31 @@ def _samples_first(call: Call, batch_dim: int) -> Call:
         output_versions=call.output_versions,
         grads=[move(g) for g in call.grads],
     )
+
+
+def _perturb_sample_zero(x: Any, batch: int) -> Any:
+    """``x`` with sample 0 (index 0 of dim 0) changed, if ``x`` is a batched tensor."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch:
+        return x
+    x = x.detach().clone()
+    if x.is_floating_point() or x.is_complex():
+        x[0] += 1
+    else:  # token ids, class indices: stay in range by copying another sample
+        x[0] = x[1]
+    return x
+
+
+def _confined_dims(before: Tensor, after: Tensor, batch: int) -> set[int]:
+    """Dims of size ``batch`` along which every difference between ``before`` and ``after``
+    lies at index 0; empty when nothing changed."""
+    changed = before != after
+    if not bool(changed.any()):  # once per probe, on the verification forward
+        return set()
+    return {
+        d
+        for d in range(changed.dim())
+        if changed.shape[d] == batch and not bool(changed.narrow(d, 1, batch - 1).any())
+    }
 
 
 def _drop_reregistered(owners: list[_Owner]) -> list[_Owner]:
