@@ -169,6 +169,11 @@ class GradientProbe:
             for name, dim in batch_dims.items():
                 for module in modules[name].modules():
                     module_dims[id(module)] = dim
+        self._declared_dims: set[int] = set()  # id(module): dims declared, never re-detected
+        if batch_dims:
+            self._declared_dims = {
+                id(m) for name in batch_dims for m in dict(model.named_modules())[name].modules()
+            }
         for owner in self._owners:
             owner.batch_dim = module_dims.get(id(owner.module), 0)
         owners_of: dict[str, int] = {}
@@ -358,6 +363,8 @@ class GradientProbe:
             for device, state in accel.items():
                 torch.get_device_module(device).set_rng_state(state, device)
         for owner in self._owners:
+            if id(owner.module) in self._declared_dims:
+                continue  # the user's declaration stands
             before, after = seen.get(id(owner.module)), replayed.get(id(owner.module))
             if before is None or after is None or before.shape != after.shape:
                 continue
