@@ -15,6 +15,7 @@ from conftest import DEVICES, assert_matches_oracle, run_probe, squared_error
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientProbe, ParameterUseError
+from lightning_gradwatch.probe.registry import LayerRule, register_rule
 
 
 def _target_like(model: nn.Module, x: Tensor) -> Tensor:
@@ -683,3 +684,131 @@ def test_module_on_a_subset_of_the_batch_is_excluded(make_sub, row_counts) -> No
     assert stats.batch_size == 4
     sub_names = [n for n, _ in model.named_parameters() if n.startswith("sub.")]
     assert set(stats.excluded) == set(sub_names)
+
+
+def test_frozen_parameter_named_in_params_is_refused_at_construction() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.weight'\] are frozen \(requires_grad=False\)"):
+        GradientProbe(model, params=["0.weight"])
+
+
+class _DoubledLinear(nn.Linear):
+    """A subclass of a supported layer with its own forward: the Linear rule does not apply."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class _EvalNormBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm subclass with its own forward: replayed, but still refused in training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 1.5
+
+
+def test_subclass_with_its_own_forward_uses_the_fallback() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_DoubledLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+def test_subclass_of_batchnorm_keeps_the_training_mode_refusal() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _EvalNormBatchNorm(4)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'1' is left out.*batch statistics"):
+        stats = run_probe(model, x, torch.zeros(5, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"1.weight", "1.bias"}
+    model.eval()
+    assert_matches_oracle(model, x, torch.zeros(5, 4, dtype=torch.float64))
+
+
+class _Renamed(nn.Module):
+    """Opacus' ``RenameParamsMixin`` pattern: the child's parameters registered again on the
+    parent under other names, and used only through the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.Linear(3, 4)
+        self.register_parameter("l0_weight", self.cell.weight)
+        self.l0_bias = self.cell.bias
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.cell(x)))
+
+
+def test_reregistered_parameter_is_owned_by_the_module_that_uses_it() -> None:
+    torch.manual_seed(0)
+    model = _Renamed().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    stats = assert_matches_oracle(model, x, _target_like(model, x))
+    assert set(stats.names) == {"l0_weight", "l0_bias", "head.weight", "head.bias"}
+
+
+class _BrokenRuleModule(nn.Linear):
+    """A module type whose (test-only) rule has a bug."""
+
+
+@register_rule(_BrokenRuleModule)
+class _BrokenRule(LayerRule):
+    def compute(self, module: nn.Module, calls: list, ctx: object) -> dict:
+        raise IndexError("a bug in the rule")
+
+
+def test_a_bug_in_a_rule_propagates() -> None:
+    """Only deliberate refusals (SkipModule) become exclusions; a bug is never a warning."""
+    model = nn.Sequential(_BrokenRuleModule(3, 2))
+    with GradientProbe(model), pytest.raises(IndexError, match="a bug in the rule"):
+        model(torch.randn(4, 3)).sum().backward()
+
+
+class _PickyForward(nn.Module):
+    """A fallback module whose forward raises on anything but its training batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != 4:
+            raise ValueError(f"expected 4 rows, got {x.shape[0]}")
+        return x * self.scale
+
+
+def test_a_non_vmap_error_in_the_fallback_replay_propagates() -> None:
+    model = nn.Sequential(_PickyForward())
+    with GradientProbe(model), pytest.raises(ValueError, match="expected 4 rows, got 1"):
+        model(torch.randn(4, 3)).sum().backward()
+
+
+def _train_with_randomness_and_buffers(probed: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 2)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(6, 5, generator=data), torch.randn(6, 2, generator=data)
+        optimizer.zero_grad()
+        if probed:  # a new probe each step: the sample-dim replay runs every step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # BatchNorm in training mode is left out
+                with GradientProbe(model):
+                    squared_error(model(x), y).mean().backward()
+        else:
+            squared_error(model(x), y).mean().backward()
+        optimizer.step()
+    return model
+
+
+def test_sample_dim_replay_leaves_rng_and_buffers_untouched() -> None:
+    """The verification forward's no-grad replay restores the RNG state and runs on copies of
+    the buffers: dropout masks, running statistics and parameters stay bitwise identical."""
+    plain = _train_with_randomness_and_buffers(probed=False)
+    probed = _train_with_randomness_and_buffers(probed=True)
+    for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

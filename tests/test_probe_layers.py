@@ -472,3 +472,208 @@ def test_unbatched_input_is_excluded_with_a_warning(layer: nn.Module, x: Tensor)
         stats = run_probe(model, x, torch.zeros(()), loss_fn=lambda out, t: out.sum().reshape(1))
     assert set(stats.excluded) == {"0.weight", "0.bias"}
     assert not stats.names
+
+
+def test_batchnorm_without_running_stats_in_eval_says_why() -> None:
+    _setup()
+    bn = nn.BatchNorm1d(4, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(3, 4), bn).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"in eval mode too.*track_running_stats=False"):
+        stats = run_probe(model, x, torch.zeros(6, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_instancenorm_affine_is_exact(nd: int, track: bool, training: bool) -> None:
+    """Per-sample statistics (training, or no running stats) or running statistics (eval with
+    them): a per-sample map either way. The probe never updates the running statistics."""
+    _setup()
+    norm_cls = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[nd - 1]
+    norm = norm_cls(3, affine=True, track_running_stats=track)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        if track:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(norm, nn.Tanh()).double().train(training)
+    x = torch.randn(4, 3, *(3,) * nd, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 3), (4, 0, 3)], ids=["B0", "B0_seq", "T0"])
+def test_empty_batch_or_sequence(shape: tuple[int, ...]) -> None:
+    """B = 0: statistics with ``batch_size == 0`` and no per-sample entries (no crash, no NaN).
+    An empty sequence with B > 0: every per-sample gradient is exactly zero."""
+    _setup()
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), _Scaled(4)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    stats = run_probe(model, x, torch.zeros(*shape[:-1], 4, dtype=torch.float64))
+    assert stats.batch_size == shape[0]
+    assert not stats.excluded
+    assert stats.is_finite()
+    if shape[0] == 0:
+        assert not stats.names
+    else:
+        assert_matches_oracle(model, x, torch.zeros(*shape[:-1], 4, dtype=torch.float64))
+
+
+def _sequence_first_loss(out: Tensor, target: Tensor) -> Tensor:
+    """``(B,)`` per-sample losses of ``(T, B, E)`` outputs."""
+    return (out - target).pow(2).sum((0, 2))
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+@pytest.mark.parametrize("kind", ["encoder", "transformer"])
+def test_sequence_first_transformer_is_exact(kind: str, steps: int) -> None:
+    """``batch_first=False``: the Linear, LayerNorm and attention submodules see ``(T, B, E)``
+    and take their samples along dim 1 (also when T == B, where shapes cannot tell)."""
+    _setup()
+    batch = 3
+    if kind == "encoder":
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+        encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        model = encoder.double()
+        inputs = torch.randn(steps, batch, 8, dtype=torch.float64)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # enable_nested_tensor is moot for training
+            model = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0).double()
+        src = torch.randn(steps, batch, 8, dtype=torch.float64)
+        inputs = (src, torch.randn(4, batch, 8, dtype=torch.float64))
+        model = _TupleInput(model)
+    target = torch.randn(steps if kind == "encoder" else 4, batch, 8, dtype=torch.float64)
+    assert_matches_oracle(model, inputs, target, loss_fn=_sequence_first_loss, batch_size=batch)
+
+
+class _TupleInput(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
+        return self.inner(*pair)
+
+
+def test_sequence_first_without_batch_size_is_excluded_with_warnings() -> None:
+    """Dim 0 of the model input (T = 5) is not the batch (3): every module is left out, each
+    with a warning naming it and its shape, until ``batch_size`` is given."""
+    _setup()
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False).double()
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = run_probe(layer, x, torch.zeros_like(x), loss_fn=_sequence_first_loss)
+    assert not stats.names
+    messages = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert len(messages) == 5  # self_attn, linear1, linear2, norm1, norm2
+    assert any(
+        "Linear 'linear1'" in m and "3 samples but the batch has 5" in m and "(5, 3, 8)" in m
+        for m in messages
+    )
+
+
+class _TransposingUser(nn.Module):
+    """User code that runs its layers sequence-first internally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 4) -> (B, T, 2)
+        return self.body(x.transpose(0, 1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+def test_declared_batch_dims_for_user_code_that_transposes(steps: int) -> None:
+    _setup()
+    model = _TransposingUser().double()
+    x = torch.randn(3, steps, 4, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x), batch_dims={"body": 1})
+
+
+def test_conv_with_a_declared_non_zero_batch_dim_is_refused() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 2, 1))
+    x = torch.randn(3, 2, 4)
+    with pytest.warns(UserWarning, match="sees samples along dim 1.*needs them along dim 0"):
+        stats = run_probe(model, x, torch.zeros(3, 2, 4), batch_dims={"0": 1})
+    assert set(stats.excluded) == {"0.weight", "0.bias"}
+
+
+def test_bad_batch_dims_and_batch_size_are_refused() -> None:
+    from lightning_gradwatch import GradientProbe
+
+    with pytest.raises(ValueError, match=r"module names as listed by model\.named_modules"):
+        GradientProbe(nn.Linear(2, 2), batch_dims={"nope": 1})
+    with pytest.raises(ValueError, match="batch_size must be a non-negative int"):
+        GradientProbe(nn.Linear(2, 2), batch_size=-1)
+
+
+class _HeadMaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, steps, _ = x.shape
+        mask = torch.zeros(batch * 2, steps, steps, dtype=torch.bool)
+        mask[0, 0, 1] = True
+        return self.attn(x, x, x, attn_mask=mask)[0]
+
+
+def test_attention_replay_refuses_a_per_head_mask() -> None:
+    _setup()
+    model = _HeadMaskedAttention().double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"3-D attn_mask \(6, 4, 4\) interleaves samples"):
+        stats = run_probe(model, x, torch.zeros_like(x))
+    assert not stats.names
+
+
+@pytest.mark.parametrize("steps", [3, 5], ids=["T_eq_B", "T_ne_B"])
+def test_sample_dim_of_user_code_that_transposes_is_detected(steps: int) -> None:
+    """Without ``batch_dims``: the verification forward finds that ``body``'s modules hold the
+    samples along dim 1 (also when T == B, where the shapes agree either way)."""
+    _setup()
+    model = _TransposingUser().double()
+    x = torch.randn(3, steps, 4, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target_like(model, x))
+
+
+class _TransposedTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, idx: Tensor) -> Tensor:  # (B, T) token ids
+        return self.fc(torch.tanh(self.emb(idx.T))).transpose(0, 1)
+
+
+def test_sample_dim_detection_with_token_ids() -> None:
+    _setup()
+    model = _TransposedTokens().double()
+    idx = torch.randint(0, 7, (3, 3))
+    assert_matches_oracle(model, idx, _target_like(model, idx))
+
+
+class _TransposedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, L) with C == B: a conv on (C, B, L)
+        return self.conv(self.fc(x.transpose(1, 2)).transpose(1, 2).transpose(0, 1))
+
+
+def test_detected_sample_dim_that_a_conv_cannot_take_is_refused() -> None:
+    _setup()
+    model = _TransposedConv().double()
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'conv' .*sees samples along dim 1"):
+        stats = run_probe(model, x, torch.zeros(3, 2, 4, dtype=torch.float64))
+    assert set(stats.excluded) == {"conv.weight", "conv.bias"}

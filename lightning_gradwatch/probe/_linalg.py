@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import ParamStats
+from .registry import Call, ParamStats, SkipModule
 
 
 def rowdot(x: Tensor, y: Tensor) -> Tensor:
@@ -118,3 +118,24 @@ def outer_product_stats(
 def bias_stats(delta_sum: Tensor, bias: Tensor, need_sum_sq: bool, keep: bool) -> ParamStats:
     """Statistics of a bias whose per-sample gradient is ``delta_sum`` ``(B, *bias.shape)``."""
     return stats_from_grad_sample(delta_sum, bias, need_sum_sq, keep)
+
+
+def require_one_batch(calls: list[Call], batch_dim: int = 0) -> None:
+    """Refuse (:class:`SkipModule`) calls of one module that saw different numbers of samples.
+
+    A module called on a subset of the batch and on the whole batch in one forward (or on two
+    subsets) has no per-sample gradient: the rows of one call are not the samples of another.
+    Only calls whose first output received a gradient are compared, along ``batch_dim`` of
+    their first argument.
+    """
+    sizes = {
+        tuple(call.args[0].shape)
+        for call in calls
+        if call.grads and call.grads[0] is not None and isinstance(call.args[0], Tensor)
+    }
+    counts = {shape[batch_dim] for shape in sizes if len(shape) > batch_dim}
+    if len(counts) > 1:
+        raise SkipModule(
+            f"its calls in one forward saw different numbers of samples (input shapes "
+            f"{sorted(sizes)}), so their rows are not the same samples"
+        )

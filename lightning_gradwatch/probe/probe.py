@@ -9,12 +9,21 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import rules as _rules  # noqa: F401  (registers the layer rules)
-from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, rule_for
+from .registry import (
+    Call,
+    LayerRule,
+    ParamStats,
+    RuleContext,
+    SkipModule,
+    registered_base,
+    rule_for,
+)
 from .rules.fallback import FallbackRule
 from .rules.parametrized import effective_tensor, parametrized_rule, reparametrized_tensors
 from .stats import ProbeStats
@@ -40,6 +49,14 @@ class _Owner:
     missing_grads: int = 0
     result: dict[str, ParamStats] | None = None
     skip_reason: str | None = None
+    # The rule of the registered base class of a subclass that overrides ``forward`` (which
+    # gets the fallback): its ``check`` still applies, e.g. batch statistics in BatchNorm.
+    base_rule: LayerRule | None = None
+    batch_dim: int = 0  # the dim of its inputs and outputs that indexes samples
+    seen_shape: tuple[int, ...] | None = None  # first input's shape, for messages
+    # Dims where the sample-dim check found the samples, when they contradict the dim the
+    # rule reads them from itself (LayerRule.native_batch_dim).
+    dim_conflict: list[int] | None = None
 
 
 class GradientProbe:
@@ -50,11 +67,14 @@ class GradientProbe:
     to ``.grad``, never changes a gradient, keeps no graph alive, and frees what it captured at
     the end of each backward.
 
-    Samples are indexed by dim 0 of every module's input (dim 1 for sequence-first
-    ``nn.MultiheadAttention``); the batch size ``B`` is dim 0 of the first tensor the model's
-    latest forward received. A module that saw a different number of rows (a subset of the
-    batch, flattened positions) is listed in ``stats.excluded``. A second backward through a
-    graph kept with ``retain_graph=True`` is not probed (warning, no statistics).
+    Samples are indexed by dim 0 of every module's input, except dim 1 for sequence-first
+    ``nn.MultiheadAttention`` and for every submodule of a built-in transformer with
+    ``batch_first=False``, and the dims declared in ``batch_dims``. The batch size ``B`` is
+    ``batch_size`` (or :meth:`set_batch_size`) when given, else dim 0 of the first tensor the
+    model's latest forward received. A module whose statistics have another number of samples
+    (a subset of the batch, flattened positions, another layout) is left out with a warning
+    and listed in ``stats.excluded``. A second backward through a graph kept with
+    ``retain_graph=True`` is not probed (warning, no statistics).
 
     Example::
 
@@ -85,9 +105,18 @@ class GradientProbe:
         verify: check on the first forward inside a block that every use of a tracked
             parameter happens inside a module whose rule accounts for it (``"first"``), on
             every forward (``"always"``), or never.
+        batch_size: the number of samples ``B`` of every step, when dim 0 of the model's
+            first input is not it (a sequence-first model takes ``(T, B, ...)``); see also
+            :meth:`set_batch_size`. Modules whose statistics have another number of samples
+            are left out with a warning.
+        batch_dims: module name (as in ``model.named_modules()``) to the dim of its inputs
+            and outputs that indexes samples, for modules inside user code that transposes to
+            sequence-first. Submodules of ``nn.Transformer``, ``nn.TransformerEncoder*`` and
+            ``nn.TransformerDecoder*`` with ``batch_first=False`` get 1 without this.
 
     Raises:
-        ValueError: unknown parameter names, a bad ``loss_reduction``, or
+        ValueError: unknown parameter names or module names, frozen parameters named in
+            ``params``, a bad ``loss_reduction``, ``batch_size`` or ``batch_dims``, or
             ``sum_grad_squared`` with a reparametrized tensor named in ``params``.
     """
 
@@ -100,6 +129,8 @@ class GradientProbe:
         loss_scale: float | Callable[[], float] = 1.0,
         chunk_elements: int = 2**24,
         verify: Literal["first", "always", "never"] = "first",
+        batch_size: int | None = None,
+        batch_dims: dict[str, int] | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -128,6 +159,13 @@ class GradientProbe:
                     f"unknown parameter names {unknown}; pass names as listed by "
                     f"model.named_parameters(), e.g. {list(named)[:5]}"
                 )
+            frozen = [n for n in self.param_names if n in named and not named[n].requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"parameters {frozen} are frozen (requires_grad=False), so they have no "
+                    f"gradient to probe; unfreeze them (param.requires_grad_(True)) or leave "
+                    f"them out of params"
+                )
         self._params = {n: named[n] for n in self.param_names if n in named}
         self._effective = {
             n: (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
@@ -141,7 +179,28 @@ class GradientProbe:
                 f"track their sources instead: "
                 f"{[s for n in self._effective for s in reparametrized[n][1]]}"
             )
+        self._batch_size: int | None = None
+        self.set_batch_size(batch_size)
         self._owners = self._resolve_owners()
+        module_dims = _builtin_batch_dims(model)
+        if batch_dims:
+            modules = dict(model.named_modules())
+            bad = {n: d for n, d in batch_dims.items() if n not in modules or d < 0}
+            if bad:
+                raise ValueError(
+                    f"batch_dims {bad}: keys must be module names as listed by "
+                    f"model.named_modules() and values non-negative dims"
+                )
+            for name, dim in batch_dims.items():
+                for module in modules[name].modules():
+                    module_dims[id(module)] = dim
+        self._declared_dims: set[int] = set()  # id(module): dims declared, never re-detected
+        if batch_dims:
+            self._declared_dims = {
+                id(m) for name in batch_dims for m in dict(model.named_modules())[name].modules()
+            }
+        for owner in self._owners:
+            owner.batch_dim = module_dims.get(id(owner.module), 0)
         owners_of: dict[str, int] = {}
         for owner in self._owners:
             for name in owner.local_to_name.values():
@@ -158,6 +217,7 @@ class GradientProbe:
         self._incomplete = False
         self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
+        self._dims_checked = False
         self._grad_scale: float = 1.0
         self._grad_sum: dict[str, Tensor] = {}
         # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
@@ -178,10 +238,13 @@ class GradientProbe:
             # A module with parametrized tensors gets a rule that wraps its layer's own rule and
             # claims the parametrizations' submodules (see rules/parametrized.py).
             rule = parametrized_rule(module) or rule_for(module)
+            base_rule = None
             if rule is None:
                 if not any(True for _ in module.parameters(recurse=False)):
                     continue
                 rule = _FALLBACK
+                found = registered_base(module)
+                base_rule = found[1] if found is not None else None
             if rule.recursive:
                 claimed_by_recursive.update(id(m) for m in module.modules() if m is not module)
             local = {
@@ -191,8 +254,8 @@ class GradientProbe:
             }
             local.update({a: n for n, (m, a) in self._effective.items() if m is module})
             if local and not any(o.module is module for o in owners):
-                owners.append(_Owner(module, module_name, rule, local))
-        return owners
+                owners.append(_Owner(module, module_name, rule, local, base_rule=base_rule))
+        return _drop_reregistered(owners)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -211,6 +274,15 @@ class GradientProbe:
     def add_listener(self, listener: Callable[[ProbeStats], None]) -> None:
         """Call ``listener(stats)`` at the end of every probed backward pass."""
         self._listeners.append(listener)
+
+    def set_batch_size(self, batch_size: int | None) -> None:
+        """Declare the number of samples ``B`` of the coming steps (``None``: dim 0 of the
+        model's first input, the default), e.g. from the batch in a training loop that knows
+        it. Modules whose statistics have another number of samples are left out with a
+        warning."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 0):
+            raise ValueError(f"batch_size must be a non-negative int or None, got {batch_size!r}")
+        self._batch_size = batch_size
 
     def reset(self) -> None:
         """Forget the last statistics."""
@@ -240,6 +312,10 @@ class GradientProbe:
                 self._handles.append(param.register_hook(self._make_param_hook(name)))
         if self.verify == "always" or (self.verify == "first" and not self._verified):
             self._handles.append(_UseChecker(self))
+        if self.verify != "never" and not self._dims_checked:
+            self._handles.append(
+                self.model.register_forward_hook(self._check_sample_dims, with_kwargs=True)
+            )
 
     def detach(self) -> None:
         """Remove the hooks and drop anything captured (what leaving the block does)."""
@@ -259,6 +335,80 @@ class GradientProbe:
                 self._model_batch = leaf.shape[0]
                 return
 
+    def _check_sample_dims(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """On the first probed forward, find along which dim each module's input holds the
+        samples, from evidence rather than shapes (which cannot tell ``(T, B)`` from
+        ``(B, T)`` when ``T == B``).
+
+        Replays the model forward without grad with sample 0 of its input changed (dim 0 of
+        every batched tensor input: floats get 1 added, integers take sample 1's values), and
+        compares each module's first input with the one it saw: the dim along which every
+        change is confined to index 0 holds the samples. A module whose samples turn out to be
+        along one other dim than assumed gets that dim (position-wise and generic rules use
+        it; other rules refuse it with a warning). Without evidence (sample 0 does not reach
+        the module, or the change is confined along several dims) the assumption stays. RNG
+        states are restored and the replay runs on copies of the buffers, so training is
+        unchanged; the cost is one forward
+        pass without grad, once.
+        """
+        if self._replaying or not torch.is_grad_enabled() or self._dims_checked:
+            return
+        self._dims_checked = True
+        leaves, spec = tree_flatten((args, kwargs))
+        batch = self._model_batch
+        if not batch or batch < 2 or (self._batch_size not in (None, batch)):
+            return  # no sample 1 to copy, or the model's input is not batch-first
+        perturbed = [_perturb_sample_zero(x, batch) for x in leaves]
+        seen = {
+            id(o.module): o.calls[0].args[0]
+            for o in self._owners
+            if o.calls and o.calls[0].args and isinstance(o.calls[0].args[0], Tensor)
+        }
+        replayed: dict[int, Tensor] = {}
+
+        def record(module: nn.Module, module_args: tuple) -> None:
+            first = module_args[0] if module_args else None
+            if id(module) in seen and id(module) not in replayed and isinstance(first, Tensor):
+                replayed[id(module)] = first.detach()
+
+        # Buffers are replaced by copies for the replay: in-place updates (running statistics)
+        # must not touch the originals, whose version counters autograd checks.
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        rng = torch.random.get_rng_state()
+        devices = {x.device for x in leaves if isinstance(x, Tensor) and x.device.type != "cpu"}
+        accel = {d: torch.get_device_module(d).get_rng_state(d) for d in devices}
+        handles = [o.module.register_forward_pre_hook(record) for o in self._owners]
+        self._replaying = True
+        try:
+            with torch.no_grad():
+                new_args, new_kwargs = tree_unflatten(perturbed, spec)
+                functional_call(model, buffers, tuple(new_args), new_kwargs)
+        finally:
+            self._replaying = False
+            for handle in handles:
+                handle.remove()
+            torch.random.set_rng_state(rng)
+            for device, state in accel.items():
+                torch.get_device_module(device).set_rng_state(state, device)
+        for owner in self._owners:
+            if id(owner.module) in self._declared_dims:
+                continue  # the user's declaration stands
+            before, after = seen.get(id(owner.module)), replayed.get(id(owner.module))
+            if before is None or after is None or before.shape != after.shape:
+                continue
+            found = _confined_dims(before, after, batch)
+            native = owner.rule.native_batch_dim(owner.module)
+            if found and native is not None:
+                # The rule reads samples along its own dim: the evidence must agree with it.
+                owner.dim_conflict = None if native in found else sorted(found)
+                continue
+            if not found or owner.batch_dim in found:
+                continue  # no evidence (sample 0 did not reach it), or as assumed
+            if len(found) == 1:
+                # Position-wise and generic rules take it from here; other rules refuse it
+                # (with a warning) when the step is computed.
+                owner.batch_dim = found.pop()
+
     def _make_forward_hook(self, owner: _Owner) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._replaying or not torch.is_grad_enabled():
@@ -273,7 +423,15 @@ class GradientProbe:
             live = [k for k, o in enumerate(outputs) if o.requires_grad]
             if not live:
                 return
+            if all(outputs[k].numel() == 0 for k in live):
+                # An empty batch (or empty sequence): no output element depends on the
+                # parameters, so their per-sample gradients are zero (none for B = 0). Nothing
+                # to capture, but the backward must still be seen to produce statistics.
+                outputs[live[0]].register_hook(self._on_empty_output)
+                return
             reason = owner.rule.check(module)
+            if reason is None and owner.base_rule is not None:
+                reason = owner.base_rule.check(module)
             if reason is not None:
                 self._exclude(owner, reason)
                 return
@@ -331,6 +489,9 @@ class GradientProbe:
 
         return hook
 
+    def _on_empty_output(self, grad: Tensor) -> None:
+        self._start_backward()
+
     def _make_param_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self._start_backward()
@@ -381,6 +542,34 @@ class GradientProbe:
         if not calls or owner.skip_reason is not None:
             return
         sample = next(g for c in calls for g in c.grads if g is not None)
+        owner.seen_shape = next(
+            (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
+        )
+        batch_dim = owner.batch_dim
+        if owner.dim_conflict is not None:
+            self._exclude(
+                owner,
+                f"it reads samples along dim {owner.rule.native_batch_dim(owner.module)} of its "
+                f"input (shape {owner.seen_shape}), but the model's samples reach it along dim "
+                f"{owner.dim_conflict[0]}; check its batch_first flag against the layout of the "
+                f"tensor you pass it",
+                kind="sample dim",
+            )
+            return
+        if owner.rule.native_batch_dim(owner.module) is not None:
+            batch_dim = 0  # the rule finds the sample dim itself
+        if batch_dim != 0:
+            if owner.rule.positionwise:
+                calls = [_samples_first(c, batch_dim) for c in calls]
+                batch_dim = 0
+            elif not isinstance(owner.rule, FallbackRule):
+                self._exclude(
+                    owner,
+                    f"it sees samples along dim {batch_dim} (input shape {owner.seen_shape}) "
+                    f"and its rule needs them along dim 0; make the model batch-first",
+                    kind="sample dim",
+                )
+                return
         ctx = RuleContext(
             dtype=torch.promote_types(sample.dtype, torch.float32),
             want=frozenset(owner.local_to_name),
@@ -389,17 +578,13 @@ class GradientProbe:
                 local for local, name in owner.local_to_name.items() if name in self._shared
             ),
             chunk_elements=self.chunk_elements,
+            batch_dim=batch_dim,
         )
         self._replaying = True
         try:
             result = owner.rule.compute(owner.module, calls, ctx)
-        except SkipModule as skip:
+        except SkipModule as skip:  # a deliberate refusal; any other error is a bug: propagate
             self._exclude(owner, skip.reason)
-            return
-        except Exception as err:
-            # E.g. calls of one module over different numbers of rows (subsets of the batch).
-            # Monitoring must not crash the backward: leave the module out, with a warning.
-            self._exclude(owner, f"its rule failed on this step ({type(err).__name__}: {err})")
             return
         finally:
             self._replaying = False
@@ -440,12 +625,15 @@ class GradientProbe:
             return effective_tensor(module, attribute)
         return self._params[name].detach()
 
-    def _exclude(self, owner: _Owner, reason: str) -> None:
+    def _exclude(self, owner: _Owner, reason: str, kind: str | None = None) -> None:
+        """Leave ``owner``'s parameters out of this step, warning once per module and ``kind``
+        of reason (default: the reason itself; a reason that quotes shapes passes a kind so
+        that a changing sequence length does not warn on every step)."""
         owner.skip_reason = reason
         for call in owner.calls:
             _release(call, consumed=False)
         owner.calls = []
-        key = f"{type(owner.module).__name__}:{reason}"
+        key = f"{owner.module_name}:{type(owner.module).__name__}:{kind or reason}"
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(
@@ -482,18 +670,34 @@ class GradientProbe:
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
         excluded: dict[str, str] = {}
-        # The batch is the model's: dim 0 of the first tensor its latest forward received. A
-        # module that saw another number of rows (a subset of the batch, or flattened
-        # positions) has no per-sample statistics to report. Without a model forward
-        # (submodules called directly), the first module's batch is the reference.
-        batch = self._model_batch
+        # The batch is the declared one, else the model's: dim 0 of the first tensor its latest
+        # forward received. A module that saw another number of rows (a subset of the batch,
+        # flattened positions, a sequence-first layout) has no per-sample statistics to
+        # report. Without either (submodules called directly), the first module's batch is
+        # the reference.
+        batch = self._batch_size if self._batch_size is not None else self._model_batch
         for owner in self._owners:
+            if owner.result and batch is None:
+                batch = next(iter(owner.result.values())).dot.shape[0]
+            if owner.result and batch is not None:
+                rows = next(iter(owner.result.values())).dot.shape[0]
+                if rows != batch:
+                    owner.result = None
+                    self._exclude(
+                        owner,
+                        f"its statistics have {rows} samples but the batch has {batch} (its "
+                        f"input shape {owner.seen_shape}, sample dim {owner.batch_dim}): it "
+                        f"saw a subset of the batch, flattened positions, or samples along "
+                        f"another dim; declare that dim with GradientProbe(batch_dims=...), "
+                        f"or the batch with batch_size=... if dim 0 of the model's input is "
+                        f"not the batch",
+                        kind="batch size",
+                    )
             if owner.skip_reason is not None:
                 for name in owner.local_to_name.values():
                     excluded[name] = owner.skip_reason
             for name, s in (owner.result or {}).items():
                 contributions.setdefault(name, []).append(s)
-                batch = s.dot.shape[0] if batch is None else batch
         if batch is None:
             batch = 0
         stats = ProbeStats(batch_size=batch, excluded=excluded)
@@ -555,6 +759,106 @@ class GradientProbe:
         self._incomplete = False
         self._model_batch = None
         self._finalize_queued = False
+
+
+_SEQUENCE_FIRST_CONTAINERS = (
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+)
+
+
+_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def _builtin_batch_dims(model: nn.Module) -> dict[int, int]:
+    """``id(module) -> 1`` for every module inside a built-in transformer container that runs
+    sequence-first (``batch_first=False``): its Linear, LayerNorm and attention submodules see
+    ``(T, B, E)``. Layers carry the flag on ``self_attn``; ``nn.TransformerEncoder``/``Decoder``
+    follow their first layer."""
+    dims: dict[int, int] = {}
+    for module in model.modules():
+        if not isinstance(module, _SEQUENCE_FIRST_CONTAINERS):
+            continue
+        # Layers keep the flag on their attention module; stacks follow their first layer.
+        layer = module.layers[0] if isinstance(module, _STACKS) and len(module.layers) else module
+        attention = getattr(layer, "self_attn", None)
+        flag = getattr(module, "batch_first", getattr(attention, "batch_first", None))
+        if flag is False:
+            dims.update((id(m), 1) for m in module.modules())
+    return dims
+
+
+def _samples_first(call: Call, batch_dim: int) -> Call:
+    """The call of a position-wise layer with the sample dim of its first argument, its
+    outputs and their gradients moved to dim 0 (the layer acts on each position alike)."""
+
+    def move(x: Any) -> Any:
+        return x.movedim(batch_dim, 0) if isinstance(x, Tensor) and x.dim() > batch_dim else x
+
+    return Call(
+        args=(move(call.args[0]), *call.args[1:]) if call.args else call.args,
+        kwargs=call.kwargs,
+        outputs=[move(o) for o in call.outputs],
+        output_versions=call.output_versions,
+        grads=[move(g) for g in call.grads],
+    )
+
+
+def _perturb_sample_zero(x: Any, batch: int) -> Any:
+    """``x`` with sample 0 (index 0 of dim 0) changed, if ``x`` is a batched tensor."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch:
+        return x
+    x = x.detach().clone()
+    if x.is_floating_point() or x.is_complex():
+        x[0] += 1
+    else:  # token ids, class indices: stay in range by copying another sample
+        x[0] = x[1]
+    return x
+
+
+def _confined_dims(before: Tensor, after: Tensor, batch: int) -> set[int]:
+    """Dims of size ``batch`` along which every difference between ``before`` and ``after``
+    lies at index 0; empty when nothing changed."""
+    changed = before != after
+    if not bool(changed.any()):  # once per probe, on the verification forward
+        return set()
+    return {
+        d
+        for d in range(changed.dim())
+        if changed.shape[d] == batch and not bool(changed.narrow(d, 1, batch - 1).any())
+    }
+
+
+def _drop_reregistered(owners: list[_Owner]) -> list[_Owner]:
+    """Give a Parameter that a module registers again under a second name (Opacus'
+    ``RenameParamsMixin``, ``self.w = self.child.weight``) to the descendant that owns it too.
+
+    The descendant is the module whose forward uses it; the ancestor's registration is an alias,
+    and counting both would add the ancestor's replay to the descendant's rule (double the
+    gradient). Two modules where neither contains the other (genuine tying) both keep it.
+    """
+    descendants = {
+        id(o.module): {id(m) for m in o.module.modules()} - {id(o.module)} for o in owners
+    }
+    kept: list[_Owner] = []
+    for owner in owners:
+        inner = descendants[id(owner.module)]
+        aliases = {
+            local
+            for local, name in owner.local_to_name.items()
+            if any(
+                id(other.module) in inner and name in other.local_to_name.values()
+                for other in owners
+            )
+        }
+        if aliases:
+            owner.local_to_name = {k: v for k, v in owner.local_to_name.items() if k not in aliases}
+        if owner.local_to_name:
+            kept.append(owner)
+    return kept
 
 
 def _release(call: Call, consumed: bool) -> None:

@@ -81,6 +81,11 @@ class RuleContext:
         need_sum_sq: compute ``sum_i g_i**2``.
         need_grad_sample: local names whose per-sample gradients must be materialised.
         chunk_elements: bound on the number of elements of any materialised per-sample tensor.
+        batch_dim: the dimension of the module's tensor inputs and outputs that indexes samples
+            (1 inside a sequence-first ``nn.Transformer*`` with ``batch_first=False``, or as
+            declared with ``GradientProbe(batch_dims=...)``). The probe moves it to dim 0
+            before calling a :attr:`LayerRule.positionwise` rule, so those see 0; other rules
+            that cannot honour a non-zero value raise :class:`SkipModule`.
     """
 
     dtype: torch.dtype
@@ -88,6 +93,7 @@ class RuleContext:
     need_sum_sq: bool
     need_grad_sample: frozenset[str]
     chunk_elements: int
+    batch_dim: int = 0
 
 
 class SkipModule(Exception):
@@ -104,10 +110,24 @@ class LayerRule:
 
     Subclasses implement :meth:`compute`. ``recursive = True`` makes the rule own the
     parameters of the module's children too (for modules whose forward uses its children's
-    parameters directly, like ``nn.MultiheadAttention``'s ``out_proj``).
+    parameters directly, like ``nn.MultiheadAttention``'s ``out_proj``). ``positionwise = True``
+    lets the probe hand it inputs whose sample dimension was elsewhere (see
+    :attr:`RuleContext.batch_dim`); a rule with ``positionwise = False`` gets the calls as
+    captured and must honour ``ctx.batch_dim`` itself or refuse a non-zero one.
     """
 
     recursive: bool = False
+    #: The layer acts on each position of the leading dims independently (Linear, Embedding,
+    #: LayerNorm, RMSNorm): the probe may move the sample dimension of its first argument,
+    #: first output and their gradients to dim 0 before :meth:`compute`.
+    positionwise: bool = False
+
+    def native_batch_dim(self, module: nn.Module) -> int | None:
+        """The dim of the module's first input along which the rule itself reads samples,
+        for rules that find it from the module (``batch_first`` of a recurrent layer); the
+        probe then hands the calls over as captured and only checks that its own evidence
+        agrees. ``None`` (default): the probe decides (see :attr:`positionwise`)."""
+        return None
 
     def owned_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """Local name to parameter, for every trainable parameter this rule covers."""
@@ -141,7 +161,8 @@ R = TypeVar("R", bound=type[LayerRule])
 
 
 def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
-    """Class decorator: use this rule for ``module_types`` and their subclasses."""
+    """Class decorator: use this rule for ``module_types`` and for their subclasses that keep
+    the registered type's ``forward`` (see :func:`rule_for`)."""
 
     def decorate(rule_cls: R) -> R:
         rule = rule_cls()
@@ -152,13 +173,31 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
     return decorate
 
 
-def rule_for(module: nn.Module) -> LayerRule | None:
-    """The registered rule for the most specific registered type in ``module``'s MRO."""
+def registered_base(module: nn.Module) -> tuple[type[nn.Module], LayerRule] | None:
+    """The most specific registered type in ``module``'s MRO and its rule, whether or not the
+    module overrides that type's ``forward``."""
     for klass in type(module).__mro__:
         rule = _RULES.get(klass)
         if rule is not None:
-            return rule
+            return klass, rule
     return None
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The dedicated rule for ``module``, or ``None`` (the probe then uses the generic fallback).
+
+    A rule describes what its registered type's ``forward`` computes, so it applies to a module
+    whose type is registered, or whose type inherits the registered type's ``forward``
+    unchanged. A subclass with its own ``forward`` (e.g. a Linear that scales its weight) may
+    compute anything: it gets no dedicated rule.
+    """
+    found = registered_base(module)
+    if found is None:
+        return None
+    klass, rule = found
+    if type(module) is not klass and type(module).forward is not klass.forward:
+        return None
+    return rule
 
 
 def registered_types() -> list[type[nn.Module]]:

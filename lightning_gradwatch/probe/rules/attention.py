@@ -20,13 +20,14 @@ per-sample ``torch.func`` replay of :class:`FallbackRule`.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._linalg import bias_stats, outer_product_stats, outer_product_sum
-from ..registry import Call, ParamStats, RuleContext, register_rule
+from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
 
 
@@ -37,6 +38,28 @@ class MultiheadAttentionRule(FallbackRule):
     def batch_dim(self, module: nn.Module) -> int:
         assert isinstance(module, nn.MultiheadAttention)
         return 0 if module.batch_first else 1
+
+    def sample_dims(
+        self, module: nn.Module, call: Call, leaves: list[Any], bdim: int, batch: int
+    ) -> list[int | None]:
+        """``key_padding_mask`` is ``(B, S)`` in both layouts; a 3-D ``attn_mask`` is
+        ``(B * num_heads, L, S)``, per-sample along dim 0 only with one head."""
+        assert isinstance(module, nn.MultiheadAttention)
+        arg = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
+        padding, mask = arg.get("key_padding_mask"), arg.get("attn_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 3 and module.num_heads > 1:
+            raise SkipModule(
+                f"a 3-D attn_mask {tuple(mask.shape)} interleaves samples and heads, which "
+                f"the per-sample replay cannot split; pass a 2-D attn_mask and a "
+                f"key_padding_mask instead"
+            )
+        dims = super().sample_dims(module, call, leaves, bdim, batch)
+        for k, leaf in enumerate(leaves):
+            if isinstance(leaf, Tensor) and (leaf is padding or leaf is mask):
+                dims[k] = 0 if leaf.dim() == 3 or leaf is padding else None
+                if leaf.dim() == 2 and leaf is padding and leaf.shape[0] != batch:
+                    raise SkipModule(f"key_padding_mask {tuple(leaf.shape)} is not (B, S)")
+        return dims
 
     @staticmethod
     def _replayable(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> bool:

@@ -24,6 +24,7 @@ from .._linalg import (
     chunk_size,
     outer_product_stats,
     outer_product_sum,
+    require_one_batch,
     row_sq_norm,
     rowdot,
 )
@@ -123,6 +124,7 @@ class ConvRule(LayerRule):
         grouped_route = nd >= 2
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._linalg import rowdot, stats_from_grad_sample
+from .._linalg import require_one_batch, rowdot, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
+    positionwise = True
+
     def check(self, module: nn.Module) -> str | None:
         if getattr(module, "scale_grad_by_freq", False):
             return (
@@ -33,6 +35,7 @@ class EmbeddingRule(LayerRule):
         weight = module.weight.detach().to(ctx.dtype)
         vocab, dim = weight.shape
         indices, deltas, dots = [], [], []
+        require_one_batch(calls)
         for call in calls:
             idx, grad = call.args[0], call.grads[0]
             if grad is None:

@@ -3,10 +3,14 @@
 ``G_i`` is the VJP of ``theta -> module(x_i; theta)`` at ``delta_i``, computed with
 ``torch.func.grad`` under ``torch.func.vmap`` over samples, from the captured inputs and output
 gradients, in chunks of samples to bound memory. It is exact for every module that treats
-samples independently and uses no randomness in its forward pass.
+samples independently and uses no randomness in its forward pass. A module that ``vmap``
+refuses to replay (randomness, ``.item()``, data-dependent control flow, in-place updates of
+buffers) is excluded with a warning; any other error propagates.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +20,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._linalg import chunk_size, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule
 
+#: Messages of the errors by which ``torch.func.vmap`` refuses to replay a forward per sample:
+#: randomness (dropout inside the module), ``.item()`` or data-dependent control flow, in-place
+#: updates of unbatched buffers (e.g. running statistics), operators without a batching rule.
+_VMAP_REFUSALS = ("vmap:", "Batching rule not implemented")
+
+
+def _is_vmap_refusal(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap refusing the replay, rather than a bug (which must propagate)."""
+    message = str(err)
+    return any(marker in message for marker in _VMAP_REFUSALS)
+
 
 class FallbackRule(LayerRule):
     """Used for every module with direct trainable parameters and no dedicated rule."""
@@ -23,6 +38,18 @@ class FallbackRule(LayerRule):
     def batch_dim(self, module: nn.Module) -> int:
         """Dimension of the module's tensor inputs and outputs that indexes samples."""
         return 0
+
+    def sample_dims(
+        self, module: nn.Module, call: Call, leaves: list[Any], bdim: int, batch: int
+    ) -> list[int | None]:
+        """For each leaf of ``(call.args, call.kwargs)`` (flattened), the dim that indexes
+        samples, or ``None`` for a leaf shared by all samples: by default, a tensor with
+        ``batch`` entries along ``bdim`` is per-sample and anything else is broadcast.
+        Rules for modules whose inputs have several layouts override this."""
+        return [
+            bdim if isinstance(x, Tensor) and x.dim() > bdim and x.shape[bdim] == batch else None
+            for x in leaves
+        ]
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
@@ -32,7 +59,8 @@ class FallbackRule(LayerRule):
         if not names:
             return {}
         params = {n: owned[n].detach().to(ctx.dtype) for n in names}
-        bdim = self.batch_dim(module)
+        # The module's own layout (sequence-first attention), else the one the probe found.
+        bdim = self.batch_dim(module) or ctx.batch_dim
         totals: dict[str, Tensor] | None = None
         for call in calls:
             grad_sample = self._call_grad_sample(module, call, params, bdim, ctx)
@@ -65,15 +93,21 @@ class FallbackRule(LayerRule):
         live = [(o, g) for o, g in zip(call.outputs, call.grads, strict=True) if g is not None]
         if not live:
             return None
-        batch = live[0][1].shape[bdim]
+        batch = live[0][1].shape[bdim] if live[0][1].dim() > bdim else -1
+        if any(g.dim() <= bdim or g.shape[bdim] != batch for _, g in live):
+            # E.g. an LSTM's (out, (h_n, c_n)): h_n is (layers, B, H), sample dim 1.
+            shapes = [tuple(g.shape) for _, g in live]
+            raise SkipModule(
+                f"its outputs {shapes} do not all hold the samples along dim {bdim}, so the "
+                f"sample dimension of each output is unknown; give it a dedicated rule"
+            )
         deltas = [g.to(ctx.dtype) for _, g in live]
         live_index = [k for k, g in enumerate(call.grads) if g is not None]
 
         leaves, spec = tree_flatten((call.args, call.kwargs))
-        # A tensor leaf with the batch size along the batch dim is per-sample; others broadcast.
-        batched = [
-            isinstance(x, Tensor) and x.dim() > bdim and x.shape[bdim] == batch for x in leaves
-        ]
+        leaf_dims = self.sample_dims(module, call, leaves, bdim, batch)
+        batched = [d is not None for d in leaf_dims]
+        dims = [d for d in leaf_dims if d is not None]
         leaves = [
             x.to(ctx.dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
             for x in leaves
@@ -81,7 +115,7 @@ class FallbackRule(LayerRule):
         per_sample = [x for x, b in zip(leaves, batched, strict=True) if b]
 
         def sample_loss(p: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> Tensor:
-            it = iter(x.unsqueeze(bdim) for x in xs)
+            it = iter(x.unsqueeze(d) for x, d in zip(xs, dims, strict=True))
             full = [next(it) if b else x for x, b in zip(leaves, batched, strict=True)]
             args, kwargs = tree_unflatten(full, spec)
             out_leaves, _ = tree_flatten(functional_call(module, p, tuple(args), kwargs))
@@ -91,18 +125,20 @@ class FallbackRule(LayerRule):
                 torch.zeros((), dtype=ctx.dtype, device=ds[0].device),
             )
 
-        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, bdim, bdim))
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, dims, bdim))
         elements = sum(p.numel() for p in params.values())
         step = chunk_size(batch, elements, ctx.chunk_elements)
         pieces: list[dict[str, Tensor]] = []
         try:
             for lo in range(0, batch, step):
-                xs = [x.narrow(bdim, lo, min(step, batch - lo)) for x in per_sample]
+                xs = [
+                    x.narrow(d, lo, min(step, batch - lo))
+                    for x, d in zip(per_sample, dims, strict=True)
+                ]
                 ds = [d.narrow(bdim, lo, min(step, batch - lo)) for d in deltas]
                 pieces.append(per_sample_grad(params, xs, ds))
-        except Exception as err:
-            # Dropout inside the module (vmap refuses randomness), or an input whose sample
-            # dimension the rule guessed wrong (modules validate shapes with assert/ValueError
-            # too): the module is left out with a warning rather than crashing the backward.
+        except RuntimeError as err:
+            if not _is_vmap_refusal(err):
+                raise
             raise SkipModule(f"its forward cannot be replayed per sample ({err})") from err
         return {n: torch.cat([piece[n] for piece in pieces]) for n in params}

@@ -5,12 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, outer_product_sum, row_sq_norm, rowdot
+from .._linalg import (
+    bias_stats,
+    outer_product_stats,
+    outer_product_sum,
+    require_one_batch,
+    row_sq_norm,
+    rowdot,
+)
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
+    positionwise = True
+
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
@@ -18,6 +27,7 @@ class LinearRule(LayerRule):
         weight = module.weight.detach()
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         inputs, deltas, dots = [], [], []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:

@@ -1,4 +1,4 @@
-"""Affine parameters of LayerNorm, GroupNorm, RMSNorm and eval-mode BatchNorm.
+"""Affine parameters of LayerNorm, GroupNorm, RMSNorm, InstanceNorm and eval-mode BatchNorm.
 
 Their per-sample gradients are small (``(B, C)`` or ``(B, *normalized_shape)``), so the rule
 forms them directly: ``G_i = sum_t delta_it * xhat_it`` for the weight and
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import stats_from_grad_sample
+from .._linalg import require_one_batch, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -29,6 +29,7 @@ class _AffineNormRule(LayerRule):
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
         weight_grads, bias_grads = [], []
+        require_one_batch(calls)
         for call in calls:
             x, grad = call.args[0], call.grads[0]
             if grad is None:
@@ -61,6 +62,8 @@ def _trailing_dims(x: Tensor, n_trailing: int) -> tuple[int, ...]:
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(_AffineNormRule):
+    positionwise = True
+
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         assert isinstance(module, nn.LayerNorm)
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -72,6 +75,8 @@ class LayerNormRule(_AffineNormRule):
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(_AffineNormRule):
+    positionwise = True
+
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         assert isinstance(module, nn.RMSNorm)
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -97,18 +102,48 @@ class GroupNormRule(_ChannelNormRule):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
 
 
+@register_rule(nn.modules.instancenorm._InstanceNorm)
+class InstanceNormRule(_ChannelNormRule):
+    """InstanceNorm normalises each sample with its own statistics (in training mode, or
+    without running statistics) or with the running statistics: a per-sample map either way,
+    so its affine parameters are exact in training mode too. The running statistics are read,
+    never updated."""
+
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        if x.dim() != module._get_no_batch_dim() + 1:
+            raise SkipModule("unbatched input has no sample dimension")
+        return tuple(range(2, x.dim()))
+
+    def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        if module.training or not module.track_running_stats:
+            return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = module.running_mean.to(x.dtype).view(shape)
+        var = module.running_var.to(x.dtype).view(shape)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+
+
 @register_rule(nn.modules.batchnorm._BatchNorm)
 class BatchNormRule(_ChannelNormRule):
-    """Eval-mode BatchNorm is a per-sample affine map; training mode mixes samples."""
+    """Eval-mode BatchNorm with running statistics is a per-sample affine map; with batch
+    statistics (training mode, or ``track_running_stats=False`` in any mode) it mixes samples."""
 
     def check(self, module: nn.Module) -> str | None:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)
         if module.training or module.running_mean is None:
+            when = (
+                "in training mode"
+                if module.training
+                else "in eval mode too, because it has no running statistics "
+                "(track_running_stats=False)"
+            )
             return (
-                "BatchNorm normalises with batch statistics in training mode, so a sample's "
-                "gradient depends on the whole batch and per-sample gradients are not defined. "
-                "Its parameters are left out of per-sample statistics; layers before it see "
-                "each sample's share of the batch backprop, an approximation"
+                f"BatchNorm normalises with batch statistics {when}, so a sample's gradient "
+                f"depends on the whole batch and per-sample gradients are not defined. Its "
+                f"parameters are left out of per-sample statistics; layers before it see each "
+                f"sample's share of the batch backprop, an approximation"
             )
         return None
 

@@ -126,6 +126,9 @@ class _ReplayRule(LayerRule):
 class RecurrentRule(_ReplayRule):
     """Exact per-sample statistics for every weight and bias of ``nn.RNN``/``GRU``/``LSTM``."""
 
+    def native_batch_dim(self, module: nn.Module) -> int | None:
+        return 0 if module.batch_first else 1
+
     def check(self, module: nn.Module) -> str | None:
         base = next(k for k in (nn.RNN, nn.GRU, nn.LSTM) if isinstance(module, k))
         if type(module).forward is not base.forward:
