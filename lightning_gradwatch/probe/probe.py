@@ -383,6 +383,22 @@ class GradientProbe:
             with torch.no_grad():
                 new_args, new_kwargs = tree_unflatten(perturbed, spec)
                 functional_call(model, buffers, tuple(new_args), new_kwargs)
+        except Exception as err:
+            # The changed input may be invalid for the model (offsets, lengths, index ranges
+            # that must stay consistent): the check has no evidence, and training goes on with
+            # the declared or built-in sample dims, which the user can state explicitly.
+            replayed.clear()
+            if "sample dims" not in self._warned:
+                self._warned.add("sample dims")
+                warnings.warn(
+                    f"lightning_gradwatch: could not check along which dim each module sees "
+                    f"the samples: the model's forward failed on a copy of the batch whose "
+                    f"sample 0 was changed ({type(err).__name__}: {err}). Modules are taken "
+                    f"to hold samples along dim 0 (dim 1 inside sequence-first transformers, "
+                    f"batch_first for recurrent layers); if that is wrong for some module, "
+                    f"declare it with GradientProbe(batch_dims={{'module.name': dim}}).",
+                    stacklevel=2,
+                )
         finally:
             self._replaying = False
             for handle in handles:
@@ -546,16 +562,6 @@ class GradientProbe:
             (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
         )
         batch_dim = owner.batch_dim
-        if owner.dim_conflict is not None:
-            self._exclude(
-                owner,
-                f"it reads samples along dim {owner.rule.native_batch_dim(owner.module)} of its "
-                f"input (shape {owner.seen_shape}), but the model's samples reach it along dim "
-                f"{owner.dim_conflict[0]}; check its batch_first flag against the layout of the "
-                f"tensor you pass it",
-                kind="sample dim",
-            )
-            return
         if owner.rule.native_batch_dim(owner.module) is not None:
             batch_dim = 0  # the rule finds the sample dim itself
         if batch_dim != 0:
@@ -588,6 +594,17 @@ class GradientProbe:
             return
         finally:
             self._replaying = False
+        if owner.dim_conflict is not None:
+            # After the rule's own refusals (e.g. an unbatched input), which say more.
+            self._exclude(
+                owner,
+                f"it reads samples along dim {owner.rule.native_batch_dim(owner.module)} of its "
+                f"input (shape {owner.seen_shape}), but the model's samples reach it along dim "
+                f"{owner.dim_conflict[0]}; check its batch_first flag against the layout of the "
+                f"tensor you pass it",
+                kind="sample dim",
+            )
+            return
         coarse_sum = any(s.sum_sq is not None and s.grad_sum is None for s in result.values())
         if self.sum_grad_squared and sample.dtype.itemsize < 4 and coarse_sum:
             # Autograd's batch gradient is rounded to 16 bits here, and Q/B - (S/B)**2 would

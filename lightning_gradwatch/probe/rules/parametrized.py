@@ -269,6 +269,12 @@ class ParametrizedRule(LayerRule):
         others = [n for n in module._modules if n != "parametrizations"]
         return None if others else rule
 
+    def native_batch_dim(self, module: nn.Module) -> int | None:
+        base_rule = self.base_rule(module)
+        if base_rule is None:
+            return None
+        return base_rule.native_batch_dim(_stand_in(module, _base_type(module), {}))
+
     def check(self, module: nn.Module) -> str | None:
         base_rule = self.base_rule(module)
         if base_rule is not None and _is_reparametrized(module):
