@@ -23,7 +23,7 @@ def test_quick_mode_prints_a_row_per_window(
     rows = [line for line in out.splitlines() if line.startswith("| ") and "-" in line[2:6]]
     assert [row.split(" | ")[0] for row in rows] == ["| 0-99", "| 100-199", "| 200-299"]
     for row in rows:
-        ms, rss, tensors = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
-        assert math.isfinite(ms) and ms > 0 and rss > 0 and tensors > 0
+        wall_ms, cpu_ms, rss, tensors = (float(c) for c in row.strip("| ").split(" | ")[1:])
+        assert math.isfinite(wall_ms) and wall_ms > 0 and cpu_ms > 0 and rss > 0 and tensors > 0
     assert "last/first quarter" in out and "load average" in out
     assert not list(tmp_path.iterdir())  # the temporary log directory was removed
