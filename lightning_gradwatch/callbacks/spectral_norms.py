@@ -27,6 +27,7 @@ from ..functional.spectral import (
     power_iteration,
     stable_rank,
 )
+from ..heatmap import heatmap_image, matplotlib_available
 from ..loggers import (
     add_custom_scalars,
     log_image,
@@ -601,14 +602,35 @@ class SpectralNorms(Callback):
 
     # -- views -------------------------------------------------------------------------------
     def _log_heatmaps(self, trainer: pl.Trainer) -> None:
+        if tensorboard_writer(trainer) is None or not trainer.is_global_zero:
+            return  # nothing would receive the images: skip the rendering
         history = torch.stack(self._history, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
         growth = log_sigma - _first_finite(log_sigma)[:, None]
         step = trainer.global_step
         log_image(
-            trainer, f"{PREFIX}/heatmap/sigma_max_growth", _render(growth, diverging=True), step
+            trainer,
+            f"{PREFIX}/heatmap/sigma_max_growth",
+            self._render(growth, "sigma_max growth since the first recorded step", diverging=True),
+            step,
         )
-        log_image(trainer, f"{PREFIX}/heatmap/log_sigma_max", _render(log_sigma), step)
+        log_image(
+            trainer,
+            f"{PREFIX}/heatmap/log_sigma_max",
+            self._render(log_sigma, "log sigma_max (natural log)"),
+            step,
+        )
+
+    def _render(self, values: Tensor, title: str, diverging: bool = False) -> Tensor:
+        """``(layers, steps)`` history -> ``(3, H, W)`` image: labelled axes (layer names, steps)
+        and a colour bar with matplotlib; without it, the plain :func:`_render` cells (row
+        names in the ``spectral/heatmap/rows`` text)."""
+        if not matplotlib_available():
+            return _render(values, diverging=diverging)
+        label = "log(sigma_max / first sigma_max)" if diverging else "log sigma_max"
+        return heatmap_image(
+            values, self._history_names, self._history_steps, title, label, diverging=diverging
+        )
 
     # -- logging -------------------------------------------------------------------------------
     @override
