@@ -231,6 +231,7 @@ class SpectralNorms(Callback):
         self._history_steps: list[int] = []
         self._history: list[Tensor] = []
         self._recent: deque[tuple[int, Tensor]] = deque()
+        self._last_heatmap_step: int | None = None  # newest column in the last heatmap images
         self._alarmed: set[str] = set()
         self._unconverged_warned: set[str] = set()
         self._conv_grid: dict[str, tuple[int, ...]] = {}
@@ -604,6 +605,9 @@ class SpectralNorms(Callback):
     def _log_heatmaps(self, trainer: pl.Trainer) -> None:
         if tensorboard_writer(trainer) is None or not trainer.is_global_zero:
             return  # nothing would receive the images: skip the rendering
+        if self._history_steps[-1] == self._last_heatmap_step:
+            return  # no column since the last images (epochs shorter than log_every_n_steps)
+        self._last_heatmap_step = self._history_steps[-1]
         history = torch.stack(self._history, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
         growth = log_sigma - _first_finite(log_sigma)[:, None]
