@@ -11,7 +11,8 @@ questions: does the per-step cost grow with the step count, and is memory flat?
 
 ``--gsnr-every-step`` runs ``GradientSNR`` on every step and ``--log-every-step`` sets the
 Trainer's ``log_every_n_steps=1`` (the setting of the report that a 3,000-step run did not
-finish in 8 minutes). ``--no-callbacks`` runs the same loop bare, as a baseline.
+finish in 8 minutes). ``--no-heatmap`` turns off ``SpectralNorms``' epoch-end heatmap images.
+``--no-callbacks`` runs the same loop bare, as a baseline.
 
 Usage::
 
@@ -191,9 +192,9 @@ class WindowTimer(Callback):
         self._start, self._start_cpu = time.perf_counter(), time.process_time()
 
 
-def build_callbacks(gsnr_every_step: bool) -> list[Callback]:
+def build_callbacks(gsnr_every_step: bool, heatmap: bool = True) -> list[Callback]:
     """The README's quick-start callbacks at their default settings, except the stopper's
-    patience."""
+    patience (and ``SpectralNorms(heatmap=False)`` where asked)."""
     gsnr = GradientSNR(every_n_steps=1) if gsnr_every_step else GradientSNR()
     return [
         GradientWeightAlignment(indices=-1),
@@ -201,7 +202,7 @@ def build_callbacks(gsnr_every_step: bool) -> list[Callback]:
         # beyond the run keeps the stopper deciding every epoch (the same work) to the end.
         GWAEarlyStopping(patience=10**6),
         gsnr,
-        SpectralNorms(),
+        SpectralNorms(heatmap=heatmap),
     ]
 
 
@@ -211,6 +212,7 @@ def run(
     gsnr_every_step: bool = False,
     log_every_step: bool = False,
     callbacks: bool = True,
+    heatmap: bool = True,
     num_samples: int = 2048,
     batch_size: int = 64,
     root_dir: str | None = None,
@@ -220,7 +222,7 @@ def run(
     early is reported on stderr and has fewer rows)."""
     pl.seed_everything(seed, verbose=False)
     timer = WindowTimer(window=window)
-    extra = build_callbacks(gsnr_every_step) if callbacks else []
+    extra = build_callbacks(gsnr_every_step, heatmap) if callbacks else []
     with tempfile.TemporaryDirectory(dir=root_dir) as tmp:
         trainer = pl.Trainer(
             max_steps=steps,
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gsnr-every-step", action="store_true")
     parser.add_argument("--log-every-step", action="store_true")
     parser.add_argument("--no-callbacks", action="store_true", help="bare loop (baseline)")
+    parser.add_argument(
+        "--no-heatmap", action="store_true", help="SpectralNorms(heatmap=False): no epoch images"
+    )
     parser.add_argument("--samples", type=int, default=2048, help="dataset size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -299,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         gsnr_every_step=args.gsnr_every_step,
         log_every_step=args.log_every_step,
         callbacks=not args.no_callbacks,
+        heatmap=not args.no_heatmap,
         num_samples=args.samples,
         batch_size=args.batch_size,
     )
