@@ -57,15 +57,16 @@ class _TwoLayers(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _logged_images(tmp_path: Path) -> dict[str, list[tuple[int, int]]]:
-    """Fit 2 epochs x 4 steps with SpectralNorms; ``tag -> [(height, width)]`` of its images."""
+def _logged_images(tmp_path: Path, max_epochs: int = 2) -> dict[str, list[tuple[int, int, int]]]:
+    """Fit ``max_epochs`` x 4 steps with SpectralNorms; ``tag -> [(step, height, width)]`` of its
+    images."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = pl.Trainer(
-        max_epochs=2,
+        max_epochs=max_epochs,
         default_root_dir=tmp_path,
         logger=logger,
         callbacks=[SpectralNorms(grad_every_n_steps=None)],
@@ -78,7 +79,7 @@ def _logged_images(tmp_path: Path) -> dict[str, list[tuple[int, int]]]:
     accumulator = EventAccumulator(logger.log_dir, size_guidance={IMAGES: 0})
     accumulator.Reload()
     return {
-        tag: [(e.height, e.width) for e in accumulator.Images(tag)]
+        tag: [(e.step, e.height, e.width) for e in accumulator.Images(tag)]
         for tag in accumulator.Tags()["images"]
     }
 
@@ -87,8 +88,8 @@ def test_spectral_norms_heatmaps_have_axes(tmp_path: Path) -> None:
     images = _logged_images(tmp_path)
     assert set(images) == {"spectral/heatmap/sigma_max_growth", "spectral/heatmap/log_sigma_max"}
     for sizes in images.values():
-        assert len(sizes) == 2  # one per epoch
-        assert all(width == int(WIDTH_INCHES * DPI) for _, width in sizes)  # matplotlib's
+        assert len(sizes) == 2  # the first epoch's and the last one's
+        assert all(width == int(WIDTH_INCHES * DPI) for _, _, width in sizes)  # matplotlib's
 
 
 def test_spectral_norms_heatmaps_without_matplotlib(
@@ -97,4 +98,16 @@ def test_spectral_norms_heatmaps_without_matplotlib(
     monkeypatch.setattr(spectral_norms, "matplotlib_available", lambda: False)
     images = _logged_images(tmp_path)
     # The plain rendering: 2 layers x 128 px, 4 then 8 columns of 128 then 64 px.
-    assert images["spectral/heatmap/log_sigma_max"] == [(256, 512), (256, 512)]
+    assert [size for _, *size in images["spectral/heatmap/log_sigma_max"]] == [[256, 512]] * 2
+
+
+@pytest.mark.parametrize("time_ratio", [0.0, 1e9])
+def test_heatmap_time_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, time_ratio: float
+) -> None:
+    """Without a budget every epoch end writes images; with an unbounded one only the first
+    epoch end does, and the end of training writes the latest columns."""
+    monkeypatch.setattr(spectral_norms, "_HEATMAP_TIME_RATIO", time_ratio)
+    images = _logged_images(tmp_path, max_epochs=3)["spectral/heatmap/log_sigma_max"]
+    steps = [step for step, _, _ in images]
+    assert steps == ([4, 8, 12] if time_ratio == 0 else [4, 12])
