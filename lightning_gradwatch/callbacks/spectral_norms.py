@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..functional.spectral import (
     power_iteration,
     stable_rank,
 )
+from ..heatmap import heatmap_image, matplotlib_available
 from ..loggers import (
     add_custom_scalars,
     log_image,
@@ -49,6 +51,11 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 PREFIX = "spectral"
+#: The heatmap images may take at most about 1/_HEATMAP_TIME_RATIO of the training time: after
+#: a rendering that took t seconds, epoch ends in the next _HEATMAP_TIME_RATIO * t seconds write
+#: no images (rendering with matplotlib costs about 0.1 s per image; the end of training always
+#: writes the latest columns).
+_HEATMAP_TIME_RATIO = 20.0
 #: Model-level keys, logged through ``pl_module.log``; per-layer keys go in one batch.
 _SUMMARY_PREFIXES = (f"{PREFIX}/summary/", f"{PREFIX}/growth_alarm")
 
@@ -110,7 +117,9 @@ class SpectralNorms(Callback):
     - ``spectral/growth_alarm`` (number of layers whose ``sigma_max`` grew by more than
       ``growth_alarm_factor`` within ``growth_alarm_window`` steps; only when the alarm is on)
 
-    At each epoch's end two layers x steps heatmaps go to TensorBoard as images.
+    At epoch ends two layers x steps heatmaps go to TensorBoard as images (with matplotlib:
+    labelled axes and a colour bar); an epoch end soon after the last rendering skips them, so
+    they take at most about 5% of the training time, and the end of training writes the latest.
 
     Args:
         params: ``fnmatch`` patterns of parameter names to track (e.g. ``["encoder.*"]``);
@@ -127,7 +136,7 @@ class SpectralNorms(Callback):
         grad_every_n_steps: optimizer steps between gradient spectra; ``None`` disables them.
         conv_operator_norm: also compute, at exact checks, the FFT operator norm of each
             (non-transposed) conv layer on its first seen input size (Sedghi et al. 2019).
-        heatmap: log the layers x steps images at each epoch's end.
+        heatmap: log the layers x steps images at epoch ends and at the end of training.
         heatmap_max_columns: history kept for the heatmap; older columns are thinned 2:1.
         growth_alarm_factor: warn and flag when ``sigma_max`` grows by more than this factor
             within ``growth_alarm_window`` optimizer steps; ``None`` (default) disables it.
@@ -241,6 +250,8 @@ class SpectralNorms(Callback):
         self._history_steps: list[int] = []
         self._history: list[Tensor] = []
         self._recent: deque[tuple[int, Tensor]] = deque()
+        self._last_heatmap_step: int | None = None  # newest column in the last heatmap images
+        self._heatmap_due = 0.0  # time.perf_counter() before which epoch ends skip the heatmaps
         self._alarmed: set[str] = set()
         self._unconverged_warned: set[str] = set()
         self._conv_grid: dict[str, tuple[int, ...]] = {}
@@ -654,17 +665,49 @@ class SpectralNorms(Callback):
         self._log(pl_module, logged, on_epoch=False)
 
     # -- views -------------------------------------------------------------------------------
-    def _log_heatmaps(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero or tensorboard_writer(trainer) is None:
-            return  # nothing would write the images: skip stacking and rendering the history
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.heatmap and self._history:
+            self._log_heatmaps(trainer, final=True)  # columns an epoch end skipped
+
+    def _log_heatmaps(self, trainer: pl.Trainer, final: bool = False) -> None:
+        if tensorboard_writer(trainer) is None or not trainer.is_global_zero:
+            return  # nothing would receive the images: skip the rendering
+        if self._history_steps[-1] == self._last_heatmap_step:
+            return  # no column since the last images (epochs shorter than log_every_n_steps)
+        if not final and time.perf_counter() < self._heatmap_due:
+            return  # short epochs: keep the rendering a small fraction of the training time
+        started = time.perf_counter()
+        self._last_heatmap_step = self._history_steps[-1]
         history = torch.stack(self._history, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
         growth = log_sigma - _first_finite(log_sigma)[:, None]
         step = trainer.global_step
         log_image(
-            trainer, f"{PREFIX}/heatmap/sigma_max_growth", _render(growth, diverging=True), step
+            trainer,
+            f"{PREFIX}/heatmap/sigma_max_growth",
+            self._render(growth, "sigma_max growth since the first recorded step", diverging=True),
+            step,
         )
-        log_image(trainer, f"{PREFIX}/heatmap/log_sigma_max", _render(log_sigma), step)
+        log_image(
+            trainer,
+            f"{PREFIX}/heatmap/log_sigma_max",
+            self._render(log_sigma, "log sigma_max (natural log)"),
+            step,
+        )
+        finished = time.perf_counter()
+        self._heatmap_due = finished + _HEATMAP_TIME_RATIO * (finished - started)
+
+    def _render(self, values: Tensor, title: str, diverging: bool = False) -> Tensor:
+        """``(layers, steps)`` history -> ``(3, H, W)`` image: labelled axes (layer names, steps)
+        and a colour bar with matplotlib; without it, the plain :func:`_render` cells (row
+        names in the ``spectral/heatmap/rows`` text)."""
+        if not matplotlib_available():
+            return _render(values, diverging=diverging)
+        label = "log(sigma_max / first sigma_max)" if diverging else "log sigma_max"
+        return heatmap_image(
+            values, self._history_names, self._history_steps, title, label, diverging=diverging
+        )
 
     # -- logging -------------------------------------------------------------------------------
     @override
