@@ -22,7 +22,9 @@ Datasets: MNIST-1D (``mnist1d.data.make_dataset``, generated locally, 4000 train
 and scikit-learn's bundled ``load_digits`` (8x8 digits, 1257 train / 540 test). Symmetric label
 noise on the training set only (each corrupted label replaced by a different class, uniformly);
 test labels are clean. Architectures: an MLP whose head input is a ReLU output (``mlp``), and the
-same with a LayerNorm before the head (``mlp_ln``).
+same with a LayerNorm before the head (``mlp_ln``); for MNIST-1D also the 1-D CNN of
+``examples/mnist1d_gwa.py`` (``cnn``) and the same with a LayerNorm before the head
+(``cnn_ln``), run with ``--datasets mnist1d --archs cnn cnn_ln --epochs 40``.
 
 Run: ``python benchmarks/early_stopping.py --workers 2`` (each worker: one process, one torch
 thread); ``--quick`` runs one seed of one dataset at 20% noise with a short run (smoke test).
@@ -53,7 +55,7 @@ from lightning_gradwatch.functional.stopping import select_epoch, should_stop
 NUM_CLASSES = 10
 VAL_PATIENCE = 10
 DATASETS = ("mnist1d", "digits")
-ARCHS = ("mlp", "mlp_ln")
+ARCHS = ("mlp", "mlp_ln", "cnn", "cnn_ln")
 #: Fixed run lengths, long enough that the noisy labels get memorised (test accuracy falls).
 EPOCHS = {"mnist1d": 60, "digits": 60}
 BATCH_SIZE = {"mnist1d": 128, "digits": 64}
@@ -173,6 +175,24 @@ def _make_module(in_features: int, arch: str, lr: float = 1e-3):  # -> pl.Lightn
             ]
             if arch == "mlp_ln":
                 layers.append(nn.LayerNorm(width))
+            if arch in ("cnn", "cnn_ln"):
+                # The 1-D CNN of examples/mnist1d_gwa.py over the signal as one channel.
+                channels = 32
+                layers = [
+                    nn.Unflatten(1, (1, in_features)),
+                    nn.Conv1d(1, channels, 5, padding=2),
+                    nn.ReLU(),
+                    nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+                    nn.ReLU(),
+                    nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+                    nn.ReLU(),
+                    nn.Flatten(),
+                    nn.Linear(channels * ((in_features + 3) // 4), 128),
+                    nn.ReLU(),
+                ]
+                width = 128
+                if arch == "cnn_ln":
+                    layers.append(nn.LayerNorm(width))
             self.features = nn.Sequential(*layers)
             self.head = nn.Linear(width, NUM_CLASSES)
 
