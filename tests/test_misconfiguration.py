@@ -249,3 +249,93 @@ def test_head_is_found_through_lightnings_forward_redirection() -> None:
         _ForwardRedirection()(Wrapper(module), module, "training_step", batch, 0)
         # without looking through the redirected call, the loss hides the head
         assert detector.finish() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The remaining items of the list, through the callbacks a user configures.
+
+
+class FrozenHead(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head.weight.requires_grad_(False)
+
+
+def test_a_frozen_weight_named_in_params_says_it_is_frozen(tmp_path: Path) -> None:
+    counter = BatchCounter()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[GradientWeightAlignment(params="head.weight", indices=None), counter],
+    )
+    with pytest.raises(ValueError, match=r"frozen \(requires_grad=False\)") as caught:
+        trainer.fit(FrozenHead(), DataLoader(TensorDataset(*_data()), batch_size=16))
+    assert "requires_grad_(True)" in str(caught.value)  # what to do
+    assert "does not own" not in str(caught.value)
+    assert counter.started == 0  # at setup
+
+
+def test_gwa_early_stopping_without_gwa_or_with_a_typo_fails_at_setup(tmp_path: Path) -> None:
+    from lightning_gradwatch import GWAEarlyStopping
+
+    counter = BatchCounter()
+    with pytest.raises(ValueError, match="needs a GradientWeightAlignment"):
+        _fit(tmp_path, [GWAEarlyStopping(), counter], TensorDataset(*_data()))
+    assert counter.started == 0
+    # A misspelt key fails when the callback is built, naming the valid forms...
+    with pytest.raises(ValueError, match="monitor must be 'gwa/epoch' or 'gwa/layer/"):
+        GWAEarlyStopping(monitor="gwa/epoc")
+    # ... and a misspelt layer before the first batch, listing the keys the GWA callback logs.
+    counter = BatchCounter()
+    with pytest.raises(ValueError, match=r"Valid keys: \['gwa/epoch'\]"):
+        _fit(
+            tmp_path,
+            [
+                GradientWeightAlignment(indices=None),
+                GWAEarlyStopping(monitor="gwa/layer/head.wieght"),
+                counter,
+            ],
+            TensorDataset(*_data()),
+        )
+    assert counter.started == 0
+
+
+class SpectralHead(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.nn.utils.parametrizations.spectral_norm(self.head)
+
+
+def test_a_parametrized_head_is_scored_not_reported_as_unknown(tmp_path: Path) -> None:
+    # The head's weight is computed by a parametrization: head mode scores the effective
+    # weight (documented in docs/gwa.md) instead of failing with "unknown parameter names".
+    gwa = GradientWeightAlignment(indices=None)
+    _fit(tmp_path, [gwa], TensorDataset(*_data()))
+    assert gwa.head_name == "head.weight"
+    assert len(gwa.history) == 1 and gwa.history[0]["count"] == N
+
+
+class BatchNormHead(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(D, H), nn.BatchNorm1d(H), nn.Tanh())
+
+
+def test_a_gwa_weight_with_no_scores_is_named_at_the_first_batch(tmp_path: Path) -> None:
+    gwa = GradientWeightAlignment(params="features.1.weight", indices=None)
+    counter = BatchCounter()
+    with pytest.warns(UserWarning, match=r"excluded \['features.1.weight'\]") as record:
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+            callbacks=[gwa, counter],
+        )
+        trainer.fit(BatchNormHead(), DataLoader(TensorDataset(*_data()), batch_size=16))
+    first = next(str(r.message) for r in record if "excluded ['features.1.weight']" in str(r))
+    assert "BatchNorm" in first  # the reason
