@@ -91,8 +91,8 @@ class GWAReweighting(Callback):
     Raises:
         ValueError: a bad argument; at ``setup``, no ``GradientWeightAlignment`` in the
             Trainer, one with ``indices=None``, or an unknown ``output_module``.
-        RuntimeError: at the first reweighted batch, no dataset indices in the batch, or an
-            output whose dim 0 is not the batch's samples.
+        RuntimeError: at the first training batch, no dataset indices in the batch; at the
+            first reweighted batch, an output whose dim 0 is not the batch's samples.
     """
 
     def __init__(
@@ -148,6 +148,7 @@ class GWAReweighting(Callback):
         self._pending: Tensor | None = None  # this batch's weights, applied by the hook
         self._hooked: nn.Module | None = None
         self._handle: Any = None
+        self._indices_checked = False
 
     @property
     @override
@@ -195,6 +196,7 @@ class GWAReweighting(Callback):
             )
         self._gwa = gwa
         self._trainer = trainer
+        self._indices_checked = False
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -228,6 +230,10 @@ class GWAReweighting(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._pending = None
+        if not self._indices_checked:
+            # Refuse at the first batch, not only once the warm-up is over.
+            self._indices_of(batch)
+            self._indices_checked = True
         if self.apply != "hook" or self._raw_table is None:
             return
         self._ensure_hook(pl_module)
