@@ -3,7 +3,13 @@ warm-up and unseen samples, normalisation, monitoring statistics, resume, DDP an
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -373,3 +379,118 @@ def test_output_without_sample_rows_refused(tmp_path) -> None:
     reweighting = GWAReweighting(warmup_epochs=1, output_module="pool", rule="sigmoid")
     with pytest.raises(RuntimeError, match=r"dim 0 must be the\s+samples"):
         fit(Model(), [GradientWeightAlignment(indices=-1), reweighting], tmp_path)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch.callbacks import Callback
+    from torch import nn
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from lightning_gradwatch import GradientWeightAlignment, GWAReweighting, IndexedDataset
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            # Unshuffled: rank r gets samples r, r + 2, ...; one process on batches of 8 sees,
+            # step by step, the union of both ranks' batches of 4.
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = DistributedSampler(self.data, world, rank, shuffle=False)
+            return DataLoader(self.data, batch_size=8 // world, sampler=sampler)
+
+    class WeightLog(Callback):
+        def __init__(self, reweighting):
+            self.reweighting, self.rows = reweighting, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            weights = self.reweighting.weights_for(batch)
+            self.rows.append([trainer.current_epoch, batch[-1].tolist(), weights.tolist()])
+
+    def main(out, devices):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (40,), generator=g)
+        reweighting = GWAReweighting(
+            rule="sigmoid", warmup_epochs=1, ema=0.5, output_module="net.2"
+        )
+        log = WeightLog(reweighting)
+        # the head is named: GradientWeightAlignment's head detection does not see through
+        # the DDP wrapper
+        gwa = GradientWeightAlignment(params="net.2.weight", indices=-1)
+        trainer = pl.Trainer(
+            max_epochs=3, accelerator="cpu", devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            callbacks=[gwa, reweighting, log],
+            logger=False, default_root_dir=out,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+        model = Model()
+        model.data = IndexedDataset(TensorDataset(x, y))
+        trainer.fit(model)
+        result = {
+            "rows": log.rows,
+            "table": reweighting.score_table.tolist(),
+            "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
+        }
+        with open(f"{out}/result_{devices}_{trainer.global_rank}.json", "w") as f:
+            json.dump(result, f)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], int(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process_on_union(tmp_path) -> None:
+    """2 gloo processes with batches of 4 train as 1 process with batches of 8 holding the
+    same samples: the same weights per sample (normalised over both ranks' batches), the same
+    score table on both ranks and the same parameters (float64)."""
+    script = tmp_path / "reweighting_ddp_script.py"
+    script.write_text(DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("LOCAL_RANK", None)
+    for devices in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(devices)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "result_1_0.json").read_text())
+    ranks = [json.loads((tmp_path / f"result_2_{r}.json").read_text()) for r in (0, 1)]
+    single_weights: dict[tuple[int, int], float] = {}
+    for epoch, index, weights in single["rows"]:
+        single_weights.update({(epoch, i): w for i, w in zip(index, weights, strict=True)})
+    assert any(w != 1.0 for w in single_weights.values())  # a real reweighting
+    ddp_weights: dict[tuple[int, int], float] = {}
+    for ddp in ranks:
+        for epoch, index, weights in ddp["rows"]:
+            ddp_weights.update({(epoch, i): w for i, w in zip(index, weights, strict=True)})
+        assert ddp["table"] == pytest.approx(single["table"], rel=1e-6, abs=1e-9)
+        for mine, ref in zip(ddp["params"], single["params"], strict=True):
+            assert mine == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    assert ddp_weights.keys() == single_weights.keys()
+    for key, weight in single_weights.items():
+        assert ddp_weights[key] == pytest.approx(weight, rel=1e-6), key
