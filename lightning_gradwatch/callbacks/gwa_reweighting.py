@@ -38,14 +38,15 @@ class GWAReweighting(Callback):
 
     Rules (``s`` is a sample's smoothed score, over the samples scored so far):
 
-    - ``"clip"``: ``1`` if ``s >= threshold`` else ``0``.
+    - ``"clip"`` (default): ``1`` if ``s >= threshold`` else ``0``; with the default threshold
+      0, the samples whose descent direction points away from the weights are left out.
     - ``"sigmoid"``: ``sigmoid((s - threshold) / (temperature * std(s)))``; the temperature is
       in units of the scores' standard deviation over the dataset, so it does not depend on
       the scale of the scores.
     - ``"rank"``: ``0`` for the ``fraction`` of the dataset with the lowest scores, else ``1``
       (a dataset-wide quantile, not a per-batch one: a batch of clean samples is not forced to
       drop any of them).
-    - ``"mixture"`` (default): a two-component Gaussian mixture fitted to the scores; the raw
+    - ``"mixture"``: a two-component Gaussian mixture fitted to the scores; the raw
       weight is the posterior probability of the higher-mean component. When the two
       components are not separated (Ashman's ``D < separation``, e.g. clean data with a
       unimodal score distribution), every weight is 1.
@@ -75,7 +76,8 @@ class GWAReweighting(Callback):
         >>> trainer = pl.Trainer(callbacks=callbacks)  # doctest: +SKIP
 
     Args:
-        rule: ``"mixture"``, ``"clip"``, ``"sigmoid"`` or ``"rank"`` (see above).
+        rule: ``"clip"``, ``"sigmoid"``, ``"rank"`` or ``"mixture"`` (see above;
+            ``docs/reweighting.md`` has the study behind the default).
         warmup_epochs: epochs trained with all weights 1 (at least 1: the first epoch has no
             scores yet).
         ema: weight of the newest epoch in the score table; ``1.0`` uses the last epoch only.
@@ -97,7 +99,7 @@ class GWAReweighting(Callback):
 
     def __init__(
         self,
-        rule: Rule = "mixture",
+        rule: Rule = "clip",
         warmup_epochs: int = 3,
         ema: float = 1.0,
         threshold: float = 0.0,
