@@ -494,3 +494,23 @@ def test_ddp_matches_single_process_on_union(tmp_path) -> None:
     assert ddp_weights.keys() == single_weights.keys()
     for key, weight in single_weights.items():
         assert ddp_weights[key] == pytest.approx(weight, rel=1e-6), key
+
+
+def test_dropped_samples_keep_their_score(tmp_path) -> None:
+    """A sample trained with weight 0 has a zero gradient and a meaningless score (0) in that
+    epoch: it keeps its previous table entry instead of being readmitted by it."""
+    reweighting = GWAReweighting(rule="clip", threshold=0.0, warmup_epochs=1)
+    tables: list[Tensor] = []
+
+    class Tables(Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            tables.append(reweighting.score_table.clone())
+
+    gwa = GradientWeightAlignment(indices=-1)
+    fit(Classifier(), [gwa, reweighting, Tables()], tmp_path, epochs=3)
+    dropped = tables[1] < 0  # weight 0 in epoch 1 (clip at 0)
+    assert dropped.any() and not dropped.all()
+    epoch1 = gwa.score_history()[1].double()
+    assert (epoch1[dropped] == 0).all()  # what the alignment callback saw
+    assert torch.equal(tables[2][dropped], tables[1][dropped])
+    assert_close(tables[2][~dropped], epoch1[~dropped], "kept samples' new scores")

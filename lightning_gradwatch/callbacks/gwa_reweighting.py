@@ -208,19 +208,21 @@ class GWAReweighting(Callback):
         finished = int(gwa.history[-1]["epoch"]) if gwa.history else -1
         if finished > self.scored_epoch:
             table = gwa.sample_scores()
-            self._fold(table["index"], table["epoch_mean"])
+            scores = table["epoch_mean"]
+            if finished >= self.warmup_epochs and self.score_table.numel() > 0:
+                # A sample trained with weight 0 had a zero gradient, hence a meaningless score
+                # (0) last epoch: it keeps its previous score rather than being readmitted.
+                applied = self._raw_weights_of_table()
+                inside = table["index"] < applied.numel()
+                dropped = torch.zeros_like(inside)
+                dropped[inside] = applied[table["index"][inside]] == 0
+                scores = torch.where(dropped, torch.full_like(scores, float("nan")), scores)
+            self._fold(table["index"], scores)
             self.scored_epoch = finished
         if not self._active(trainer) or self.score_table.numel() == 0:
             self._raw_table = None
             return
-        raw = raw_weights(
-            self.score_table,
-            self.rule,
-            threshold=self.threshold,
-            temperature=self.temperature,
-            fraction=self.fraction,
-            separation=self.separation,
-        )
+        raw = self._raw_weights_of_table()
         self._raw_table = raw.to(device=pl_module.device, dtype=torch.float32)
         scored = ~torch.isnan(self.score_table)
         down = (raw[scored] < DOWN_WEIGHTED_BELOW).double().mean() if scored.any() else 0.0
@@ -337,6 +339,16 @@ class GWAReweighting(Callback):
         old = self.score_table[index]
         self.score_table[index] = torch.where(
             torch.isnan(old), values, self.ema * values + (1 - self.ema) * old
+        )
+
+    def _raw_weights_of_table(self) -> Tensor:
+        return raw_weights(
+            self.score_table,
+            self.rule,
+            threshold=self.threshold,
+            temperature=self.temperature,
+            fraction=self.fraction,
+            separation=self.separation,
         )
 
     def _active(self, trainer: pl.Trainer) -> bool:
