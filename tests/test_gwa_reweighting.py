@@ -489,16 +489,19 @@ def test_ddp_matches_single_process_on_union(tmp_path) -> None:
         for epoch, index, weights in ddp["rows"]:
             ddp_weights.update({(epoch, i): w for i, w in zip(index, weights, strict=True)})
         assert ddp["table"] == pytest.approx(single["table"], rel=1e-6, abs=1e-9)
+        # The weights are float32, normalised over 4 + 4 versus 8 samples: they agree to a few
+        # float32 ulps, so the float64 parameters agree to ~1e-7 of their scale (O(1)).
         for mine, ref in zip(ddp["params"], single["params"], strict=True):
-            assert mine == pytest.approx(ref, rel=1e-6, abs=1e-9)
+            assert mine == pytest.approx(ref, rel=1e-6, abs=1e-7)
     assert ddp_weights.keys() == single_weights.keys()
     for key, weight in single_weights.items():
         assert ddp_weights[key] == pytest.approx(weight, rel=1e-6), key
 
 
-def test_dropped_samples_keep_their_score(tmp_path) -> None:
-    """A sample trained with weight 0 has a zero gradient and a meaningless score (0) in that
-    epoch: it keeps its previous table entry instead of being readmitted by it."""
+def test_dropped_samples_are_scored_again(tmp_path) -> None:
+    """A sample trained with weight 0 has a zero gradient, so the alignment callback scores it
+    0 in that epoch; with "clip" at 0 that readmits it for the next epoch, where it is scored
+    again (the documented behaviour the benchmark measured)."""
     reweighting = GWAReweighting(rule="clip", threshold=0.0, warmup_epochs=1)
     tables: list[Tensor] = []
 
@@ -511,6 +514,6 @@ def test_dropped_samples_keep_their_score(tmp_path) -> None:
     dropped = tables[1] < 0  # weight 0 in epoch 1 (clip at 0)
     assert dropped.any() and not dropped.all()
     epoch1 = gwa.score_history()[1].double()
-    assert (epoch1[dropped] == 0).all()  # what the alignment callback saw
-    assert torch.equal(tables[2][dropped], tables[1][dropped])
-    assert_close(tables[2][~dropped], epoch1[~dropped], "kept samples' new scores")
+    assert (epoch1[dropped] == 0).all()
+    assert_close(tables[2], epoch1, "table after epoch 1")
+    assert (raw_weights(tables[2], "clip")[dropped] == 1).all()

@@ -208,16 +208,10 @@ class GWAReweighting(Callback):
         finished = int(gwa.history[-1]["epoch"]) if gwa.history else -1
         if finished > self.scored_epoch:
             table = gwa.sample_scores()
-            scores = table["epoch_mean"]
-            if finished >= self.warmup_epochs and self.score_table.numel() > 0:
-                # A sample trained with weight 0 had a zero gradient, hence a meaningless score
-                # (0) last epoch: it keeps its previous score rather than being readmitted.
-                applied = self._raw_weights_of_table()
-                inside = table["index"] < applied.numel()
-                dropped = torch.zeros_like(inside)
-                dropped[inside] = applied[table["index"][inside]] == 0
-                scores = torch.where(dropped, torch.full_like(scores, float("nan")), scores)
-            self._fold(table["index"], scores)
+            # A sample trained with weight 0 had a zero gradient, so its score last epoch is 0:
+            # with "clip" at threshold 0 it is readmitted for one epoch and scored again (see
+            # docs/reweighting.md: never re-examining dropped samples measured worse).
+            self._fold(table["index"], table["epoch_mean"])
             self.scored_epoch = finished
         if not self._active(trainer) or self.score_table.numel() == 0:
             self._raw_table = None
