@@ -220,7 +220,14 @@ class GWAReweighting(Callback):
         self._raw_table = raw.to(device=pl_module.device, dtype=torch.float32)
         scored = ~torch.isnan(self.score_table)
         down = (raw[scored] < DOWN_WEIGHTED_BELOW).double().mean() if scored.any() else 0.0
-        pl_module.log("reweight/table_down_weighted", float(down), on_step=False, on_epoch=True)
+        # identical on every rank (the table is); sync_dist only keeps Lightning's DDP check quiet
+        pl_module.log(
+            "reweight/table_down_weighted",
+            float(down),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
         log_histogram(trainer, "reweight/weights", raw[scored], step=trainer.global_step)
 
     @override
