@@ -3,6 +3,7 @@
 from .callbacks.gradient_snr import EBEarlyStopping, GradientSNR
 from .callbacks.gradient_weight_alignment import GradientWeightAlignment
 from .callbacks.gwa_early_stopping import GWAEarlyStopping
+from .callbacks.gwa_reweighting import GWAReweighting
 from .callbacks.spectral_norms import SpectralNorms
 from .data import IndexedDataset
 from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
@@ -10,6 +11,7 @@ from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
 __all__ = [
     "EBEarlyStopping",
     "GWAEarlyStopping",
+    "GWAReweighting",
     "GradientProbe",
     "GradientSNR",
     "GradientWeightAlignment",
