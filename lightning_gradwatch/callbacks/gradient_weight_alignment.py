@@ -958,3 +958,24 @@ class _HeadDetector:
                 break
         self.linear_outputs, self.model_outputs, self.bare_outputs = [], [], []
         return found[-1] if found else None
+
+
+def the_gwa_callback(trainer: pl.Trainer, user: str, missing_hint: str) -> GradientWeightAlignment:
+    """The single :class:`GradientWeightAlignment` in ``trainer.callbacks``, for a callback
+    (``user``) that acts on its scores.
+
+    Raises:
+        ValueError: there is none (the message ends with ``missing_hint``: what to add), or
+            several, so that the one to follow is ambiguous.
+    """
+    found = [c for c in trainer.callbacks if isinstance(c, GradientWeightAlignment)]  # type: ignore[attr-defined]
+    if not found:
+        raise ValueError(
+            f"{user} needs a GradientWeightAlignment callback in the same Trainer: {missing_hint}"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{user} found {len(found)} GradientWeightAlignment callbacks in the Trainer and "
+            f"cannot tell which one to follow; keep a single one."
+        )
+    return found[0]

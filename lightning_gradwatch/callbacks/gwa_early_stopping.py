@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from ..functional.stopping import RULES, select_epoch, should_stop, validate_options
 from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_PATIENCE, DEFAULT_RULE
-from .gradient_weight_alignment import GradientWeightAlignment
+from .gradient_weight_alignment import GradientWeightAlignment, the_gwa_callback
 
 EPOCH_KEY = "gwa/epoch"
 #: Rules that read the epoch aggregate's mean or kurtosis, which per-layer GWA does not record.
@@ -161,18 +161,11 @@ class GWAEarlyStopping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        found = [c for c in trainer.callbacks if isinstance(c, GradientWeightAlignment)]  # type: ignore[attr-defined]
-        if not found:
-            raise ValueError(
-                "GWAEarlyStopping needs a GradientWeightAlignment callback in the same Trainer: "
-                "pass Trainer(callbacks=[GradientWeightAlignment(), GWAEarlyStopping(...)])."
-            )
-        if len(found) > 1:
-            raise ValueError(
-                f"GWAEarlyStopping found {len(found)} GradientWeightAlignment callbacks in the "
-                "Trainer and cannot tell which one to follow; keep a single one."
-            )
-        gwa = found[0]
+        gwa = the_gwa_callback(
+            trainer,
+            "GWAEarlyStopping",
+            "pass Trainer(callbacks=[GradientWeightAlignment(), GWAEarlyStopping(...)]).",
+        )
         self._gwa = gwa
         gwa._selector = self  # so that gwa.most_misaligned(k, epoch="best") uses this selection
 

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from ..data import batch_indices
 from ..loggers import log_histogram
-from .gradient_weight_alignment import GradientWeightAlignment
+from .gradient_weight_alignment import GradientWeightAlignment, the_gwa_callback
 
 Rule = Literal["clip", "sigmoid", "rank", "mixture"]
 Apply = Literal["hook", "manual"]
@@ -162,19 +162,13 @@ class GWAReweighting(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        found = [c for c in trainer.callbacks if isinstance(c, GradientWeightAlignment)]  # type: ignore[attr-defined]
-        if not found:
-            raise ValueError(
-                "GWAReweighting needs the alignment scores of a GradientWeightAlignment callback "
-                "in the same Trainer: add GradientWeightAlignment() to Trainer(callbacks=[...]) "
-                "(and wrap the training dataset in lightning_gradwatch.IndexedDataset)."
-            )
-        if len(found) > 1:
-            raise ValueError(
-                f"GWAReweighting found {len(found)} GradientWeightAlignment callbacks and cannot "
-                f"tell whose scores to use; keep one."
-            )
-        gwa = found[0]
+        gwa = the_gwa_callback(
+            trainer,
+            "GWAReweighting",
+            "its alignment scores are what it weights by. Add GradientWeightAlignment() to "
+            "Trainer(callbacks=[...]) (and wrap the training dataset in "
+            "lightning_gradwatch.IndexedDataset).",
+        )
         if gwa.indices is None:
             raise ValueError(
                 "GWAReweighting looks scores up by dataset index, but GradientWeightAlignment "

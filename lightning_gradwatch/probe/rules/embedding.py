@@ -14,17 +14,23 @@ from .._linalg import require_one_batch, rowdot, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
+def frequency_scaling_reason(module: nn.Module) -> str | None:
+    """Why an embedding with ``scale_grad_by_freq=True`` has no per-sample gradient, or
+    ``None``: the scaling counts each row's uses over the whole batch."""
+    if getattr(module, "scale_grad_by_freq", False):
+        return (
+            "scale_grad_by_freq=True scales each row's gradient by its frequency in the "
+            "whole batch, so a sample's gradient depends on the other samples"
+        )
+    return None
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     positionwise = True
 
     def check(self, module: nn.Module) -> str | None:
-        if getattr(module, "scale_grad_by_freq", False):
-            return (
-                "scale_grad_by_freq=True scales each row's gradient by its frequency in the "
-                "whole batch, so a sample's gradient depends on the other samples"
-            )
-        return None
+        return frequency_scaling_reason(module)
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .._linalg import rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+from .embedding import frequency_scaling_reason
 
 _MAX_MODE = 2  # torch.embedding_bag's code for mode="max"
 
@@ -33,12 +34,7 @@ class EmbeddingBagRule(LayerRule):
                 "would not be its computation; give it a rule of its own, or call a plain "
                 "nn.EmbeddingBag inside it"
             )
-        if getattr(module, "scale_grad_by_freq", False):
-            return (
-                "scale_grad_by_freq=True scales each row's gradient by its frequency in the "
-                "whole batch, so a sample's gradient depends on the other samples"
-            )
-        return None
+        return frequency_scaling_reason(module)
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
