@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, Subset
 from typing_extensions import override
 
 from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
@@ -851,9 +851,14 @@ def _is_bias(name: str) -> bool:
 
 
 def _dataset_length(trainer: pl.Trainer) -> int | None:
-    """``len`` of the training dataset when Lightning has a single map-style one, else None."""
+    """The number of dataset indices when Lightning has a single map-style training dataset,
+    else None. A ``Subset`` keeps the indices of the dataset it selects from (a subset of an
+    ``IndexedDataset`` yields the full dataset's indices), so the bound is that dataset's
+    length."""
     loader = trainer.train_dataloader
     dataset = getattr(loader, "dataset", None)
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
     if dataset is None or isinstance(dataset, IterableDataset):
         return None
     try:

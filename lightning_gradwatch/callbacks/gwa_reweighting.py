@@ -165,7 +165,7 @@ class GWAReweighting(Callback):
         gwa = the_gwa_callback(
             trainer,
             "GWAReweighting",
-            "its alignment scores are what it weights by. Add GradientWeightAlignment() to "
+            "its alignment scores are what it weights by; add GradientWeightAlignment() to "
             "Trainer(callbacks=[...]) (and wrap the training dataset in "
             "lightning_gradwatch.IndexedDataset).",
         )
