@@ -339,3 +339,13 @@ def test_a_gwa_weight_with_no_scores_is_named_at_the_first_batch(tmp_path: Path)
         trainer.fit(BatchNormHead(), DataLoader(TensorDataset(*_data()), batch_size=16))
     first = next(str(r.message) for r in record if "excluded ['features.1.weight']" in str(r))
     assert "BatchNorm" in first  # the reason
+
+
+def test_early_stopping_beside_reweighting_warns_at_setup(tmp_path: Path) -> None:
+    # Measured to stop early and lose accuracy (benchmarks/README.md): say so before training.
+    from lightning_gradwatch import GWAEarlyStopping, GWAReweighting
+
+    gwa = GradientWeightAlignment(indices=-1)
+    callbacks = [gwa, GWAReweighting(), GWAEarlyStopping(patience=None)]
+    with pytest.warns(UserWarning, match="GWAEarlyStopping beside GWAReweighting"):
+        _fit(tmp_path, callbacks, IndexedDataset(TensorDataset(*_data())))
