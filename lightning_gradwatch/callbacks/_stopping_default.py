@@ -10,6 +10,6 @@ from typing import Any
 #: from scratch, it skips the early transient that makes the plain argmax keep epoch 0.
 DEFAULT_RULE: str = "max_after_first_min"
 #: Epochs to wait after the selected epoch before stopping.
-DEFAULT_PATIENCE: int = 5
+DEFAULT_PATIENCE: int = 10
 #: Options of :data:`DEFAULT_RULE` (see ``lightning_gradwatch.functional.stopping``).
 DEFAULT_OPTIONS: dict[str, Any] = {}
