@@ -174,8 +174,8 @@ class GWAEarlyStopping(Callback):
                 "GWAEarlyStopping beside GWAReweighting: the reweighting changes the gradients "
                 "that GWA scores (a sample weighted 0 has a zero gradient and scores 0), so "
                 "gwa/epoch no longer follows the model's generalisation. Measured on MNIST-1D "
-                "and scikit-learn digits, the pair picked poor epochs and ended 1 to 13 points below "
-                "reweighting alone (benchmarks/README.md). When reweighting, train a fixed "
+                "and scikit-learn digits, the pair picked poor epochs and ended 1 to 13 points "
+                "below reweighting alone (benchmarks/README.md). When reweighting, train a fixed "
                 "number of epochs, or select the epoch on a validation set."
             )
 
