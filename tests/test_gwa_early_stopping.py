@@ -474,7 +474,9 @@ def test_default_rule_is_the_single_constant() -> None:
         default.DEFAULT_PATIENCE,
         default.DEFAULT_OPTIONS,
     )
-    curve = [0.9, 0.3, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]
+    # A transient peak, the first minimum, the selected rise, then a decline longer than the
+    # default patience, whatever that constant is.
+    curve = [0.9, 0.3, 0.5, *(0.4 - 0.1 * k for k in range(default.DEFAULT_PATIENCE + 2))]
     stopped, model = drive(stopper, curve)
     history = [{"gwa": v} for v in curve]
     assert stopper.best_epoch == select_epoch(history, default.DEFAULT_RULE) == 2
