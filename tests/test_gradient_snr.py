@@ -30,6 +30,7 @@ from lightning_gradwatch.functional import noise as fn
 from lightning_gradwatch.metrics.noise import GradientNoiseSums, RatioEMA
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ddp_scripts import DDP_TEARDOWN
 from oracle import per_sample_grads
 
 RTOL = 1e-6
@@ -577,7 +578,9 @@ def test_ddp_statistics_describe_the_global_batch(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     script = tmp_path / "ddp_gsnr.py"
     root = str(Path(__file__).resolve().parents[1])
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=root, out=str(out)))
+    script.write_text(
+        DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=root, out=str(out)) + DDP_TEARDOWN
+    )
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(script)],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_scripts import DDP_TEARDOWN
 
 # The script's model is float32 and the per-sample scores are cosines (bounded by 1) computed in
 # float32 from reductions whose rounding depends on which samples share a batch, and the batches
@@ -82,7 +83,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_ddp_aggregate_equals_single_process_union(tmp_path: Path) -> None:
     script = tmp_path / "gwa_ddp_script.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + DDP_TEARDOWN)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("LOCAL_RANK", None)

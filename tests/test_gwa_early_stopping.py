@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_scripts import DDP_TEARDOWN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -444,7 +445,7 @@ def test_ddp_ranks_agree_on_the_decision_and_the_weights(tmp_path: Path) -> None
     import sys
 
     script = tmp_path / "stop_ddp.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + DDP_TEARDOWN)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("LOCAL_RANK", None)

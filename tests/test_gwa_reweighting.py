@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close
+from ddp_scripts import DDP_TEARDOWN
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from oracle import per_sample_grads
 from torch import Tensor, nn
@@ -465,7 +466,7 @@ def test_ddp_matches_single_process_on_union(tmp_path) -> None:
     same samples: the same weights per sample (normalised over both ranks' batches), the same
     score table on both ranks and the same parameters (float64)."""
     script = tmp_path / "reweighting_ddp_script.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + DDP_TEARDOWN)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("LOCAL_RANK", None)

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_scripts import DDP_TEARDOWN
 from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -146,7 +147,7 @@ def test_head_mode_under_ddp_equals_single_process(tmp_path: Path, strategy: str
     """The head is found through Lightning's DDP wrapper, and under ddp_spawn every rank
     accumulates into its own storage: each epoch counts the 40 samples once."""
     script = tmp_path / "ddp_head.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + DDP_TEARDOWN)
     for args in (("auto", "1"), (strategy, "2")):
         proc = _run_script(script, str(tmp_path), *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,7 +170,7 @@ def test_ddp_resume_of_a_partial_epoch_is_refused(tmp_path: Path) -> None:
     """The checkpoint holds rank zero's partial sums only: resuming them under DDP would count
     rank zero's samples twice and rank one's never, so it is refused at the start."""
     script = tmp_path / "ddp_resume.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + DDP_TEARDOWN)
     proc = _run_script(script, str(tmp_path), "resume", "-")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run_script(script, str(tmp_path), "resume", str(tmp_path / "step=4.ckpt"))

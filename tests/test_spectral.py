@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import scipy.stats
 import torch
+from ddp_scripts import DDP_TEARDOWN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -642,7 +643,7 @@ def test_ddp_ranks_agree_without_collectives(tmp_path: Path):
     import sys
 
     script = tmp_path / "ddp_spectral.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + DDP_TEARDOWN)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
