@@ -31,7 +31,8 @@ test: install
 	$(PY) -m pytest -q
 
 # Its own virtual environment (gitignored): torch first (so nothing pulls the CUDA build), then
-# the floor versions of lightning and torchmetrics with the package and its test extras.
+# the floor versions of lightning and torchmetrics with the package and its test and examples
+# extras (the report, heatmap and benchmark smoke tests need matplotlib, scikit-learn, mnist1d).
 test-floor:
 	test -x $(FLOOR_PY) || $(PY) -m venv $(FLOOR_VENV)
 	$(MAKE) --no-print-directory floor-install PY=$(FLOOR_PY) TORCH="torch==$(TORCH_FLOOR)"
@@ -39,7 +40,7 @@ test-floor:
 
 floor-install:
 	$(INSTALL_TORCH)
-	$(PIP) "lightning==$(LIGHTNING_FLOOR)" "torchmetrics==$(TORCHMETRICS_FLOOR)" -e ".[test]"
+	$(PIP) "lightning==$(LIGHTNING_FLOOR)" "torchmetrics==$(TORCHMETRICS_FLOOR)" -e ".[test,examples]"
 
 demo: install
 	$(PY) examples/mnist1d_gwa.py
