@@ -17,6 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ._lightning import batches_that_stepped, update_callback_metrics
+
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
     """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None``."""
@@ -135,9 +137,9 @@ def log_scalars_batch(trainer: pl.Trainer, metrics: dict[str, Tensor | float]) -
     finite = {n: float(v) for n, v in zip(names, values.tolist(), strict=True) if math.isfinite(v)}
     if not finite:
         return
-    trainer.callback_metrics.update(
-        {n: torch.tensor(v, dtype=torch.float64) for n, v in finite.items()}
+    update_callback_metrics(
+        trainer, {n: torch.tensor(v, dtype=torch.float64) for n, v in finite.items()}
     )
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = batches_that_stepped(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(finite, step=step)

@@ -18,11 +18,12 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor
 from typing_extensions import override
 
-try:  # Lightning >= 2.6 records why an EarlyStopping stopped
-    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-except ImportError:  # older Lightning: nothing to record it in
-    EarlyStoppingReason = None  # type: ignore[assignment, misc]
-
+from .._lightning import (
+    EarlyStoppingReason,
+    batches_that_stepped,
+    early_stopping_log_info,
+    early_stopping_should_skip,
+)
 from ..functional import noise as F
 from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
 from ..metrics.noise import GradientNoiseSums, RatioEMA
@@ -37,8 +38,7 @@ def optimizer_steps_done(trainer: pl.Trainer) -> int:
     (``LoggerConnector.should_update_logs``); the counter is constant over the micro-batches
     of one optimizer step.
     """
-    loop = trainer.fit_loop.epoch_loop
-    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+    return batches_that_stepped(trainer)
 
 
 #: Logged through ``pl_module.log``; the auxiliary and per-layer values go in one batch.
@@ -489,7 +489,11 @@ class EBEarlyStopping(EarlyStopping):
         should_stop = mean > self.threshold
         # Every rank sees the same global statistics; reduce anyway so ranks never disagree.
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
-        if should_stop and not trainer.should_stop and not self._should_skip_check(trainer):
+        if (
+            should_stop
+            and not trainer.should_stop
+            and not early_stopping_should_skip(self, trainer)
+        ):
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
             reason = (
@@ -500,7 +504,7 @@ class EBEarlyStopping(EarlyStopping):
                 self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
             self.stopping_reason_message = reason
             if self.verbose:
-                self._log_info(trainer, reason, self.log_rank_zero_only)
+                early_stopping_log_info(self, trainer, reason)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import IterableDataset, Subset
 from typing_extensions import override
 
+from .._lightning import optimizer_step_is_logged, overrides
 from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
 from ..functional.stopping import select_epoch
 from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
@@ -407,7 +407,7 @@ class GradientWeightAlignment(ProbeCallback):
         if self.multi_layer:
             for name in names:
                 self._layer_metrics[name].update(stats.alignment([name]))
-        if _step_is_logged(trainer):
+        if optimizer_step_is_logged(trainer):
             # Lightning writes on-step metrics only on its log_every_n_steps schedule; skipping
             # the call on the other steps saves its per-call cost without changing the output.
             pl_module.log(
@@ -810,7 +810,7 @@ def _warn_if_checked_at_validation(trainer: pl.Trainer, pl_module: pl.LightningM
     """Warn when an ``EarlyStopping``/``ModelCheckpoint`` monitoring a ``gwa/`` key may act at
     the end of validation: validation runs before the training epoch ends, so it would rank
     each epoch by the previous epoch's GWA."""
-    if not is_overridden("validation_step", pl_module):
+    if not overrides("validation_step", pl_module):
         return
     every_epoch_end = trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
@@ -833,16 +833,6 @@ def _warn_if_checked_at_validation(trainer: pl.Trainer, pl_module: pl.LightningM
             f"epoch by the previous epoch's value. Pass {type(callback).__name__}(..., "
             f"{flag}=True)."
         )
-
-
-def _step_is_logged(trainer: pl.Trainer) -> bool:
-    """Whether Lightning's logger connector writes this step's on-step metrics (its
-    ``should_update_logs`` rule); True when the loop internals are not available."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    stepped = getattr(loop, "_batches_that_stepped", None)
-    if not isinstance(stepped, int):
-        return True
-    return (stepped + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
 
 def _is_bias(name: str) -> bool:

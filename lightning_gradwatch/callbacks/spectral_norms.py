@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .._lightning import current_hook_name, hide_step_values, logger_connector_logs_this_step
 from ..functional.spectral import (
     as_matrix,
     compute_dtype,
@@ -470,7 +471,7 @@ class SpectralNorms(Callback):
         """Lightning writes step-level metrics only on these steps (``log_every_n_steps``)."""
         if trainer.fast_dev_run:
             return True
-        return bool(trainer._logger_connector.should_update_logs)
+        return logger_connector_logs_this_step(trainer)
 
     # -- weights ---------------------------------------------------------------------------
     @override
@@ -726,11 +727,7 @@ class SpectralNorms(Callback):
         they are logged again (``trainer.callback_metrics`` keeps the last value for
         ``EarlyStopping`` and ``ModelCheckpoint``).
         """
-        results = getattr(trainer, "_results", None)
-        for key in self._step_keys:
-            item = results.get(key) if results is not None else None
-            if item is not None and hasattr(item, "has_reset"):
-                item.has_reset = True
+        hide_step_values(trainer, self._step_keys)
         self._step_keys.clear()
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], on_epoch: bool) -> None:
@@ -742,7 +739,7 @@ class SpectralNorms(Callback):
             per_layer = {k: v for k, v in values.items() if not k.startswith(_SUMMARY_PREFIXES)}
             log_scalars_batch(pl_module.trainer, per_layer)
             values = {k: v for k, v in values.items() if k not in per_layer}
-            fx = pl_module._current_fx_name
+            fx = current_hook_name(pl_module)
             self._step_keys.extend(f"{fx}.{key}" for key in values)
         for key, value in values.items():
             # A float64 CPU tensor: a Python float would be rounded to float32 by Lightning.

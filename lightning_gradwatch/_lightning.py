@@ -1,0 +1,106 @@
+"""The one door to Lightning's internals.
+
+Every use of a Lightning attribute or function that is not public API goes through this
+module, so that a Lightning release that moves one touches one file, and
+``tests/test_lightning_internals.py`` checks each of them on the installed version (CI runs
+the suite on the oldest supported Lightning, 2.5, and on the current one). Everything else in
+the package uses public API only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.imports import RequirementCache
+from torch import Tensor
+
+#: Lightning 2.6 added ``EarlyStoppingReason``, where an ``EarlyStopping`` records why it
+#: stopped; on older releases there is nothing to record it in.
+LIGHTNING_GE_2_6 = bool(RequirementCache("lightning>=2.6"))
+if LIGHTNING_GE_2_6:
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+else:  # pragma: no cover - exercised by the floor-version CI run
+    EarlyStoppingReason = None  # type: ignore[assignment, misc]
+
+__all__ = [
+    "LIGHTNING_GE_2_6",
+    "EarlyStoppingReason",
+    "batches_that_stepped",
+    "current_hook_name",
+    "early_stopping_log_info",
+    "early_stopping_should_skip",
+    "hide_step_values",
+    "logger_connector_logs_this_step",
+    "optimizer_step_is_logged",
+    "overrides",
+    "update_callback_metrics",
+]
+
+
+def batches_that_stepped(trainer: pl.Trainer) -> int:
+    """Optimizer steps completed in this fit: the counter Lightning's logging schedule uses
+    (constant over the micro-batches of one optimizer step); ``trainer.global_step`` when the
+    fit loop does not have it."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return stepped if isinstance(stepped, int) else int(trainer.global_step)
+
+
+def optimizer_step_is_logged(trainer: pl.Trainer) -> bool:
+    """Whether the current optimizer step is on Lightning's ``log_every_n_steps`` schedule
+    (``(steps done + 1) % log_every_n_steps == 0``, or the run is stopping); True when the fit
+    loop does not have the counter."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    if not isinstance(getattr(loop, "_batches_that_stepped", None), int):
+        return True
+    stepped = batches_that_stepped(trainer)
+    return (stepped + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+
+
+def logger_connector_logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this step's on-step metrics to the loggers (its logger
+    connector's ``should_update_logs``)."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def update_callback_metrics(trainer: pl.Trainer, metrics: Mapping[str, Tensor]) -> None:
+    """Put values into ``trainer.callback_metrics`` (what ``EarlyStopping`` and
+    ``ModelCheckpoint`` read) without going through ``pl_module.log``."""
+    trainer.callback_metrics.update(metrics)
+
+
+def current_hook_name(pl_module: pl.LightningModule) -> str | None:
+    """The hook Lightning is running (the prefix of its result keys), e.g.
+    ``"on_train_batch_end"``."""
+    return pl_module._current_fx_name
+
+
+def hide_step_values(trainer: pl.Trainer, keys: Iterable[str]) -> None:
+    """Mark logged on-step values (result keys ``"<hook>.<name>"``) as reset, so that
+    Lightning does not send their last value to the loggers again at later logging steps;
+    ``trainer.callback_metrics`` keeps them."""
+    results = getattr(trainer, "_results", None)
+    for key in keys:
+        item = results.get(key) if results is not None else None
+        if item is not None and hasattr(item, "has_reset"):
+            item.has_reset = True
+
+
+def early_stopping_should_skip(callback: EarlyStopping, trainer: pl.Trainer) -> bool:
+    """``EarlyStopping``'s own rule for when not to check (e.g. ``fast_dev_run``, sanity
+    checking)."""
+    return bool(callback._should_skip_check(trainer))
+
+
+def early_stopping_log_info(callback: EarlyStopping, trainer: pl.Trainer, message: str) -> None:
+    """Log ``message`` the way ``EarlyStopping(verbose=True)`` does (with the rank prefix)."""
+    callback._log_info(trainer, message, callback.log_rank_zero_only)
+
+
+def overrides(method_name: str, instance: Any) -> bool:
+    """Whether ``instance`` overrides ``method_name`` of its Lightning base class."""
+    return bool(is_overridden(method_name, instance))
