@@ -35,7 +35,6 @@ __all__ = [
     "early_stopping_should_skip",
     "hide_step_values",
     "logger_connector_logs_this_step",
-    "optimizer_step_is_logged",
     "overrides",
     "update_callback_metrics",
 ]
@@ -48,17 +47,6 @@ def batches_that_stepped(trainer: pl.Trainer) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     stepped = getattr(loop, "_batches_that_stepped", None)
     return stepped if isinstance(stepped, int) else int(trainer.global_step)
-
-
-def optimizer_step_is_logged(trainer: pl.Trainer) -> bool:
-    """Whether the current optimizer step is on Lightning's ``log_every_n_steps`` schedule
-    (``(steps done + 1) % log_every_n_steps == 0``, or the run is stopping); True when the fit
-    loop does not have the counter."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    if not isinstance(getattr(loop, "_batches_that_stepped", None), int):
-        return True
-    stepped = batches_that_stepped(trainer)
-    return (stepped + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
 
 def logger_connector_logs_this_step(trainer: pl.Trainer) -> bool:

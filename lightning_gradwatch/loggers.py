@@ -1,9 +1,24 @@
-"""Logging helpers shared by the callbacks: TensorBoard extras beyond ``pl_module.log``.
+"""The one logging policy of every callback: when step-level values are written, and by which
+route each kind of value leaves.
 
-Scalars always go through ``pl_module.log`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can
-monitor them and every logger gets them). Histograms, images and custom-scalar layouts are
-TensorBoard-only; these helpers find the TensorBoard writer among the trainer's loggers and do
-nothing (returning False) when there is none.
+When: :func:`is_logging_step` is the only answer to "does this step write step-level
+values?". It is Lightning's own answer (every ``log_every_n_steps``-th optimizer step, the step
+on which the run stops, never with ``log_every_n_steps=0``), so a callback's values appear on
+exactly the steps of the user's own ``self.log`` calls. On other steps the callbacks skip the
+work of logging altogether, with no host-device synchronisation.
+
+Routes, one per kind of value:
+
+- **Headline scalars** (one per quantity for the whole model, e.g. ``gwa/aggregate``) go
+  through ``pl_module.log``: every logger receives them, and ``EarlyStopping`` or
+  ``ModelCheckpoint`` can monitor them. :func:`log_headline_step` is the step-level form.
+- **Per-layer detail scalars** (one per layer and quantity) go to the loggers in one batched
+  call per logging step (:func:`log_scalars_batch`), as Lightning's ``LearningRateMonitor``
+  does, because ``pl_module.log`` costs about half a millisecond of bookkeeping per key. They
+  are mirrored into ``trainer.callback_metrics``, so they are monitorable too.
+- **Histograms, images and the Custom Scalars layout** are TensorBoard-only: these helpers find
+  the TensorBoard writer among the trainer's loggers and do nothing (returning False) when
+  there is none.
 """
 
 from __future__ import annotations
@@ -11,13 +26,51 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ._lightning import batches_that_stepped, update_callback_metrics
+from ._lightning import (
+    batches_that_stepped,
+    logger_connector_logs_this_step,
+    update_callback_metrics,
+)
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether step-level values are written on the current optimizer step: Lightning's own
+    ``log_every_n_steps`` schedule (never when it is 0; always on the step the run stops on).
+
+    Valid in every training hook of a batch, before and after the optimizer step, and constant
+    over the micro-batches of one accumulated optimizer step.
+    """
+    return logger_connector_logs_this_step(trainer)
+
+
+def log_headline_step(
+    pl_module: pl.LightningModule,
+    metrics: Mapping[str, Tensor],
+    batch_size: int | None = None,
+) -> None:
+    """Log model-level step scalars through ``pl_module.log`` on logging steps only.
+
+    On other steps Lightning would discard them; skipping the call saves its bookkeeping and
+    keeps the step free of synchronisation. NaN values are left out (a NaN would hide the
+    last finite value from ``EarlyStopping``), which needs a synchronisation, so it happens on
+    logging steps only.
+
+    Args:
+        metrics: name -> 0-dim tensor.
+        batch_size: the batch size Lightning records with the values (for epoch reduction).
+    """
+    if not metrics or not is_logging_step(pl_module.trainer):
+        return
+    for name, value in metrics.items():
+        if not bool(torch.isnan(value)):
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

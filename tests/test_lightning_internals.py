@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import _lightning as internals
+from lightning_gradwatch.loggers import is_logging_step
 
 
 class Tiny(pl.LightningModule):
@@ -44,13 +46,18 @@ class Recorder(Callback):
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, int, bool, bool, str | None]] = []
+        self.before_step: list[bool] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+        # The logging policy is asked before the optimizer step too (GradientSNR does).
+        self.before_step.append(is_logging_step(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         self.rows.append(
             (
                 trainer.global_step,
                 internals.batches_that_stepped(trainer),
-                internals.optimizer_step_is_logged(trainer),
+                self.before_step.pop(),
                 internals.logger_connector_logs_this_step(trainer),
                 internals.current_hook_name(pl_module),
             )
@@ -79,10 +86,38 @@ def test_step_counter_and_logging_schedule(tmp_path: Path) -> None:
     # The counter is Lightning's optimizer-step count: one per batch here, never decreasing.
     assert counters == sorted(counters) and len(set(counters)) == len(counters) == 6
     assert all(isinstance(c, int) for c in counters)
-    # Our schedule and the logger connector's agree on which steps are written.
+    # The answer before the optimizer step equals the one at the batch end.
     assert [row[2] for row in recorder.rows] == [row[3] for row in recorder.rows]
     assert sum(row[3] for row in recorder.rows) == 3  # every second of 6 steps
     assert {row[4] for row in recorder.rows} == {"on_train_batch_end"}
+
+
+@pytest.mark.parametrize("every", [0, 1, 3])
+def test_logging_policy_matches_what_lightning_writes(tmp_path: Path, every: int) -> None:
+    """is_logging_step says yes exactly on the steps where a user's on-step value is written
+    (including log_every_n_steps=0, where Lightning writes no step values at all)."""
+
+    class Flags(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            pl_module.log("user_value", float(batch_idx), on_step=True, on_epoch=False)
+            if is_logging_step(trainer):
+                self.steps.append(internals.batches_that_stepped(trainer))
+
+    flags = Flags()
+    logger = CSVLogger(tmp_path)
+    _fit(tmp_path, [flags], logger=logger, log_every_n_steps=every)
+    logger.save()
+    written: list[int] = []
+    metrics_file = Path(logger.log_dir) / "metrics.csv"
+    if metrics_file.exists():
+        with metrics_file.open() as f:
+            written = [int(r["step"]) for r in csv.DictReader(f) if r.get("user_value")]
+    # The CSV step is Lightning's counter after the optimizer step; the flags read it before.
+    assert [s + 1 for s in flags.steps] == written or flags.steps == written
+    assert (len(written) == 0) == (every == 0)
 
 
 def test_update_callback_metrics(tmp_path: Path) -> None:

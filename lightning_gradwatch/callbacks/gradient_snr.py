@@ -25,7 +25,7 @@ from .._lightning import (
     early_stopping_should_skip,
 )
 from ..functional import noise as F
-from ..loggers import add_custom_scalars, log_scalars_batch, warn_if_no_logger
+from ..loggers import add_custom_scalars, is_logging_step, log_scalars_batch, warn_if_no_logger
 from ..metrics.noise import GradientNoiseSums, RatioEMA
 from ..probe import ProbeStats
 from ._probe_callback import LossReductionSetting, ProbeCallback
@@ -260,8 +260,7 @@ class GradientSNR(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = optimizer_steps_done(trainer)
-        interval = trainer.log_every_n_steps
-        logging_step = interval > 0 and (step + 1) % interval == 0
+        logging_step = is_logging_step(trainer)
         values = None
         if self.sums is not None and self._sums_step == step:
             self._sums_step = None  # consumed: a second optimizer in this step computes nothing

@@ -18,10 +18,10 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import IterableDataset, Subset
 from typing_extensions import override
 
-from .._lightning import optimizer_step_is_logged, overrides
+from .._lightning import overrides
 from ..data import HOW_TO_INDEX, INDEX_KEY, IndexSpec, batch_indices, check_indices
 from ..functional.stopping import select_epoch
-from ..loggers import add_custom_scalars, log_histogram_raw, warn_if_no_logger
+from ..loggers import add_custom_scalars, is_logging_step, log_histogram_raw, warn_if_no_logger
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
 from ..probe.rules.parametrized import reparametrized_tensors
@@ -407,7 +407,7 @@ class GradientWeightAlignment(ProbeCallback):
         if self.multi_layer:
             for name in names:
                 self._layer_metrics[name].update(stats.alignment([name]))
-        if optimizer_step_is_logged(trainer):
+        if is_logging_step(trainer):
             # Lightning writes on-step metrics only on its log_every_n_steps schedule; skipping
             # the call on the other steps saves its per-call cost without changing the output.
             pl_module.log(

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .._lightning import current_hook_name, hide_step_values, logger_connector_logs_this_step
+from .._lightning import current_hook_name, hide_step_values
 from ..functional.spectral import (
     as_matrix,
     compute_dtype,
@@ -32,6 +32,7 @@ from ..functional.spectral import (
 from ..heatmap import heatmap_image, matplotlib_available
 from ..loggers import (
     add_custom_scalars,
+    is_logging_step,
     log_image,
     log_scalars_batch,
     tensorboard_writer,
@@ -466,13 +467,6 @@ class SpectralNorms(Callback):
         return sigma
 
     # -- schedule ------------------------------------------------------------------------
-    @staticmethod
-    def _is_logging_step(trainer: pl.Trainer) -> bool:
-        """Lightning writes step-level metrics only on these steps (``log_every_n_steps``)."""
-        if trainer.fast_dev_run:
-            return True
-        return logger_connector_logs_this_step(trainer)
-
     # -- weights ---------------------------------------------------------------------------
     @override
     def on_train_batch_end(
@@ -485,7 +479,7 @@ class SpectralNorms(Callback):
     ) -> None:
         stepped, self._optimizer_stepped = self._optimizer_stepped, False
         step = trainer.global_step
-        if not stepped or step == self._last_read_step or not self._is_logging_step(trainer):
+        if not stepped or step == self._last_read_step or not is_logging_step(trainer):
             return  # weights unchanged (an accumulation micro-batch), or a step not logged
         self._read_weights(trainer, pl_module, step)
         if self.exact_every_n_steps is not None and step >= self._next_exact_step:
@@ -635,7 +629,7 @@ class SpectralNorms(Callback):
         if self.grad_every_n_steps is None:
             return
         step = trainer.global_step
-        if step < self._next_grad_step or not self._is_logging_step(trainer):
+        if step < self._next_grad_step or not is_logging_step(trainer):
             return
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         layers = [
