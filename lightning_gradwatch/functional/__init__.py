@@ -1,6 +1,12 @@
 """Pure tensor functions: tensors in, tensors out, no Lightning and no hooks."""
 
-from .alignment import KURTOSIS_OFFSET, cosine_alignment, excess_kurtosis, gwa_aggregate
+from .alignment import (
+    KURTOSIS_OFFSET,
+    alignment_moments,
+    cosine_alignment,
+    excess_kurtosis,
+    gwa_aggregate,
+)
 from .noise import (
     coherence,
     eb_criterion,
@@ -23,6 +29,7 @@ from .spectral import (
 
 __all__ = [
     "KURTOSIS_OFFSET",
+    "alignment_moments",
     "as_matrix",
     "coherence",
     "conv_operator_norm_fft",

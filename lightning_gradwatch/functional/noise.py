@@ -111,19 +111,54 @@ def gsnr_mean(
     return gsnr_per_entry(grad_sum, grad_sq_sum, count, eps, zero_variance_rtol).nanmean()
 
 
+# -- the formulas, each written once --------------------------------------------------------
+# The public single-quantity functions below and noise_statistics (what the callback uses)
+# both call these, as torchmetrics' functional and modular APIs share _update/_compute helpers.
+
+
+def _mean_sq_norm(grad_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``|gbar|^2`` with ``gbar = S/B``."""
+    return (_flat(grad_sum) / count).pow(2).sum()
+
+
+def _trace_sigma(norm_sum: Tensor, mean_sq_norm: Tensor, count: int | Tensor) -> Tensor:
+    """Unbiased ``tr(Sigma) = (N - B |gbar|^2) / (B - 1)``."""
+    return (norm_sum - count * mean_sq_norm) / (count - 1)
+
+
+def _true_grad_sq_norm(mean_sq_norm: Tensor, trace: Tensor, count: int | Tensor) -> Tensor:
+    """Unbiased ``|G|^2 = |gbar|^2 - tr(Sigma)/B``."""
+    return mean_sq_norm - trace / count
+
+
+def _coherence(mean_sq_norm: Tensor, norm_sum: Tensor, count: int | Tensor) -> Tensor:
+    """``|S|^2 / (B N) = B |gbar|^2 / N``."""
+    return count * mean_sq_norm / norm_sum
+
+
+def _eb(unbiased_ratio_mean: Tensor, count: int | Tensor) -> Tensor:
+    """``1 - B * mean_j(gbar_j**2 / s_j**2)`` with the unbiased variance ``s_j**2``."""
+    return 1 - count * unbiased_ratio_mean
+
+
+def _unbiased_from_biased_ratio(ratio: Tensor, count: int | Tensor) -> Tensor:
+    """``gbar**2 / s**2`` from the biased ``gbar**2 / var``: ``s**2 = var * B / (B - 1)``."""
+    return ratio * ((count - 1) / count)
+
+
 def trace_covariance(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
     """``()`` unbiased ``tr(Sigma) = (N - B |gbar|^2) / (B - 1)`` with ``gbar = S/B``.
 
     Needs ``B >= 2``.
     """
-    mean_sq_norm = (_flat(grad_sum) / count).pow(2).sum()
-    return (sample_sq_norm_sum - count * mean_sq_norm) / (count - 1)
+    return _trace_sigma(sample_sq_norm_sum, _mean_sq_norm(grad_sum, count), count)
 
 
 def true_grad_sq_norm(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
     """``()`` unbiased estimate of ``|G|^2``: ``|gbar|^2 - tr(Sigma)/B``. Can be negative."""
-    mean_sq_norm = (_flat(grad_sum) / count).pow(2).sum()
-    return mean_sq_norm - trace_covariance(grad_sum, sample_sq_norm_sum, count) / count
+    mean_sq_norm = _mean_sq_norm(grad_sum, count)
+    trace = _trace_sigma(sample_sq_norm_sum, mean_sq_norm, count)
+    return _true_grad_sq_norm(mean_sq_norm, trace, count)
 
 
 def noise_scale(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
@@ -134,9 +169,9 @@ def noise_scale(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tenso
     infinite) on steps where the ``|G|^2`` estimate is not positive, i.e. when the batch
     gradient is dominated by noise.
     """
-    return trace_covariance(grad_sum, sample_sq_norm_sum, count) / true_grad_sq_norm(
-        grad_sum, sample_sq_norm_sum, count
-    )
+    mean_sq_norm = _mean_sq_norm(grad_sum, count)
+    trace = _trace_sigma(sample_sq_norm_sum, mean_sq_norm, count)
+    return trace / _true_grad_sq_norm(mean_sq_norm, trace, count)
 
 
 def coherence(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor) -> Tensor:
@@ -144,7 +179,7 @@ def coherence(grad_sum: Tensor, sample_sq_norm_sum: Tensor, count: int | Tensor)
 
     Chatterjee & Zielinski; ``B * alpha`` is the m-coherence. NaN when every ``g_i`` is zero.
     """
-    return _flat(grad_sum).pow(2).sum() / (count * sample_sq_norm_sum)
+    return _coherence(_mean_sq_norm(grad_sum, count), sample_sq_norm_sum, count)
 
 
 def eb_criterion(
@@ -161,14 +196,12 @@ def eb_criterion(
     with ``eps > 0`` every entry uses ``s_j**2 + eps``. Above 0 means the batch gradient is
     indistinguishable from noise (stop). Needs ``B >= 2``.
     """
-    mean, variance = gradient_mean_and_variance(grad_sum, grad_sq_sum, count)
-    unbiased = variance * (count / (count - 1))
     if eps > 0:
-        ratio = mean.pow(2) / (unbiased + eps)
-    else:
-        excluded = zero_variance_mask(grad_sum, grad_sq_sum, count, zero_variance_rtol)
-        ratio = (mean.pow(2) / unbiased.masked_fill(excluded, 1.0))[~excluded]
-    return 1 - count * ratio.mean()
+        mean, variance = gradient_mean_and_variance(grad_sum, grad_sq_sum, count)
+        ratio = mean.pow(2) / (variance * (count / (count - 1)) + eps)
+        return _eb(ratio.mean(), count)
+    biased = gsnr_mean(grad_sum, grad_sq_sum, count, 0.0, zero_variance_rtol)
+    return _eb(_unbiased_from_biased_ratio(biased, count), count)
 
 
 def noise_statistics(
@@ -208,34 +241,29 @@ def noise_statistics(
     if eps > 0:
         ratio = mean_sq / (variance + eps)
         unbiased = variance.mul_(count / (count - 1)).add_(eps)
-        eb_ratio_sum = (mean_sq / unbiased).sum()
+        eb_ratio_mean = (mean_sq / unbiased).mean()
         included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
     else:
         excluded = variance <= mean_square.mul_(zero_variance_rtol)
         ratio = (mean_sq / variance).masked_fill_(excluded, 0.0)
         kept = (~excluded).to(grad_sum.dtype)
         included = torch.stack([part.sum() for part in kept.split(layer_sizes)])
-        eb_ratio_sum = None
     layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
     layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
-    total_included = included.sum()
-    gsnr = layer_ratio_sum.sum() / total_included
-    if eb_ratio_sum is None:
-        eb = 1 - (count - 1) * gsnr
-    else:
-        eb = 1 - count * eb_ratio_sum / total_included
+    gsnr = layer_ratio_sum.sum() / included.sum()
+    if eps == 0:
+        eb_ratio_mean = _unbiased_from_biased_ratio(gsnr, count)
     norm_sum = sample_sq_norm_sum.sum()
     mean_sq_norm = layer_mean_sq.sum()
-    trace = (norm_sum - count * mean_sq_norm) / (count - 1)
-    true_sq = mean_sq_norm - trace / count
+    trace = _trace_sigma(norm_sum, mean_sq_norm, count)
+    true_sq = _true_grad_sq_norm(mean_sq_norm, trace, count)
     return {
         "gsnr_mean": gsnr,
         "noise_scale": trace / true_sq,
         "trace_sigma": trace,
         "grad_sq_norm": true_sq,
-        # |S|^2 / (B N) = B^2 |gbar|^2 / (B N)
-        "coherence": count * mean_sq_norm / norm_sum,
-        "eb_criterion": eb,
+        "coherence": _coherence(mean_sq_norm, norm_sum, count),
+        "eb_criterion": _eb(eb_ratio_mean, count),
         "layer_gsnr": layer_ratio_sum / included,
-        "layer_coherence": count * layer_mean_sq / sample_sq_norm_sum,
+        "layer_coherence": _coherence(layer_mean_sq, sample_sq_norm_sum, count),
     }

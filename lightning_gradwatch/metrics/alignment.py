@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..functional.alignment import gwa_aggregate
+from ..functional.alignment import _moments_compute, _moments_update
 
 
 class AlignmentMoments(Metric):
@@ -84,41 +84,19 @@ class AlignmentMoments(Metric):
         x = scores.detach().reshape(-1).to(torch.float64)
         if x.numel() == 0:
             return
-        y = x - self.shift
-        # (N, 4) powers y^1..y^4 by cumulative product, summed in one reduction
-        powers = y.unsqueeze(1).expand(-1, 4).cumprod(1)
-        self.count += x.numel()
-        self.power_sums += powers.sum(0)
+        count, power_sums = _moments_update(x, self.shift)
+        self.count += count
+        self.power_sums += power_sums
         self.histogram_counts += torch.histc(
             x.clamp(-1.0, 1.0), bins=self.histogram_bins, min=-1.0, max=1.0
         )
 
     def compute(self) -> dict[str, Tensor]:
-        """``count``, ``mean``, ``kurtosis``, ``gwa`` and ``sum_squares``, float64 scalars."""
-        n = self.count
-        if float(n) == 0:
-            nan = torch.full((), float("nan"), dtype=torch.float64, device=n.device)
-            return {
-                "count": n,
-                "mean": nan,
-                "kurtosis": nan,
-                "gwa": nan,
-                "sum_squares": nan,
-                "histogram_counts": self.histogram_counts.clone(),
-            }
-        s1, s2, s3, s4 = self.power_sums / n  # raw moments E[y^k] of y = x - shift
-        mean = s1 + self.shift
-        m2 = (s2 - s1**2).clamp_min(0.0)  # central moments are shift-invariant
-        m4 = s4 - 4 * s1 * s3 + 6 * s1**2 * s2 - 3 * s1**4
-        kurtosis = m4 / m2**2 - 3.0 if float(m2) > 0 else torch.full_like(mean, float("nan"))
+        """``count``, ``mean``, ``kurtosis``, ``gwa``, ``sum_squares`` (float64 scalars) and
+        ``histogram_counts``; computed on the device, with no host synchronisation."""
         return {
-            "count": n,
-            "mean": mean,
-            "kurtosis": kurtosis,
-            "gwa": gwa_aggregate(mean, kurtosis),
-            "sum_squares": self.power_sums[1]
-            + 2 * self.shift * self.power_sums[0]
-            + n * self.shift**2,
+            "count": self.count,
+            **_moments_compute(self.count, self.power_sums, self.shift),
             # synced here (inside compute); histogram() outside compute sees local counts
             "histogram_counts": self.histogram_counts.clone(),
         }
