@@ -100,7 +100,8 @@ class GradientProbe:
         sum_grad_squared: also compute ``sum_i g_i**2`` and ``sum_i g_i`` per parameter.
         loss_scale: a further factor the loss was multiplied by before ``backward`` (an AMP
             ``GradScaler`` scale, ``1/accumulate_grad_batches``, ...), or a callable returning
-            it, evaluated once per backward. Statistics are divided back by it.
+            it, evaluated once per backward. Statistics are divided back by it. A ``()``
+            tensor (a ``GradScaler``'s scale) is used on its device, without being read.
         chunk_elements: bound on the elements of any per-sample tensor formed at once.
         verify: check on the first forward inside a block that every use of a tracked
             parameter happens inside a module whose rule accounts for it (``"first"``), on
@@ -126,7 +127,7 @@ class GradientProbe:
         params: Iterable[str] | None = None,
         loss_reduction: LossReduction = "mean",
         sum_grad_squared: bool = False,
-        loss_scale: float | Callable[[], float] = 1.0,
+        loss_scale: float | Tensor | Callable[[], float | Tensor] = 1.0,
         chunk_elements: int = 2**24,
         verify: Literal["first", "always", "never"] = "first",
         batch_size: int | None = None,
@@ -218,14 +219,17 @@ class GradientProbe:
         self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
         self._dims_checked = False
-        self._grad_scale: float = 1.0
+        self._grad_scale: float | Tensor = 1.0
         self._grad_sum: dict[str, Tensor] = {}
         # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
         self._view_outputs: dict[int, set[int]] = {}
         self._warned: set[str] = set()
         self._stats: ProbeStats | None = None
         self._listeners: list[Callable[[ProbeStats], None]] = []
-        self.skipped_backwards = 0
+        # Backward passes with non-finite statistics: counted on the statistics' device, so
+        # that no step waits for the device; read (once) by ``skipped_backwards``.
+        self._skipped_counted = 0
+        self._skipped_pending: Tensor | None = None
 
     # ------------------------------------------------------------------ ownership
     def _resolve_owners(self) -> list[_Owner]:
@@ -269,7 +273,33 @@ class GradientProbe:
 
     @property
     def has_stats(self) -> bool:
+        """Whether a probed backward pass has produced statistics since the last reset."""
         return self._stats is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are attached (inside ``with probe:`` or after :meth:`attach`)."""
+        return self._active
+
+    def owners(self) -> list[tuple[nn.Module, dict[str, str]]]:
+        """The probed modules: ``(module, {local name: name})`` pairs, one per module whose
+        rule computes statistics, with each tracked parameter's name in the module
+        (``module.named_parameters()``) and in the model (``model.named_parameters()``).
+        A parameter shared by several modules appears under each."""
+        return [(o.module, dict(o.local_to_name)) for o in self._owners]
+
+    @property
+    def skipped_backwards(self) -> int:
+        """Probed backward passes whose statistics were not finite (NaN or Inf). Counted on
+        the device; reading it synchronises once."""
+        if self._skipped_pending is not None:
+            self._skipped_counted += int(self._skipped_pending)
+            self._skipped_pending = None
+        return self._skipped_counted
+
+    @skipped_backwards.setter
+    def skipped_backwards(self, value: int) -> None:
+        self._skipped_counted, self._skipped_pending = int(value), None
 
     def add_listener(self, listener: Callable[[ProbeStats], None]) -> None:
         """Call ``listener(stats)`` at the end of every probed backward pass."""
@@ -521,11 +551,16 @@ class GradientProbe:
         self._finalize_queued = True
         self._verified = True
         scale = self.loss_scale() if callable(self.loss_scale) else self.loss_scale
-        self._grad_scale = float(scale)
+        # A tensor (a GradScaler's scale) stays on its device: reading it would synchronise.
+        self._grad_scale = scale if isinstance(scale, Tensor) else float(scale)
         torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
 
-    def _grad_factor(self, batch: int) -> float:
+    def _grad_factor(self, batch: int) -> float | Tensor:
+        """The factor from autograd's backprops to unscaled per-sample losses: a Python
+        float, or a ``()`` float64 tensor on the loss scale's device."""
         reduction = batch if self.loss_reduction == "mean" else 1
+        if isinstance(self._grad_scale, Tensor):
+            return reduction / self._grad_scale.detach().to(torch.float64)
         return reduction / self._grad_scale
 
     # ------------------------------------------------------------------ computation
@@ -622,7 +657,7 @@ class GradientProbe:
     def _unscale(self, s: ParamStats) -> ParamStats:
         """Rescale a rule's result from autograd's backprops to unscaled per-sample losses."""
         factor = self._grad_factor(s.dot.shape[0])
-        if factor == 1.0:
+        if isinstance(factor, float) and factor == 1.0:
             return s
         s.dot.mul_(factor)
         s.sq_norm.mul_(factor * factor)
@@ -679,8 +714,10 @@ class GradientProbe:
             self._stats = self._assemble()
         finally:
             self._clear_captures()
-        if not self._stats.is_finite():
-            self.skipped_backwards += 1
+        if self._stats._statistic_tensors():
+            nonfinite = (~self._stats.finite).to(torch.int64)
+            pending = self._skipped_pending
+            self._skipped_pending = nonfinite if pending is None else pending + nonfinite
         for listener in self._listeners:
             listener(self._stats)
 
