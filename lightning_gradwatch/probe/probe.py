@@ -57,6 +57,9 @@ class _Owner:
     # Dims where the sample-dim check found the samples, when they contradict the dim the
     # rule reads them from itself (LayerRule.native_batch_dim).
     dim_conflict: list[int] | None = None
+    # LayerRule.native_batch_dim of the module, asked once (it depends on the module's
+    # configuration only, and a parametrized layer's answer builds a stand-in module).
+    native_dim: int | None = None
 
 
 class GradientProbe:
@@ -212,6 +215,8 @@ class GradientProbe:
         self._unowned = [n for n in self.param_names if n not in owners_of]
 
         self._handles: list[Any] = []
+        self._checker: _UseChecker | None = None
+        self._dims_hook: Any = None  # the one-time sample-dim check's model forward hook
         self._active = False
         self._replaying = False
         self._finalize_queued = False
@@ -258,7 +263,9 @@ class GradientProbe:
             }
             local.update({a: n for n, (m, a) in self._effective.items() if m is module})
             if local and not any(o.module is module for o in owners):
-                owners.append(_Owner(module, module_name, rule, local, base_rule=base_rule))
+                owner = _Owner(module, module_name, rule, local, base_rule=base_rule)
+                owner.native_dim = rule.native_batch_dim(module)
+                owners.append(owner)
         return _drop_reregistered(owners)
 
     # ------------------------------------------------------------------ public API
@@ -341,24 +348,50 @@ class GradientProbe:
             for name, param in self._params.items():
                 self._handles.append(param.register_hook(self._make_param_hook(name)))
         if self.verify == "always" or (self.verify == "first" and not self._verified):
-            self._handles.append(_UseChecker(self))
+            self._checker = _UseChecker(self)
+            self._handles.append(self._checker)
         if self.verify != "never" and not self._dims_checked:
-            self._handles.append(
-                self.model.register_forward_hook(self._check_sample_dims, with_kwargs=True)
+            self._dims_hook = self.model.register_forward_hook(
+                self._check_sample_dims, with_kwargs=True
             )
+            self._handles.append(self._dims_hook)
 
     def detach(self) -> None:
         """Remove the hooks and drop anything captured (what leaving the block does)."""
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+        self._checker = self._dims_hook = None
         self._clear_captures()
         self._active = False
+
+    def _retire_checks(self) -> None:
+        """Remove the one-time checks once they are done, so that later forwards pay nothing
+        for them: the use checker (a mode seen by every torch call) after the first probed
+        backward with ``verify="first"``, and the sample-dim check after its replay."""
+        checker = self._checker
+        if checker is not None and self.verify == "first" and self._verified:
+            # A mode can only leave the top of the stack; one entered after it (by the
+            # user, inside the block) keeps it until detach, where it returns at once.
+            current = getattr(torch.overrides, "_get_current_function_mode", lambda: None)
+            if current() is checker:
+                checker.remove()
+                self._handles.remove(checker)
+                self._checker = None
+        if self._dims_hook is not None and self._dims_checked:
+            self._dims_hook.remove()
+            self._handles.remove(self._dims_hook)
+            self._dims_hook = None
 
     # ------------------------------------------------------------------ hooks
     def _record_model_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The latest forward with grad: a forward whose backward never came is superseded.
         if self._replaying or not torch.is_grad_enabled():
+            return
+        if self._checker is not None or self._dims_hook is not None:
+            self._retire_checks()
+        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+            self._model_batch = args[0].shape[0]  # the common case, without pytree
             return
         for leaf in tree_flatten((args, kwargs))[0]:
             if isinstance(leaf, Tensor) and leaf.dim() > 0:
@@ -443,7 +476,7 @@ class GradientProbe:
             if before is None or after is None or before.shape != after.shape:
                 continue
             found = _confined_dims(before, after, batch)
-            native = owner.rule.native_batch_dim(owner.module)
+            native = owner.native_dim
             if found and native is not None:
                 # The rule reads samples along its own dim: the evidence must agree with it.
                 owner.dim_conflict = None if native in found else sorted(found)
@@ -597,7 +630,7 @@ class GradientProbe:
             (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
         )
         batch_dim = owner.batch_dim
-        if owner.rule.native_batch_dim(owner.module) is not None:
+        if owner.native_dim is not None:
             batch_dim = 0  # the rule finds the sample dim itself
         if batch_dim != 0:
             if owner.rule.positionwise:
@@ -633,7 +666,7 @@ class GradientProbe:
             # After the rule's own refusals (e.g. an unbatched input), which say more.
             self._exclude(
                 owner,
-                f"it reads samples along dim {owner.rule.native_batch_dim(owner.module)} of its "
+                f"it reads samples along dim {owner.native_dim} of its "
                 f"input (shape {owner.seen_shape}), but the model's samples reach it along dim "
                 f"{owner.dim_conflict[0]}; check its batch_first flag against the layout of the "
                 f"tensor you pass it",

@@ -83,13 +83,17 @@ class ProbeStats:
         statistics' device (no synchronisation); ``True`` on the CPU when there are no
         statistics."""
         if self._finite_tensor is None:
-            tensors = self._statistic_tensors()
-            if not tensors:
+            if not self._statistic_tensors():
                 self._finite_tensor = torch.ones((), dtype=torch.bool)
             else:
-                # One reduction: a NaN or Inf anywhere makes the total non-finite, and finite
-                # float32 values summed in float64 cannot overflow.
-                total = torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+                # A NaN or Inf anywhere makes the total non-finite, and finite float32 values
+                # summed in float64 cannot overflow. The (B,) vectors are summed as one (a
+                # few kernels per step rather than two per parameter); the parameter-shaped
+                # sums of squares each on their own, without a copy.
+                rows = torch.cat([*self.dot.values(), *self.sq_norm.values()])
+                totals = [rows.sum(dtype=torch.float64)]
+                totals += [t.sum(dtype=torch.float64) for t in self.sum_sq.values()]
+                total = totals[0] if len(totals) == 1 else torch.stack(totals).sum()
                 self._finite_tensor = total.isfinite()
         return self._finite_tensor
 
