@@ -60,6 +60,8 @@ class _Owner:
     # LayerRule.native_batch_dim of the module, asked once (it depends on the module's
     # configuration only, and a parametrized layer's answer builds a stand-in module).
     native_dim: int | None = None
+    want: frozenset[str] = frozenset()  # RuleContext.want
+    need_grad_sample: frozenset[str] = frozenset()  # RuleContext.need_grad_sample
 
 
 class GradientProbe:
@@ -212,6 +214,11 @@ class GradientProbe:
         # A parameter owned by several modules (tied weights): their per-sample gradients are
         # materialised and summed before any norm is taken.
         self._shared = {n for n, k in owners_of.items() if k > 1}
+        for owner in self._owners:  # what each rule computes, the same on every step
+            owner.want = frozenset(owner.local_to_name)
+            owner.need_grad_sample = frozenset(
+                local for local, name in owner.local_to_name.items() if name in self._shared
+            )
         self._unowned = [n for n in self.param_names if n not in owners_of]
 
         self._handles: list[Any] = []
@@ -646,11 +653,9 @@ class GradientProbe:
                 return
         ctx = RuleContext(
             dtype=torch.promote_types(sample.dtype, torch.float32),
-            want=frozenset(owner.local_to_name),
+            want=owner.want,
             need_sum_sq=self.sum_grad_squared,
-            need_grad_sample=frozenset(
-                local for local, name in owner.local_to_name.items() if name in self._shared
-            ),
+            need_grad_sample=owner.need_grad_sample,
             chunk_elements=self.chunk_elements,
             batch_dim=batch_dim,
         )
