@@ -171,3 +171,54 @@ def test_callback_adds_no_synchronising_call_per_step(tmp_path: Path) -> None:
     assert probed == plain
     assert callback.skipped_steps == 0 and callback.total is not None
     assert bool(callback.total.isfinite()) and float(callback.total) > 0
+
+
+class _PoisonedClassifier(_Classifier):
+    """The third batch's loss is NaN."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 2 else loss
+
+
+def test_nonfinite_backward_is_counted_on_the_device_and_masked(tmp_path: Path) -> None:
+    callback = _DeviceSums()
+    trainer = pl.Trainer(
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=3,  # the NaN batch is the last, so NaN weights poison no later step
+    )
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_PoisonedClassifier(), DataLoader(data, batch_size=4))
+    assert callback._skipped_pending is not None  # counted, not yet read
+    assert callback.skipped_steps == 1
+    assert callback.total is not None and bool(callback.total.isfinite())
+    assert callback.state_dict() == {"skipped_steps": 1}
+
+
+def test_public_probe_api() -> None:
+    model = _model()
+    probe = GradientProbe(model, params=["0.weight", "5.bias"])
+    assert not probe.active
+    with probe:
+        assert probe.active
+    assert not probe.active
+    owners = probe.owners()
+    assert [(type(m), names) for m, names in owners] == [
+        (nn.Linear, {"weight": "0.weight"}),
+        (nn.Linear, {"bias": "5.bias"}),
+    ]
+    assert owners[0][0] is model[0] and probe.param_names == ["0.weight", "5.bias"]
+
+
+def test_empty_statistics_are_finite() -> None:
+    stats = ProbeStats(batch_size=0)
+    assert stats.is_finite() and bool(stats.finite) and stats.finite.dtype == torch.bool
