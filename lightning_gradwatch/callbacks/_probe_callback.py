@@ -48,7 +48,8 @@ class ProbeCallback(Callback):
     Subclasses choose the parameters (:meth:`probe_params`), the schedule
     (:meth:`should_probe`) and what to do with the statistics. Backward passes whose
     statistics are not finite (e.g. AMP overflow steps) are skipped and counted in
-    :attr:`skipped_steps`.
+    :attr:`skipped_steps`: by the base class, which reads the finiteness to the host on
+    every probed backward, or, with :attr:`handles_nonfinite`, by the subclass on the device.
 
     ``backward``: which backward pass of each training batch to use, counted from 0 in the
     order ``training_step`` runs them (several under manual optimisation, e.g. a GAN's

@@ -72,7 +72,8 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         chunk_elements: bound on the elements of any per-sample tensor formed at once.
         verify: check on the first forward inside a block that every use of a tracked
             parameter happens inside a module whose rule accounts for it (``"first"``), on
-            every forward (``"always"``), or never.
+            every forward (``"always"``), or never. With ``"first"`` the check leaves after
+            the first probed backward, so later forwards pay nothing for it.
         batch_size: the number of samples ``B`` of every step, when dim 0 of the model's
             first input is not it (a sequence-first model takes ``(T, B, ...)``); see also
             :meth:`set_batch_size`. Modules whose statistics have another number of samples
