@@ -222,3 +222,24 @@ def test_public_probe_api() -> None:
 def test_empty_statistics_are_finite() -> None:
     stats = ProbeStats(batch_size=0)
     assert stats.is_finite() and bool(stats.finite) and stats.finite.dtype == torch.bool
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_steps_make_no_synchronising_call(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode=mode), nn.Linear(4, 3))
+    probe = GradientProbe(model, sum_grad_squared=True)
+    idx = torch.tensor([[1, 1, 2], [0, 3, 3], [5, 4, 1], [9, 9, 9]])
+    y = torch.randint(0, 3, (4,))
+
+    def step() -> None:
+        with probe:
+            F.cross_entropy(model(idx), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    with SyncCounter() as counter:
+        step()
+        step()
+    assert counter.calls == []
+    assert sorted(probe.stats.names) == ["0.weight", "1.bias", "1.weight"]
