@@ -82,16 +82,18 @@ class _Capture:
             )
             owner.calls.append(call)
             owner.missing_grads += len(live)
-            exposed = (
-                {id(t) for t in (*args, output)}
-                if flat
-                else {id(t) for t in tree_flatten((args, kwargs, output))[0]}
-            )
+            exposed: set[int] | None = None  # formed only for a view output (rare)
             for k in live:
                 out = outputs[k]
                 out.register_hook(self._make_grad_hook(owner, call, k))
                 if not out._is_view():
                     continue
+                if exposed is None:
+                    exposed = (
+                        {id(t) for t in (*args, output)}
+                        if flat
+                        else {id(t) for t in tree_flatten((args, kwargs, output))[0]}
+                    )
                 base = _reshaped_base(out, exposed)
                 if base is None:  # cannot be backed up: detect a lost hook at backward
                     self._view_outputs.setdefault(id(call), set()).add(k)
