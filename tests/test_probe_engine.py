@@ -79,6 +79,31 @@ def test_parameter_shared_by_two_modules(reduction: str, sum_grad_squared: bool)
     assert "emb.weight" in stats.names
 
 
+def _token_mean_loss(out: Tensor, y: Tensor) -> Tensor:
+    """``(B,)`` each sample's loss averaged over its tokens."""
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+
+def test_token_averaged_loss_gives_the_gradient_of_each_samples_token_mean() -> None:
+    # F.cross_entropy over (B, T) tokens averages over all B*T of them. With
+    # loss_reduction="mean", g_i is the gradient of sample i's per-token mean loss (the
+    # oracle's l_i), not of that mean times T: 1/B is divided out, and 1/T stays in l_i.
+    torch.manual_seed(0)
+    model = _TiedLM().double()
+    idx = torch.tensor([[1, 1, 2, 6], [0, 3, 3, 3], [5, 4, 1, 1]])
+    y = torch.randint(0, 7, idx.shape)
+    assert_matches_oracle(model, idx, y, _token_mean_loss, "mean")
+    # The same statistics from the library's usual call, F.cross_entropy's own token mean.
+    probe = GradientProbe(model, loss_reduction="mean", sum_grad_squared=True)
+    with probe:
+        F.cross_entropy(model(idx).transpose(1, 2), y).backward()
+    model.zero_grad(set_to_none=True)
+    reference = run_probe(model, idx, y, _token_mean_loss, "mean", sum_grad_squared=True)
+    for name in reference.names:
+        torch.testing.assert_close(probe.stats.sq_norm[name], reference.sq_norm[name])
+        torch.testing.assert_close(probe.stats.dot[name], reference.dot[name])
+
+
 class _TiedConvAndNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

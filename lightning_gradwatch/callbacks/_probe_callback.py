@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
@@ -20,19 +21,23 @@ LossReductionSetting = Literal["auto", "mean", "sum"]
 _REDUCTION_CODES: tuple[LossReduction | None, ...] = ("mean", "sum", None)
 
 
-def lightning_loss_scale(trainer: pl.Trainer) -> float:
+def lightning_loss_scale(trainer: pl.Trainer) -> float | Tensor:
     """The factor Lightning multiplied the user's loss by before ``backward``.
 
     Automatic optimisation divides the loss by ``accumulate_grad_batches``; a 16-bit
     ``GradScaler`` multiplies it by its current scale. Manual optimisation leaves the loss as
-    the user returns it.
+    the user returns it. With a ``GradScaler`` the result is a ``()`` float64 tensor on the
+    module's device: ``GradScaler.get_scale()`` would read the scale to the host, a
+    synchronisation on every step, while ``scaler.scale(one)`` multiplies on the device.
     """
     scale = 1.0
-    if trainer.lightning_module.automatic_optimization:
+    module = trainer.lightning_module
+    if module.automatic_optimization:
         scale /= trainer.accumulate_grad_batches
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and scaler.is_enabled():
-        scale *= float(scaler.get_scale())
+        one = torch.ones((), dtype=torch.float32, device=module.device)
+        return scaler.scale(one).to(torch.float64) * scale
     return scale
 
 
@@ -43,7 +48,8 @@ class ProbeCallback(Callback):
     Subclasses choose the parameters (:meth:`probe_params`), the schedule
     (:meth:`should_probe`) and what to do with the statistics. Backward passes whose
     statistics are not finite (e.g. AMP overflow steps) are skipped and counted in
-    :attr:`skipped_steps`.
+    :attr:`skipped_steps`: by the base class, which reads the finiteness to the host on
+    every probed backward, or, with :attr:`handles_nonfinite`, by the subclass on the device.
 
     ``backward``: which backward pass of each training batch to use, counted from 0 in the
     order ``training_step`` runs them (several under manual optimisation, e.g. a GAN's
@@ -61,6 +67,15 @@ class ProbeCallback(Callback):
     #: Whether the subclass's outputs depend on the loss's reduction factor ``c``. Cosines
     #: and ratios (GWA, GSNR, coherence) do not; ``tr(Sigma)`` and ``|G|^2`` do.
     needs_loss_scale: bool = False
+
+    #: Whether :meth:`on_probe_stats` receives every probed backward's statistics, finite or
+    #: not, and leaves non-finite ones out itself with the device flag ``stats.finite``
+    #: (``torch.where(stats.finite, value, 0)``, a masked count), so that no step waits for
+    #: the device. The base class then counts them in :attr:`skipped_steps` through
+    #: :meth:`count_nonfinite`, on the device. When ``False``, the base class reads
+    #: ``stats.is_finite()`` on every probed backward (one host-device synchronisation) and
+    #: calls :meth:`on_probe_nonfinite` instead of :meth:`on_probe_stats` for a non-finite one.
+    handles_nonfinite: bool = False
 
     def __init__(
         self,
@@ -92,10 +107,31 @@ class ProbeCallback(Callback):
         self._reduction_settled = False
         self.sum_grad_squared = sum_grad_squared
         self.probe: GradientProbe | None = None
-        self.skipped_steps = 0
+        self._skipped_counted = 0
+        self._skipped_pending: Tensor | None = None  # device count not yet read
         self._batch: Any = None
         self._batch_idx = 0
         self._trainer: pl.Trainer | None = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps left out because their statistics were not finite (an AMP overflow, a
+        non-finite loss). Counts kept on the device are read here (one synchronisation)."""
+        if self._skipped_pending is not None:
+            self._skipped_counted += int(self._skipped_pending)
+            self._skipped_pending = None
+        return self._skipped_counted
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_counted, self._skipped_pending = int(value), None
+
+    def add_skipped(self, count: Tensor) -> None:
+        """Add ``count`` (a ``()`` tensor: a bool flag or an integer) to :attr:`skipped_steps`
+        without reading it to the host."""
+        count = count.detach().to(torch.int64)
+        pending = self._skipped_pending
+        self._skipped_pending = count if pending is None else pending + count
 
     # -- for subclasses --------------------------------------------------------------
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
@@ -114,7 +150,8 @@ class ProbeCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Called after every probed backward pass with finite statistics."""
+        """Called after every probed backward pass with finite statistics (with every
+        one, finite or not, when :attr:`handles_nonfinite` is set)."""
 
     # -- Lightning hooks -------------------------------------------------------------
     @override
@@ -205,7 +242,7 @@ class ProbeCallback(Callback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = self.probe
-        if probe is None or not probe._active:
+        if probe is None or not probe.active:
             return
         index = self._backward_index
         self._backward_index += 1
@@ -225,7 +262,9 @@ class ProbeCallback(Callback):
                 f"in the order training_step runs them)."
             )
         self._used_backward = index
-        if not stats.is_finite():
+        if self.handles_nonfinite:
+            self.count_nonfinite(stats)
+        elif not stats.is_finite():
             self.on_probe_nonfinite(trainer, pl_module)
             return
         with torch.no_grad():
@@ -236,6 +275,12 @@ class ProbeCallback(Callback):
         NaN or Inf (an AMP overflow, a non-finite loss). Counts it in :attr:`skipped_steps`;
         subclasses that count optimizer steps rather than backward passes override this."""
         self.skipped_steps += 1
+
+    def count_nonfinite(self, stats: ProbeStats) -> None:
+        """With :attr:`handles_nonfinite`: called before :meth:`on_probe_stats` on every probed
+        backward pass. Adds ``~stats.finite`` to :attr:`skipped_steps` on the device;
+        subclasses that count optimizer steps rather than backward passes override this."""
+        self.add_skipped(~stats.finite)
 
     @override
     def on_train_batch_end(

@@ -1,5 +1,6 @@
 """The hook engine: :class:`GradientProbe` and its per-layer rules."""
 
+from .grad_sampler import register_grad_sampler, register_norm_sampler
 from .probe import GradientProbe, ParameterUseError
 from .registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 from .stats import ProbeStats
@@ -13,5 +14,7 @@ __all__ = [
     "ProbeStats",
     "RuleContext",
     "SkipModule",
+    "register_grad_sampler",
+    "register_norm_sampler",
     "register_rule",
 ]

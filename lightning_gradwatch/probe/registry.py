@@ -2,8 +2,15 @@
 
 A rule turns what a module saw in the forward pass (its inputs and outputs) and what autograd
 handed back (the gradients of its outputs) into per-sample statistics of the module's
-parameters. Supporting a new layer type means adding one file under ``rules/`` that defines a
-:class:`LayerRule` subclass and decorates it with :func:`register_rule`.
+parameters. Two forms register one:
+
+* the minimal one, a function returning per-sample gradients decorated with
+  :func:`~lightning_gradwatch.probe.grad_sampler.register_grad_sampler` (the engine derives
+  every statistic from them; an optional fast path for norms and inner products may be added
+  with ``register_norm_sampler``);
+* a :class:`LayerRule` subclass decorated with :func:`register_rule`, whose
+  :meth:`LayerRule.compute` returns the statistics directly (the built-in layers, which avoid
+  materialising per-sample gradients).
 """
 
 from __future__ import annotations
@@ -167,10 +174,20 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
     def decorate(rule_cls: R) -> R:
         rule = rule_cls()
         for module_type in module_types:
-            _RULES[module_type] = rule
+            add_rule(module_type, rule)
         return rule_cls
 
     return decorate
+
+
+def add_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Use ``rule`` for ``module_type`` (what the decorators do), replacing any earlier one."""
+    _RULES[module_type] = rule
+
+
+def registered_rule(module_type: type[nn.Module]) -> LayerRule | None:
+    """The rule registered for exactly ``module_type``, or ``None``."""
+    return _RULES.get(module_type)
 
 
 def registered_base(module: nn.Module) -> tuple[type[nn.Module], LayerRule] | None:

@@ -29,6 +29,12 @@ class ProbeStats:
         param_sq_norm: name to ``()`` ``|theta|^2`` at the time of the backward.
         excluded: name to the reason it has no statistics this step (e.g. BatchNorm in
             training mode).
+
+    Whether the statistics are finite (an AMP overflow step makes them NaN or Inf) is
+    available two ways: :attr:`finite`, a ``()`` bool tensor on the statistics' device that
+    consumers combine with ``torch.where`` without leaving the device, and
+    :meth:`is_finite`, the same as a Python ``bool`` (one host-device synchronisation, for
+    code that reads it on logging steps only).
     """
 
     batch_size: int
@@ -39,6 +45,7 @@ class ProbeStats:
     param_sq_norm: dict[str, Tensor] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     _finite: bool | None = field(default=None, repr=False, compare=False)
+    _finite_tensor: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -67,16 +74,32 @@ class ProbeStats:
         weight_sq = torch.stack([self.param_sq_norm[n] for n in selected]).sum(0)
         return cosine_alignment(dot, self.grad_sq_norm(selected), weight_sq)
 
+    def _statistic_tensors(self) -> list[Tensor]:
+        return [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
+
+    @property
+    def finite(self) -> Tensor:
+        """``()`` bool tensor: ``False`` when any statistic holds NaN or Inf. Stays on the
+        statistics' device (no synchronisation); ``True`` on the CPU when there are no
+        statistics."""
+        if self._finite_tensor is None:
+            if not self._statistic_tensors():
+                self._finite_tensor = torch.ones((), dtype=torch.bool)
+            else:
+                # A NaN or Inf anywhere makes the total non-finite, and finite float32 values
+                # summed in float64 cannot overflow. The (B,) vectors are summed as one (a
+                # few kernels per step rather than two per parameter); the parameter-shaped
+                # sums of squares each on their own, without a copy.
+                rows = torch.cat([*self.dot.values(), *self.sq_norm.values()])
+                totals = [rows.sum(dtype=torch.float64)]
+                totals += [t.sum(dtype=torch.float64) for t in self.sum_sq.values()]
+                total = totals[0] if len(totals) == 1 else torch.stack(totals).sum()
+                self._finite_tensor = total.isfinite()
+        return self._finite_tensor
+
     def is_finite(self) -> bool:
-        """False when any statistic holds NaN or Inf (e.g. an AMP overflow step)."""
-        # One reduction and one sync: a NaN or Inf anywhere makes the total non-finite, and
-        # finite float32 values summed in float64 cannot overflow.
+        """False when any statistic holds NaN or Inf (e.g. an AMP overflow step). Reads
+        :attr:`finite` to the host: one synchronisation on an accelerator, cached."""
         if self._finite is None:
-            tensors = [*self.dot.values(), *self.sq_norm.values(), *self.sum_sq.values()]
-            total = (
-                torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
-                if tensors
-                else None
-            )
-            self._finite = total is None or bool(total.isfinite())
+            self._finite = bool(self.finite)
         return self._finite

@@ -212,7 +212,18 @@ def _max_rows(
 
 
 def _segment_sum(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Unique ``keys`` and the sum of ``values`` (``(m,)`` or ``(m, D)``) over each."""
-    unique_keys, inverse = torch.unique(keys, return_inverse=True)
-    sums = values.new_zeros(unique_keys.numel(), *values.shape[1:])
-    return unique_keys, sums.index_add_(0, inverse, values)
+    """The distinct ``keys`` ``(m,)`` and the sum of ``values`` (``(m,)`` or ``(m, D)``) over
+    each, padded to ``m`` segments: the segments past the number of distinct keys hold key 0
+    and value 0, which add nothing wherever they are added.
+
+    ``torch.unique`` would give exactly the distinct keys, but their number depends on the
+    data, so it reads it to the host (a synchronisation on every step on an accelerator);
+    sorting and numbering the runs of equal keys keeps every size fixed.
+    """
+    ordered, order = keys.sort()
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    segment = starts.cumsum(0) - 1  # the run of equal keys each sorted entry belongs to
+    distinct = torch.zeros_like(ordered).scatter_(0, segment, ordered)
+    sums = values.new_zeros(values.shape).index_add_(0, segment, values[order])
+    return distinct, sums

@@ -263,7 +263,8 @@ class ParametrizedRule(LayerRule):
     def base_rule(self, module: nn.Module) -> LayerRule | None:
         """The rule of the layer itself, or ``None`` when it has no dedicated one."""
         base = _base_type(module)
-        rule = rule_for(_stand_in(module, base, {}))
+        # rule_for reads the type only: a bare instance of it will do (no attribute copies).
+        rule = rule_for(base.__new__(base))
         if rule is None or rule.recursive or not _is_reparametrized(module):
             return None
         others = [n for n in module._modules if n != "parametrizations"]
@@ -278,6 +279,8 @@ class ParametrizedRule(LayerRule):
     def check(self, module: nn.Module) -> str | None:
         base_rule = self.base_rule(module)
         if base_rule is not None and _is_reparametrized(module):
+            if type(base_rule).check is LayerRule.check:
+                return None  # no refusal to ask for: skip building a stand-in every forward
             return base_rule.check(_stand_in(module, _base_type(module), {}))
         whats = ", ".join(
             f"'{name}{'.' if name else ''}{r.name}' by {r.what}"

@@ -1,0 +1,317 @@
+"""Computing and assembling one backward pass's statistics: each owner's rule runs as soon as
+its outputs' gradients have all arrived, and the results are rescaled to unscaled
+per-sample losses and assembled into :class:`ProbeStats` at the end of the backward."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .capture import _release
+from .owners import _Owner
+from .registry import Call, ParamStats, RuleContext, SkipModule
+from .rules.fallback import FallbackRule
+from .rules.parametrized import effective_tensor
+from .sample_dims import _samples_first
+from .stats import ProbeStats
+
+LossReduction = Literal["mean", "sum"]
+
+
+class _Finalize:
+    """The per-backward computation of :class:`~lightning_gradwatch.probe.GradientProbe`."""
+
+    loss_reduction: LossReduction
+    loss_scale: float | Tensor | Callable[[], float | Tensor]
+    sum_grad_squared: bool
+    chunk_elements: int
+    param_names: list[str]
+    _params: dict[str, nn.Parameter]
+    _effective: dict[str, tuple[nn.Module, str]]
+    _owners: list[_Owner]
+    _shared: set[str]
+    _unowned: list[str]
+    _batch_size: int | None
+    _model_batch: int | None
+    _replaying: bool
+    _finalize_queued: bool
+    _incomplete: bool
+    _verified: bool
+    _grad_scale: float | Tensor
+    _grad_sum: dict[str, Tensor]
+    _view_outputs: dict[int, set[int]]
+    _warned: set[str]
+    _stats: ProbeStats | None
+    _listeners: list[Callable[[ProbeStats], None]]
+    _skipped_pending: Tensor | None
+
+    def _start_backward(self) -> None:
+        if self._finalize_queued:
+            return
+        self._finalize_queued = True
+        self._verified = True
+        scale = self.loss_scale() if callable(self.loss_scale) else self.loss_scale
+        # A tensor (a GradScaler's scale) stays on its device: reading it would synchronise.
+        self._grad_scale = scale if isinstance(scale, Tensor) else float(scale)
+        torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    def _grad_factor(self, batch: int) -> float | Tensor:
+        """The factor from autograd's backprops to unscaled per-sample losses: a Python
+        float, or a ``()`` float64 tensor on the loss scale's device."""
+        reduction = batch if self.loss_reduction == "mean" else 1
+        if isinstance(self._grad_scale, Tensor):
+            return reduction / self._grad_scale.detach().to(torch.float64)
+        return reduction / self._grad_scale
+
+    # ------------------------------------------------------------------ computation
+    def _compute(self, owner: _Owner) -> None:
+        for call in owner.calls:
+            lost = [
+                k
+                for k in self._view_outputs.get(id(call), ())
+                if call.grads[k] is None and not call.output_intact(k)
+            ]
+            if lost:
+                # Autograd drops a hook registered on a view once the view is modified in
+                # place, so this output's gradient never arrived: refuse rather than report 0.
+                self._exclude(
+                    owner,
+                    "an in-place operation modified its output (a view) after the forward, "
+                    "so autograd dropped the hook that collects its gradient; make that "
+                    "operation out-of-place (e.g. inplace=False)",
+                )
+                return
+        captured, owner.calls = owner.calls, []
+        try:
+            self._compute_calls(owner, captured)
+        finally:
+            for call in captured:
+                _release(call, consumed=True)
+
+    def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
+        calls = [c for c in captured if any(g is not None for g in c.grads)]
+        if not calls or owner.skip_reason is not None:
+            return
+        sample = next(g for c in calls for g in c.grads if g is not None)
+        owner.seen_shape = next(
+            (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
+        )
+        batch_dim = owner.batch_dim
+        if owner.native_dim is not None:
+            batch_dim = 0  # the rule finds the sample dim itself
+        if batch_dim != 0:
+            if owner.rule.positionwise:
+                calls = [_samples_first(c, batch_dim) for c in calls]
+                batch_dim = 0
+            elif not isinstance(owner.rule, FallbackRule):
+                self._exclude(
+                    owner,
+                    f"it sees samples along dim {batch_dim} (input shape {owner.seen_shape}) "
+                    f"and its rule needs them along dim 0; make the model batch-first",
+                    kind="sample dim",
+                )
+                return
+        ctx = RuleContext(
+            dtype=torch.promote_types(sample.dtype, torch.float32),
+            want=owner.want,
+            need_sum_sq=self.sum_grad_squared,
+            need_grad_sample=owner.need_grad_sample,
+            chunk_elements=self.chunk_elements,
+            batch_dim=batch_dim,
+        )
+        self._replaying = True
+        try:
+            result = owner.rule.compute(owner.module, calls, ctx)
+        except SkipModule as skip:  # a deliberate refusal; any other error is a bug: propagate
+            self._exclude(owner, skip.reason)
+            return
+        finally:
+            self._replaying = False
+        if owner.dim_conflict is not None:
+            # After the rule's own refusals (e.g. an unbatched input), which say more.
+            self._exclude(
+                owner,
+                f"it reads samples along dim {owner.native_dim} of its "
+                f"input (shape {owner.seen_shape}), but the model's samples reach it along dim "
+                f"{owner.dim_conflict[0]}; check its batch_first flag against the layout of the "
+                f"tensor you pass it",
+                kind="sample dim",
+            )
+            return
+        coarse_sum = any(s.sum_sq is not None and s.grad_sum is None for s in result.values())
+        if self.sum_grad_squared and sample.dtype.itemsize < 4 and coarse_sum:
+            # Autograd's batch gradient is rounded to 16 bits here, and Q/B - (S/B)**2 would
+            # cancel down to that rounding: refuse rather than report it.
+            self._exclude(
+                owner,
+                f"its rule gives no float32 sum of per-sample gradients, and with "
+                f"{sample.dtype} backprops autograd's batch gradient is too coarse for the "
+                f"variance; train in precision='32-true' to monitor it, or leave it out "
+                f"with params=[...]",
+            )
+            return
+        owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
+
+    def _unscale(self, s: ParamStats) -> ParamStats:
+        """Rescale a rule's result from autograd's backprops to unscaled per-sample losses."""
+        factor = self._grad_factor(s.dot.shape[0])
+        if isinstance(factor, float) and factor == 1.0:
+            return s
+        s.dot.mul_(factor)
+        s.sq_norm.mul_(factor * factor)
+        if s.sum_sq is not None:
+            s.sum_sq.mul_(factor * factor)
+        if s.grad_sample is not None:
+            s.grad_sample.mul_(factor)
+        if s.grad_sum is not None:
+            s.grad_sum.mul_(factor)
+        return s
+
+    def _tensor(self, name: str) -> Tensor:
+        """The tracked tensor's current value: a parameter, or a reparametrized tensor
+        recomputed without side effects."""
+        if name in self._effective:
+            module, attribute = self._effective[name]
+            return effective_tensor(module, attribute)
+        return self._params[name].detach()
+
+    def _exclude(self, owner: _Owner, reason: str, kind: str | None = None) -> None:
+        """Leave ``owner``'s parameters out of this step, warning once per module and ``kind``
+        of reason (default: the reason itself; a reason that quotes shapes passes a kind so
+        that a changing sequence length does not warn on every step)."""
+        owner.skip_reason = reason
+        for call in owner.calls:
+            _release(call, consumed=False)
+        owner.calls = []
+        key = f"{owner.module_name}:{type(owner.module).__name__}:{kind or reason}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"lightning_gradwatch: {type(owner.module).__name__} '{owner.module_name}' is "
+                f"left out of per-sample statistics: {reason}.",
+                stacklevel=2,
+            )
+
+    def _finalize(self) -> None:
+        try:
+            if self._incomplete:
+                self._stats = None
+                if "incomplete" not in self._warned:
+                    self._warned.add("incomplete")
+                    warnings.warn(
+                        "lightning_gradwatch: a backward pass went through a graph whose "
+                        "captures an earlier backward already used (retain_graph=True); it "
+                        "has no per-sample statistics. Run the forward again for each "
+                        "backward you want probed.",
+                        stacklevel=2,
+                    )
+                return
+            for owner in self._owners:
+                if owner.calls:
+                    self._compute(owner)
+            self._stats = self._assemble()
+        finally:
+            self._clear_captures()
+        if self._stats._statistic_tensors():
+            nonfinite = (~self._stats.finite).to(torch.int64)
+            pending = self._skipped_pending
+            self._skipped_pending = nonfinite if pending is None else pending + nonfinite
+        for listener in self._listeners:
+            listener(self._stats)
+
+    def _assemble(self) -> ProbeStats:
+        contributions: dict[str, list[ParamStats]] = {}
+        excluded: dict[str, str] = {}
+        # The batch is the declared one, else the model's: dim 0 of the first tensor its latest
+        # forward received. A module that saw another number of rows (a subset of the batch,
+        # flattened positions, a sequence-first layout) has no per-sample statistics to
+        # report. Without either (submodules called directly), the first module's batch is
+        # the reference.
+        batch = self._batch_size if self._batch_size is not None else self._model_batch
+        for owner in self._owners:
+            if owner.result and batch is None:
+                batch = next(iter(owner.result.values())).dot.shape[0]
+            if owner.result and batch is not None:
+                rows = next(iter(owner.result.values())).dot.shape[0]
+                if rows != batch:
+                    owner.result = None
+                    self._exclude(
+                        owner,
+                        f"its statistics have {rows} samples but the batch has {batch} (its "
+                        f"input shape {owner.seen_shape}, sample dim {owner.batch_dim}): it "
+                        f"saw a subset of the batch, flattened positions, or samples along "
+                        f"another dim; declare that dim with GradientProbe(batch_dims=...), "
+                        f"or the batch with batch_size=... if dim 0 of the model's input is "
+                        f"not the batch",
+                        kind="batch size",
+                    )
+            if owner.skip_reason is not None:
+                for name in owner.local_to_name.values():
+                    excluded[name] = owner.skip_reason
+            for name, s in (owner.result or {}).items():
+                contributions.setdefault(name, []).append(s)
+        if batch is None:
+            batch = 0
+        stats = ProbeStats(batch_size=batch, excluded=excluded)
+        for name in self.param_names:
+            if name in excluded:
+                continue
+            param = self._tensor(name)
+            found = contributions.get(name)
+            if not found:
+                if name in self._unowned or batch == 0:
+                    continue
+                # Tracked but unused in this forward: every per-sample gradient is zero.
+                dtype = torch.promote_types(param.dtype, torch.float32)
+                zeros = torch.zeros(batch, dtype=dtype, device=param.device)
+                nothing = torch.zeros_like(param, dtype=dtype)
+                found = [ParamStats(zeros, zeros, nothing, grad_sum=nothing)]
+            if len(found) == 1:
+                s = found[0]
+            else:
+                grad_sample = torch.stack([f.grad_sample for f in found]).sum(0)
+                flat = grad_sample.flatten(1)
+                s = ParamStats(
+                    dot=flat @ param.reshape(-1).to(flat.dtype),
+                    sq_norm=flat.pow(2).sum(1),
+                    sum_sq=grad_sample.pow(2).sum(0) if self.sum_grad_squared else None,
+                    grad_sum=grad_sample.sum(0) if self.sum_grad_squared else None,
+                )
+            if s.dot.shape[0] != batch:
+                excluded[name] = f"batch size {s.dot.shape[0]} differs from {batch}"
+                continue
+            stats.dot[name] = s.dot
+            stats.sq_norm[name] = s.sq_norm
+            flat = param.reshape(-1).to(s.dot.dtype)
+            stats.param_sq_norm[name] = flat @ flat
+            if self.sum_grad_squared and s.sum_sq is not None:
+                stats.sum_sq[name] = s.sum_sq
+                if s.grad_sum is not None:
+                    # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
+                    stats.grad_sum[name] = s.grad_sum
+                elif name in self._grad_sum:
+                    grad = self._grad_sum[name]
+                    stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
+                else:
+                    stats.grad_sum[name] = torch.zeros_like(s.sum_sq)
+        for name in self._unowned:
+            excluded.setdefault(name, "no module owns it as a direct parameter")
+        return stats
+
+    def _clear_captures(self) -> None:
+        for owner in self._owners:
+            for call in owner.calls:  # their grad hooks may outlive this backward
+                _release(call, consumed=True)
+            owner.calls = []
+            owner.missing_grads = 0
+            owner.result = None
+            owner.skip_reason = None
+        self._grad_sum = {}
+        self._view_outputs = {}
+        self._incomplete = False
+        self._model_batch = None
+        self._finalize_queued = False
