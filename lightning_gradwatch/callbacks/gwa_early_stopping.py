@@ -180,10 +180,10 @@ class GWAEarlyStopping(Callback):
             rank_zero_warn(
                 "GWAEarlyStopping beside GWAReweighting: the reweighting changes the gradients "
                 "that GWA scores (a sample weighted 0 has a zero gradient and scores 0), so "
-                f"{keys.GWA_AGGREGATE} no longer follows the model's generalisation. Measured on MNIST-1D "
-                "and scikit-learn digits, the pair picked poor epochs and ended 1 to 13 points "
-                "below reweighting alone (benchmarks/README.md). When reweighting, train a fixed "
-                "number of epochs, or select the epoch on a validation set."
+                f"{keys.GWA_AGGREGATE} no longer follows the model's generalisation. Measured "
+                "on MNIST-1D and scikit-learn digits, the pair picked poor epochs and ended 1 to "
+                "13 points below reweighting alone (benchmarks/README.md). When reweighting, "
+                "train a fixed number of epochs, or select the epoch on a validation set."
             )
 
     @override
@@ -342,9 +342,9 @@ class GWAEarlyStopping(Callback):
         values = [entry["gwa"] for entry in self.history]
         finite = [v for v in values if math.isfinite(v)]
         advice = (
-            f"Look at the {keys.GWA_AGGREGATE} curve before trusting the selection; a LayerNorm before the "
-            "classifier head, a learning-rate warm-up, or the rule option warmup=<epochs> "
-            "usually gives a curve with an interior maximum."
+            f"Look at the {keys.GWA_AGGREGATE} curve before trusting the selection; a LayerNorm "
+            "before the classifier head, a learning-rate warm-up, or the rule option "
+            "warmup=<epochs> usually gives a curve with an interior maximum."
         )
         message = None
         if not finite:
