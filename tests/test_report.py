@@ -23,7 +23,14 @@ from lightning_gradwatch import (
     IndexedDataset,
     SpectralNorms,
 )
-from lightning_gradwatch.report import KEYS, ReportError, build_report, main, read_scalars
+from lightning_gradwatch.report import (
+    KEYS,
+    LAYER_KEYS,
+    ReportError,
+    build_report,
+    main,
+    read_scalars,
+)
 
 
 class TinyModule(pl.LightningModule):
@@ -82,7 +89,7 @@ def test_report_renders_every_section(fitted_run: tuple[Path, Any], tmp_path: Pa
     values = [h["gwa"] for h in gwa.history]
     expected = [int(h["epoch"]) for h in gwa.history][values.index(max(values))]
     assert f'<strong id="selected-epoch">{expected}</strong>' in text
-    assert "the argmax of gwa/epoch" in text
+    assert "the argmax of gwa/aggregate" in text
 
     # The table lists the lowest scores of that epoch's file, lowest first.
     lines = (run / "gwa_scores" / f"epoch_{expected:04d}.csv").read_text().splitlines()[1:]
@@ -97,7 +104,7 @@ def test_report_scalars_match_the_callback(fitted_run: tuple[Path, Any]) -> None
     run, gwa = fitted_run
     scalars = read_scalars(run)
     # TensorBoard stores scalars as float32.
-    assert scalars[KEYS["gwa_epoch"]].values == pytest.approx(
+    assert scalars[KEYS["gwa_aggregate"]].values == pytest.approx(
         [h["gwa"] for h in gwa.history], rel=1e-6
     )
 
@@ -120,13 +127,32 @@ def test_logged_selected_epoch_wins_over_argmax(tmp_path: Path) -> None:
 
     writer = SummaryWriter(str(tmp_path))
     for epoch, value in enumerate([0.1, 0.3, 0.2]):
-        writer.add_scalar(KEYS["gwa_epoch"], value, 10 * epoch + 9)
+        writer.add_scalar(KEYS["gwa_aggregate"], value, 10 * epoch + 9)
         writer.add_scalar(KEYS["epoch"], epoch, 10 * epoch + 9)
     writer.add_scalar(KEYS["gwa_selected_epoch"], 2, 29)
     writer.close()
     text = build_report(tmp_path).read_text()
     assert '<strong id="selected-epoch">2</strong>' in text
     assert "logged by the run" in text
+
+
+def test_runs_logged_under_former_names_are_read(tmp_path: Path) -> None:
+    """A run from a version before the naming scheme: its tags are read as the current ones."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for epoch, value in enumerate([0.1, 0.3, 0.2]):
+        writer.add_scalar("gwa/epoch", value, 10 * epoch + 9)
+        writer.add_scalar("gwa/layer/net.2.weight", value, 10 * epoch + 9)
+        writer.add_scalar("spectral/net.0.weight/sigma_max", 1.0 + epoch, 10 * epoch + 9)
+        writer.add_scalar("gsnr/noise_scale", 4.0, 10 * epoch + 9)
+    writer.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars[KEYS["gwa_aggregate"]].values == pytest.approx([0.1, 0.3, 0.2])
+    assert "gwa_layers/aggregate/net.2.weight" in scalars
+    assert scalars["spectral_layers/sigma_max/net.0.weight"].values == [1.0, 2.0, 3.0]
+    assert KEYS["noise_scale"] in scalars and "gwa/epoch" not in scalars
+    assert re.match(LAYER_KEYS["spectral_sigma_max"], "spectral_layers/sigma_max/net.0.weight")
 
 
 def test_bad_logdir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
