@@ -44,8 +44,8 @@ KEYS: dict[str, str] = {
     "gwa_aggregate": keys.GWA_AGGREGATE,
     "gwa_mean": keys.GWA_MEAN,
     "gwa_kurtosis": keys.GWA_KURTOSIS,
-    # The epoch a stopper selected, where a run logged it. GWAEarlyStopping does not log one in
-    # this version; the report then marks the argmax of the aggregate and says so.
+    # The epoch GWAEarlyStopping selected, where a run logged it; without it the report marks
+    # the argmax of the aggregate and says so.
     "gwa_selected_epoch": keys.GWA_SELECTED_EPOCH,
     # Lightning's epoch counter, written beside every logged step: maps steps to epochs.
     "epoch": "epoch",
@@ -208,8 +208,9 @@ def gwa_curve(scalars: dict[str, Series]) -> GwaCurve | None:
         selected_epoch = max(finite, key=lambda ve: (ve[0], -ve[1]))[1]
         selected_by = (
             f"the argmax of {KEYS['gwa_aggregate']} (the run logged no "
-            f"{KEYS['gwa_selected_epoch']}; GWAEarlyStopping with smoothing=0 and min_delta=0 "
-            f"selects the same epoch)"
+            f"{KEYS['gwa_selected_epoch']}, so no GWAEarlyStopping's selection is known; the "
+            f"argmax is the paper's rule for training from scratch, "
+            f"GWAEarlyStopping(rule='argmax'))"
         )
     else:
         selected_epoch, selected_by = (

@@ -33,11 +33,22 @@ class FakeStrategy:
         return obj
 
 
-def drive(stopper: GWAEarlyStopping, curve: list[float]) -> tuple[int | None, nn.Module]:
+class StandIn(nn.Linear):
+    """Stands in for the LightningModule: its weights, and what the stopper logs."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 1, bias=False)
+        self.logged: list[tuple[str, float]] = []
+
+    def log(self, name: str, value: float, **kwargs: object) -> None:
+        self.logged.append((name, value))
+
+
+def drive(stopper: GWAEarlyStopping, curve: list[float]) -> tuple[int | None, StandIn]:
     """Feed one GWA value per epoch through a stand-in GWA callback; the model's weight is set
     to the epoch number at each epoch end. Returns (epoch at which it stopped, the model after
     ``on_fit_end``)."""
-    model = nn.Linear(1, 1, bias=False)
+    model = StandIn()
     gwa = SimpleNamespace(
         history=[], layer_history={}, skipped_steps=0, finalize_epoch=lambda *a: None
     )
@@ -87,6 +98,9 @@ def test_online_decisions_are_the_rule_functions_and_the_weights_follow(
     # the model ends with the weights it had at the end of the selected epoch
     assert stopper.restored_epoch == stopper.best_epoch
     assert float(model.weight) == float(stopper.best_epoch)
+    # once selected, the selection is logged at every epoch end, the last one the final choice
+    selections = [value for name, value in model.logged if name == "gwa/selected_epoch"]
+    assert selections and selections[-1] == float(stopper.best_epoch)
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,7 +141,7 @@ def test_restore_best_weights_false_leaves_the_last_weights() -> None:
 def test_never_decides_on_a_stale_value_and_stops_on_request() -> None:
     """An epoch the GWA callback recorded nothing for is NaN, never the previous value."""
     stopper = GWAEarlyStopping(rule="argmax", patience=5, stop_on_nonfinite=True)
-    model = nn.Linear(1, 1, bias=False)
+    model = StandIn()
     gwa = SimpleNamespace(
         history=[], layer_history={}, skipped_steps=0, finalize_epoch=lambda *a: None
     )

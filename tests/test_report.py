@@ -59,7 +59,12 @@ def fitted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Gradient
         max_epochs=4,
         default_root_dir=root,
         logger=logger,
-        callbacks=[gwa, GWAEarlyStopping(patience=10), GradientSNR(), SpectralNorms()],
+        callbacks=[
+            gwa,
+            GWAEarlyStopping(rule="argmax", patience=10),
+            GradientSNR(),
+            SpectralNorms(),
+        ],
         log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -85,11 +90,13 @@ def test_report_renders_every_section(fitted_run: tuple[Path, Any], tmp_path: Pa
         data = (page.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
 
-    # The selected epoch is the argmax of the epoch values the callback itself recorded.
+    # The selected epoch is the one GWAEarlyStopping logged: its own selection, the argmax
+    # of the epoch values the GWA callback recorded.
     values = [h["gwa"] for h in gwa.history]
     expected = [int(h["epoch"]) for h in gwa.history][values.index(max(values))]
+    assert gwa.epoch_selector.best_epoch == expected
     assert f'<strong id="selected-epoch">{expected}</strong>' in text
-    assert "the argmax of gwa/aggregate" in text
+    assert "logged by the run (gwa/selected_epoch)" in text
 
     # The table lists the lowest scores of that epoch's file, lowest first.
     lines = (run / "gwa_scores" / f"epoch_{expected:04d}.csv").read_text().splitlines()[1:]
@@ -153,6 +160,10 @@ def test_runs_logged_under_former_names_are_read(tmp_path: Path) -> None:
     assert scalars["spectral_layers/sigma_max/net.0.weight"].values == [1.0, 2.0, 3.0]
     assert KEYS["noise_scale"] in scalars and "gwa/epoch" not in scalars
     assert re.match(LAYER_KEYS["spectral_sigma_max"], "spectral_layers/sigma_max/net.0.weight")
+    # no stopper's selection in this run: the page marks the argmax and says so
+    text = build_report(tmp_path, tmp_path / "out").read_text()
+    assert '<strong id="selected-epoch">1</strong>' in text
+    assert "the argmax of gwa/aggregate" in text
 
 
 def test_bad_logdir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

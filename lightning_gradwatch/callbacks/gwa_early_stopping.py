@@ -42,13 +42,16 @@ class GWAEarlyStopping(Callback):
     """Select the epoch of best gradient-weight alignment, stop after it, restore its weights.
 
     At the end of every training epoch it asks the Trainer's
-    :class:`GradientWeightAlignment` to finish the epoch (so the callbacks' order does not
-    matter), appends *this* epoch's GWA entry (``epoch``, ``gwa``, ``mean``, ``kurtosis``; NaN
-    when the GWA callback has no finite scores for the epoch) to :attr:`history`, and applies
+    :class:`GradientWeightAlignment` to finish the epoch (its public ``finalize_epoch``, so the
+    callbacks' order does not matter), appends *this* epoch's GWA entry (``epoch``, ``gwa``,
+    ``mean``, ``kurtosis``; NaN when the GWA callback has no finite scores for the epoch) to
+    :attr:`history`, and applies
     :func:`lightning_gradwatch.functional.stopping.select_epoch` /
     :func:`~lightning_gradwatch.functional.stopping.should_stop` to it. Every rank decides on
     the same all-reduced values; the stop flag goes through
-    ``trainer.strategy.reduce_boolean_decision``.
+    ``trainer.strategy.reduce_boolean_decision``. Once an epoch is selected, it logs the
+    selected epoch as ``gwa/selected_epoch`` at the end of every epoch (what
+    ``lightning-gradwatch report`` marks on the GWA curve).
 
     **Which weights "epoch t" means.** The GWA of epoch ``t`` is computed from the scores taken
     during epoch ``t`` before each optimizer step. The weights kept for epoch ``t`` are those
@@ -235,6 +238,16 @@ class GWAEarlyStopping(Callback):
             )
         selected = select_epoch(self.history, self.rule, **self.options)
         self._track_selection(trainer, pl_module, selected, epoch)
+        if self.best_epoch is not None:
+            # Identical on every rank (decided on all-reduced values); sync_dist only keeps
+            # Lightning's check for distributed epoch-level logging quiet.
+            pl_module.log(
+                keys.GWA_SELECTED_EPOCH,
+                float(self.best_epoch),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+            )
         stop, reason = False, StopReason.NOT_STOPPED
         if not finite and self.stop_on_nonfinite:
             stop, reason = True, StopReason.NONFINITE
