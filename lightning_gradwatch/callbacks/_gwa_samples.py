@@ -5,7 +5,8 @@ Recording a batch costs no host-device synchronisation: its indices are checked 
 device (:func:`~lightning_gradwatch.data.index_checks`) and the batch is kept pending. The
 pending batches are read back and applied, in order, by :meth:`SampleScores.flush`, which the
 callback calls on the first batch of a fit (so that wrong indices are refused at the first
-batch), on logging steps and at the end of every epoch. A bad batch later in the epoch is
+batch), on logging steps and at the end of every epoch (and which runs by itself once
+:data:`MAX_PENDING` batches are pending). A bad batch later in the epoch is
 refused at the next of these, before any of its scores is used.
 """
 
@@ -19,6 +20,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..data import HOW_TO_INDEX, IndexSpec, index_checks, raise_for_index_checks
+
+#: Pending batches are applied at the latest after this many, so that memory stays bounded
+#: when nothing else flushes them (``log_every_n_steps=0`` over a long epoch, or an endless
+#: iterable dataset): one read-back per this many batches.
+MAX_PENDING = 1024
 
 
 class SampleScores:
@@ -54,6 +60,8 @@ class SampleScores:
         if indices.numel() == 0:
             return
         self._pending.append((indices, scores, index_checks(indices)))
+        if len(self._pending) >= MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
         """Check the pending batches (one host synchronisation for all of them) and apply
