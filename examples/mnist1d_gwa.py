@@ -8,7 +8,7 @@ test accuracy rises and then falls. Three runs, same seed:
 1. the README's set-up: ``GradientWeightAlignment`` + ``GWAEarlyStopping()`` (default rule,
    restore the best weights) on 100% of the training set. What the user gets is the model
    after ``fit``: its clean test accuracy is measured on the model itself;
-2. the same training for all epochs, for the paper's post-hoc rule (argmax of ``gwa/epoch``
+2. the same training for all epochs, for the paper's post-hoc rule (argmax of ``gwa/aggregate``
    over the fixed-length run), the last epoch and the oracle (best clean test epoch, not
    available in practice). Training is deterministic, so its first epochs are run 1's;
 3. a 10% validation split (noisy labels, as a practitioner would have), trained on the other
@@ -221,7 +221,7 @@ def run_experiment(
         "rows": {
             f"GWAEarlyStopping() (default rule), model after fit; trained {epochs_trained} "
             f"epochs": (stopper.best_epoch, stopped_accuracy),
-            "paper rule: argmax of gwa/epoch over the full run": (
+            "paper rule: argmax of gwa/aggregate over the full run": (
                 argmax_epoch,
                 float(test_acc[argmax_epoch]) if argmax_epoch is not None else float("nan"),
             ),

@@ -97,21 +97,28 @@ HOW_TO_INDEX = (
 )
 
 
-def check_indices(indices: Tensor, spec: IndexSpec, dataset_length: int | None) -> int:
-    """Validate a batch's ``(B,)`` int64 dataset indices; returns the largest index plus one.
+def index_checks(indices: Tensor) -> Tensor:
+    """The ``(3,)`` int64 summary ``[lowest, highest, repeated]`` of a batch's ``(B,)`` int64
+    dataset indices (``B >= 1``), computed on their device without a host synchronisation, so
+    that the checks of many batches can be read back together (:func:`raise_for_index_checks`).
+    """
+    ordered = indices.sort().values
+    repeated = (ordered[1:] == ordered[:-1]).any().to(torch.int64)
+    return torch.stack([ordered[0], ordered[-1], repeated])
 
-    One host synchronisation (the three checks are read back together).
+
+def raise_for_index_checks(
+    checks: tuple[int, int, int], spec: IndexSpec, dataset_length: int | None
+) -> int:
+    """Refuse one batch's indices from their :func:`index_checks` values (read back to the host);
+    returns the largest index plus one.
 
     Raises:
         ValueError: a negative index, an index repeated within the batch (labels taken as
             indices: a sampler never repeats a sample within one batch), or an index beyond
             ``dataset_length``. The message says which ``indices=`` to pass.
     """
-    if indices.numel() == 0:
-        return 0
-    ordered = indices.sort().values
-    repeated = (ordered[1:] == ordered[:-1]).any().to(torch.int64)
-    low, high, has_repeat = torch.stack([ordered[0], ordered[-1], repeated]).tolist()
+    low, high, has_repeat = checks
     if low < 0:
         raise ValueError(
             f"dataset index {low} < 0 found with indices={spec!r}: dataset indices must be "
@@ -129,3 +136,15 @@ def check_indices(indices: Tensor, spec: IndexSpec, dataset_length: int | None) 
             f"{dataset_length} samples; {HOW_TO_INDEX}"
         )
     return high + 1
+
+
+def check_indices(indices: Tensor, spec: IndexSpec, dataset_length: int | None) -> int:
+    """Validate a batch's ``(B,)`` int64 dataset indices now; returns the largest index plus one.
+
+    One host synchronisation (the three checks are read back together). Raises as
+    :func:`raise_for_index_checks`.
+    """
+    if indices.numel() == 0:
+        return 0
+    low, high, repeated = index_checks(indices).tolist()
+    return raise_for_index_checks((low, high, repeated), spec, dataset_length)

@@ -5,7 +5,8 @@ Reads the scalars that the callbacks wrote to a TensorBoard run (with tensorboar
 ``GradientWeightAlignment(write_scores=True)``, and writes ``index.html`` beside one PNG per
 figure:
 
-- the GWA curve (``gwa/epoch``, with ``gwa/mean`` and ``gwa/kurtosis``) with the selected epoch;
+- the GWA curve (``gwa/aggregate``, with ``gwa/mean`` and ``gwa/kurtosis``) with the selected
+  epoch;
 - per-layer heatmaps over steps: spectral norms and GSNR;
 - GSNR and the gradient noise scale over steps;
 - the most misaligned samples of the selected epoch.
@@ -32,28 +33,45 @@ from pathlib import Path
 
 import torch
 
+from . import keys
 from .heatmap import heatmap_figure, matplotlib_available
 
-#: Every TensorBoard tag the report reads, in one place: renaming a logged key changes only
-#: this table. Per-layer tags are regular expressions whose ``layer`` group is the row name.
+#: Every TensorBoard tag the report reads, in one place, from the naming scheme
+#: (:mod:`lightning_gradwatch.keys`). Per-layer tags are regular expressions whose ``layer``
+#: group is the row name.
 KEYS: dict[str, str] = {
     # GradientWeightAlignment, once per epoch.
-    "gwa_epoch": "gwa/epoch",
-    "gwa_mean": "gwa/mean",
-    "gwa_kurtosis": "gwa/kurtosis",
-    # The epoch a stopper selected, where a run logged it. GWAEarlyStopping does not log one in
-    # this version; the report then marks the argmax of gwa/epoch and says so.
-    "gwa_selected_epoch": "gwa/selected_epoch",
+    "gwa_aggregate": keys.GWA_AGGREGATE,
+    "gwa_mean": keys.GWA_MEAN,
+    "gwa_kurtosis": keys.GWA_KURTOSIS,
+    # The epoch GWAEarlyStopping selected, where a run logged it; without it the report marks
+    # the argmax of the aggregate and says so.
+    "gwa_selected_epoch": keys.GWA_SELECTED_EPOCH,
     # Lightning's epoch counter, written beside every logged step: maps steps to epochs.
     "epoch": "epoch",
     # GradientSNR, on its steps.
-    "gsnr_mean": "gsnr/mean",
-    "noise_scale": "gsnr/noise_scale",
-    "noise_scale_smoothed": "gsnr/noise_scale_smoothed",
+    "gsnr_mean": keys.GSNR_MEAN,
+    "noise_scale": keys.NOISE_SCALE,
+    "noise_scale_smoothed": keys.NOISE_SCALE_SMOOTHED,
 }
 LAYER_KEYS: dict[str, str] = {
-    "spectral_sigma_max": r"^spectral/(?P<layer>.+)/sigma_max$",
-    "gsnr_layer": r"^gsnr/layer/(?P<layer>.+)$",
+    "spectral_sigma_max": "^"
+    + re.escape(keys.layer_key(keys.SPECTRAL_FAMILY, "sigma_max", ""))
+    + "(?P<layer>.+)$",
+    "gsnr_layer": "^" + re.escape(keys.layer_key(keys.GSNR_FAMILY, "gsnr", "")) + "(?P<layer>.+)$",
+}
+#: The tags of versions before the naming scheme, read as their current names, so that older
+#: runs can still be reported on: former tag -> current tag.
+FORMER_KEYS: dict[str, str] = {
+    "gwa/epoch": keys.GWA_AGGREGATE,
+    "gsnr/noise_scale": keys.NOISE_SCALE,
+    "gsnr/noise_scale_smoothed": keys.NOISE_SCALE_SMOOTHED,
+}
+#: Former per-layer tags: regular expression (``layer`` group) -> current tag of that layer.
+FORMER_LAYER_KEYS: dict[str, str] = {
+    r"^spectral/(?P<layer>.+)/sigma_max$": keys.layer_key(keys.SPECTRAL_FAMILY, "sigma_max", ""),
+    r"^gsnr/layer/(?P<layer>.+)$": keys.layer_key(keys.GSNR_FAMILY, "gsnr", ""),
+    r"^gwa/layer/(?P<layer>.+)$": keys.layer_key(keys.GWA_FAMILY, "aggregate", ""),
 }
 #: Per-sample score files of ``GradientWeightAlignment(write_scores=True)``, in the run's
 #: directory: ``gwa_scores/epoch_0007.csv`` with columns ``index,score``.
@@ -122,7 +140,21 @@ def read_scalars(run: Path) -> dict[str, Series]:
     for tag in accumulator.Tags().get("scalars", []):
         events = accumulator.Scalars(tag)
         series[tag] = Series([e.step for e in events], [float(e.value) for e in events])
-    return series
+    return with_current_names(series)
+
+
+def with_current_names(scalars: dict[str, Series]) -> dict[str, Series]:
+    """``scalars`` with every former tag (:data:`FORMER_KEYS`, :data:`FORMER_LAYER_KEYS`)
+    under its current name, unless the run also has the current one."""
+    renamed: dict[str, Series] = {}
+    for tag, series in scalars.items():
+        current = FORMER_KEYS.get(tag)
+        for pattern, prefix in FORMER_LAYER_KEYS.items():
+            match = re.match(pattern, tag)
+            if current is None and match is not None:
+                current = prefix + match["layer"]
+        renamed[current if current is not None and current not in scalars else tag] = series
+    return renamed
 
 
 def _epochs_of(steps: Sequence[int], scalars: dict[str, Series]) -> list[int] | None:
@@ -150,7 +182,7 @@ class GwaCurve:
 
 def gwa_curve(scalars: dict[str, Series]) -> GwaCurve | None:
     """``gwa/epoch`` against the epoch number, with the selected epoch; ``None`` if absent."""
-    gwa = scalars.get(KEYS["gwa_epoch"])
+    gwa = scalars.get(KEYS["gwa_aggregate"])
     if gwa is None or not gwa.values:
         return None
     epochs = _epochs_of(gwa.steps, scalars)
@@ -175,12 +207,16 @@ def gwa_curve(scalars: dict[str, Series]) -> GwaCurve | None:
         # The first maximum, as an early stopper with min_delta=0 keeps it.
         selected_epoch = max(finite, key=lambda ve: (ve[0], -ve[1]))[1]
         selected_by = (
-            f"the argmax of {KEYS['gwa_epoch']} (the run logged no "
-            f"{KEYS['gwa_selected_epoch']}; GWAEarlyStopping with smoothing=0 and min_delta=0 "
-            f"selects the same epoch)"
+            f"the argmax of {KEYS['gwa_aggregate']} (the run logged no "
+            f"{KEYS['gwa_selected_epoch']}, so no GWAEarlyStopping's selection is known; the "
+            f"argmax is the paper's rule for training from scratch, "
+            f"GWAEarlyStopping(rule='argmax'))"
         )
     else:
-        selected_epoch, selected_by = None, f"none: every {KEYS['gwa_epoch']} value is non-finite"
+        selected_epoch, selected_by = (
+            None,
+            f"none: every {KEYS['gwa_aggregate']} value is non-finite",
+        )
     return GwaCurve(
         epochs=epochs,
         gwa=gwa.values,
@@ -254,11 +290,11 @@ def _new_figure(rows: int, height_per_row: float = 2.2):  # -> matplotlib Figure
 
 def plot_gwa(curve: GwaCurve, path: Path) -> None:
     """GWA aggregate, mean and excess kurtosis against the epoch; the selected epoch marked."""
-    panels = [("gwa/epoch (aggregate)", curve.gwa)]
+    panels = [(f"{KEYS['gwa_aggregate']} (aggregate)", curve.gwa)]
     if curve.mean is not None:
-        panels.append(("gwa/mean", curve.mean))
+        panels.append((KEYS["gwa_mean"], curve.mean))
     if curve.kurtosis is not None:
-        panels.append(("gwa/kurtosis (excess)", curve.kurtosis))
+        panels.append((f"{KEYS['gwa_kurtosis']} (excess)", curve.kurtosis))
     figure = _new_figure(len(panels), 1.9)
     axes_list = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for axes, (label, values) in zip(axes_list, panels, strict=True):
@@ -297,7 +333,7 @@ def plot_noise(scalars: dict[str, Series], path: Path) -> list[str]:
     if gsnr is not None:
         axes = axes_list.pop(0)
         axes.plot(gsnr.steps, gsnr.values, linewidth=1)
-        axes.set_ylabel("gsnr/mean", fontsize=8)
+        axes.set_ylabel(KEYS["gsnr_mean"], fontsize=8)
         axes.grid(alpha=0.3)
         plotted.append(KEYS["gsnr_mean"])
     if noise:
@@ -362,7 +398,7 @@ def build_report(logdir: Path, out: Path | None = None) -> Path:
     curve = gwa_curve(scalars)
     if curve is None:
         section.paragraphs.append(
-            _note(f"No {KEYS['gwa_epoch']} in this run (GradientWeightAlignment not attached).")
+            _note(f"No {KEYS['gwa_aggregate']} in this run (GradientWeightAlignment not attached).")
         )
     else:
         section.figure = "gwa.png"
@@ -371,7 +407,7 @@ def build_report(logdir: Path, out: Path | None = None) -> Path:
             index = curve.epochs.index(curve.selected_epoch)
             section.paragraphs.append(
                 f'<p>Selected epoch: <strong id="selected-epoch">{curve.selected_epoch}'
-                f"</strong> ({KEYS['gwa_epoch']} = {curve.gwa[index]:.6g}), chosen as "
+                f"</strong> ({KEYS['gwa_aggregate']} = {curve.gwa[index]:.6g}), chosen as "
                 f"{html.escape(curve.selected_by)}.</p>"
                 if curve.selected_epoch in curve.epochs
                 else f'<p>Selected epoch: <strong id="selected-epoch">{curve.selected_epoch}'

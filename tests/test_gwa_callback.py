@@ -160,8 +160,10 @@ def test_all_layer_scores_equal_oracle() -> None:
         layer = (-(g @ w) / (g.norm(dim=1) * w.norm())).numpy()
         want = layer.mean() / (stats.kurtosis(layer) + 1.2)
         assert gwa.layer_history[name][-1] == pytest.approx(want, rel=1e-6)
-        assert float(trainer.callback_metrics[f"gwa/layer/{name}"]) == pytest.approx(want, 1e-6)
-    assert "gwa/layer/features.0.bias" not in trainer.callback_metrics
+        assert float(trainer.callback_metrics[f"gwa_layers/aggregate/{name}"]) == pytest.approx(
+            want, 1e-6
+        )
+    assert "gwa_layers/aggregate/features.0.bias" not in trainer.callback_metrics
 
 
 class Wrapped(Classifier):
@@ -225,13 +227,13 @@ def test_logging_tensorboard_histogram_and_schedule(tmp_path) -> None:
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for key in ("gwa/epoch", "gwa/mean", "gwa/kurtosis", "gwa/layer/head.weight"):
+    for key in ("gwa/aggregate", "gwa/mean", "gwa/kurtosis", "gwa_layers/aggregate/head.weight"):
         values = [e.value for e in events.Scalars(key)]
         assert len(values) == 2
-    assert [e.value for e in events.Scalars("gwa/epoch")] == pytest.approx(
+    assert [e.value for e in events.Scalars("gwa/aggregate")] == pytest.approx(
         [h["gwa"] for h in gwa.history], rel=1e-6
     )
-    assert len(events.Scalars("gwa/step")) == 3  # 6 steps, every 2nd
+    assert len(events.Scalars("gwa/step_mean")) == 3  # 6 steps, every 2nd
     histograms = events.Histograms("gwa/scores")
     assert len(histograms) == 2 and histograms[-1].histogram_value.num == N
     assert "gwa/scores" in tags["histograms"]
@@ -239,7 +241,7 @@ def test_logging_tensorboard_histogram_and_schedule(tmp_path) -> None:
     assert [f.name for f in files] == ["epoch_0000.csv", "epoch_0001.csv"]
     rows = np.loadtxt(files[-1], delimiter=",", skiprows=1)
     np.testing.assert_allclose(rows[:, 1], gwa.score_history()[-1].numpy(), rtol=1e-6)
-    assert trainer.callback_metrics["gwa/epoch"] == pytest.approx(gwa.history[-1]["gwa"], 1e-6)
+    assert trainer.callback_metrics["gwa/aggregate"] == pytest.approx(gwa.history[-1]["gwa"], 1e-6)
 
 
 def test_no_logger_warns_once_and_works() -> None:
@@ -249,7 +251,7 @@ def test_no_logger_warns_once_and_works() -> None:
         trainer = fit(Classifier().double(), [gwa], epochs=2)
     messages = [str(w.message) for w in caught if "no logger" in str(w.message)]
     assert len(messages) == 1
-    assert len(gwa.history) == 2 and "gwa/epoch" in trainer.callback_metrics
+    assert len(gwa.history) == 2 and "gwa/aggregate" in trainer.callback_metrics
 
 
 def test_attribution_api_and_history() -> None:
@@ -323,3 +325,28 @@ def test_resumed_run_continues_the_epoch_series(tmp_path) -> None:
         assert a["gwa"] == pytest.approx(b["gwa"], rel=1e-9)
     assert resumed.head_name == "head.weight"
     torch.testing.assert_close(resumed.score_history(), straight.score_history())
+
+
+def test_scores_histogram_spans_the_range_the_scores_fill(tmp_path) -> None:
+    """The written ``gwa/scores`` histogram covers the epoch's scores, not ``[-1, 1]``: its
+    range is the scores' own to within one 5e-4 bin of the state, with every sample counted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    gwa = GradientWeightAlignment(indices=-1, histogram_bins=20)
+    fit(Classifier().double(), [gwa], epochs=2, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    for written, scores in zip(
+        events.Histograms("gwa/scores"), gwa.score_history(), strict=True
+    ):  # each sample is seen once per epoch: its epoch mean is its score
+        histogram = written.histogram_value
+        low, high = float(scores.min()), float(scores.max())
+        assert high - low < 1.0  # the data fill a fraction of [-1, 1]
+        assert low - 5e-4 - 1e-9 <= histogram.min <= low
+        assert high <= histogram.max <= high + 5e-4 + 1e-9
+        assert len(histogram.bucket) <= 20 and sum(histogram.bucket) == N
+        limits = list(histogram.bucket_limit)
+        assert limits[-1] == pytest.approx(histogram.max)
+        assert limits == sorted(limits)

@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent(
             "layers": gwa.layer_history,
             "scores": gwa.sample_scores()["score"].tolist(),
             "index": gwa.sample_scores()["index"].tolist(),
-            "gwa_epoch": float(trainer.callback_metrics["gwa/epoch"]),
+            "gwa_epoch": float(trainer.callback_metrics["gwa/aggregate"]),
         }
         with open(f"{out}/result_{devices}_{trainer.global_rank}.json", "w") as f:
             json.dump(result, f)

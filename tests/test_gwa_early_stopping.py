@@ -1,6 +1,6 @@
 """GWAEarlyStopping: the online application of the stopping rules, restoring the selected
 epoch's weights, resumption, non-finite epochs, setup errors, and Lightning's own callbacks
-monitoring ``gwa/epoch`` beside a validation loop."""
+monitoring ``gwa/aggregate`` beside a validation loop."""
 
 from __future__ import annotations
 
@@ -33,11 +33,22 @@ class FakeStrategy:
         return obj
 
 
-def drive(stopper: GWAEarlyStopping, curve: list[float]) -> tuple[int | None, nn.Module]:
+class StandIn(nn.Linear):
+    """Stands in for the LightningModule: its weights, and what the stopper logs."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 1, bias=False)
+        self.logged: list[tuple[str, float]] = []
+
+    def log(self, name: str, value: float, **kwargs: object) -> None:
+        self.logged.append((name, value))
+
+
+def drive(stopper: GWAEarlyStopping, curve: list[float]) -> tuple[int | None, StandIn]:
     """Feed one GWA value per epoch through a stand-in GWA callback; the model's weight is set
     to the epoch number at each epoch end. Returns (epoch at which it stopped, the model after
     ``on_fit_end``)."""
-    model = nn.Linear(1, 1, bias=False)
+    model = StandIn()
     gwa = SimpleNamespace(
         history=[], layer_history={}, skipped_steps=0, finalize_epoch=lambda *a: None
     )
@@ -87,6 +98,9 @@ def test_online_decisions_are_the_rule_functions_and_the_weights_follow(
     # the model ends with the weights it had at the end of the selected epoch
     assert stopper.restored_epoch == stopper.best_epoch
     assert float(model.weight) == float(stopper.best_epoch)
+    # once selected, the selection is logged at every epoch end, the last one the final choice
+    selections = [value for name, value in model.logged if name == "gwa/selected_epoch"]
+    assert selections and selections[-1] == float(stopper.best_epoch)
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,7 +141,7 @@ def test_restore_best_weights_false_leaves_the_last_weights() -> None:
 def test_never_decides_on_a_stale_value_and_stops_on_request() -> None:
     """An epoch the GWA callback recorded nothing for is NaN, never the previous value."""
     stopper = GWAEarlyStopping(rule="argmax", patience=5, stop_on_nonfinite=True)
-    model = nn.Linear(1, 1, bias=False)
+    model = StandIn()
     gwa = SimpleNamespace(
         history=[], layer_history={}, skipped_steps=0, finalize_epoch=lambda *a: None
     )
@@ -277,7 +291,7 @@ def test_nan_loss_is_reported_and_stops_on_request(tmp_path: Path) -> None:
     model = Diverging().double()
     gwa = GradientWeightAlignment(indices=-1)
     stopper = GWAEarlyStopping(rule="argmax", patience=5, stop_on_nonfinite=True)
-    with pytest.warns(UserWarning, match="no finite gwa/epoch for epoch 1"):
+    with pytest.warns(UserWarning, match="no finite gwa/aggregate for epoch 1"):
         fit(model, [gwa, stopper], epochs=5, default_root_dir=tmp_path)
     assert stopper.stopped_epoch == 1 and stopper.stop_reason is StopReason.NONFINITE
     assert math.isnan(stopper.history[1]["gwa"]) and len(stopper.history) == 2
@@ -288,14 +302,17 @@ def test_nan_loss_is_reported_and_stops_on_request(tmp_path: Path) -> None:
 def test_setup_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a GradientWeightAlignment"):
         fit(Classifier().double(), [GWAEarlyStopping()], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"Valid keys: \['gwa/epoch'\]"):
+    with pytest.raises(ValueError, match=r"Valid keys: \['gwa/aggregate'\]"):
         fit(
             Classifier().double(),
-            [GradientWeightAlignment(), GWAEarlyStopping(monitor="gwa/layer/head.wieght")],
+            [
+                GradientWeightAlignment(),
+                GWAEarlyStopping(monitor="gwa_layers/aggregate/head.wieght"),
+            ],
             default_root_dir=tmp_path,
         )
     gwa = GradientWeightAlignment(params="all", indices=-1)
-    stopper = GWAEarlyStopping(monitor="gwa/layer/head.weight", patience=None)
+    stopper = GWAEarlyStopping(monitor="gwa_layers/aggregate/head.weight", patience=None)
     # the stopper first: the GWA callback's layer names are known only after its setup
     fit(Classifier().double(), [stopper, gwa], epochs=2, default_root_dir=tmp_path)
     assert [h["gwa"] for h in stopper.history] == gwa.layer_history["head.weight"]
@@ -355,13 +372,13 @@ def test_core_callbacks_beside_a_validation_loop(
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path,
         filename="{epoch}",
-        monitor="gwa/epoch",
+        monitor="gwa/aggregate",
         mode="max",
         save_top_k=-1,
         save_on_train_epoch_end=flag,
     )
     stopper = EarlyStopping(
-        monitor="gwa/epoch", mode="max", patience=50, check_on_train_epoch_end=flag
+        monitor="gwa/aggregate", mode="max", patience=50, check_on_train_epoch_end=flag
     )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -492,3 +509,24 @@ def test_no_selected_epoch_keeps_the_last_weights_and_says_so() -> None:
     with pytest.warns(UserWarning, match="selected no epoch"):
         stopped, model = drive(stopper, [0.5, 0.4, 0.3])
     assert stopped is None and stopper.best_epoch is None and float(model.weight) == 2.0
+
+
+def test_former_monitor_names_are_read_as_the_current_ones() -> None:
+    """Runs configured before the naming scheme keep working, told the new name."""
+    with pytest.warns(UserWarning, match="now logged as 'gwa/aggregate'"):
+        assert GWAEarlyStopping(monitor="gwa/epoch").monitor == "gwa/aggregate"
+    with pytest.warns(UserWarning, match="now logged as 'gwa_layers/aggregate/head.weight'"):
+        stopper = GWAEarlyStopping(monitor="gwa/layer/head.weight")
+    assert stopper.monitor == "gwa_layers/aggregate/head.weight"
+
+
+def test_registers_itself_as_the_epoch_selector(tmp_path: Path) -> None:
+    """``most_misaligned(epoch="best")`` follows the stopper through the public contract."""
+    torch.manual_seed(0)
+    gwa = GradientWeightAlignment(indices=-1)
+    stopper = GWAEarlyStopping(rule="argmax", patience=None)
+    fit(Classifier().double(), [gwa, stopper], epochs=3, default_root_dir=tmp_path)
+    assert gwa.epoch_selector is stopper and gwa.mode == "head"
+    assert stopper.best_epoch is not None
+    expected = gwa.most_misaligned(5, epoch=stopper.best_epoch)
+    assert torch.equal(gwa.most_misaligned(5), expected)

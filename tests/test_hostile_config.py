@@ -228,7 +228,7 @@ def test_every_callback_has_a_state_key_from_its_arguments() -> None:
         (GradientSNR(), GradientSNR(params=["head.weight"])),
         (EBEarlyStopping(window=5), EBEarlyStopping(window=10)),
         (SpectralNorms(), SpectralNorms(params=["head.*"])),
-        (GWAEarlyStopping(), GWAEarlyStopping(monitor="gwa/layer/head.weight")),
+        (GWAEarlyStopping(), GWAEarlyStopping(monitor="gwa_layers/aggregate/head.weight")),
     ]
     for first, second in pairs:
         assert first.state_key != second.state_key, type(first).__name__

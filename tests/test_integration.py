@@ -61,7 +61,7 @@ def test_quick_start_runs_and_logs_every_family(tmp_path) -> None:
     callbacks = [gwa, GWAEarlyStopping(patience=5), GradientSNR(), SpectralNorms()]
     model = _fit(tmp_path, callbacks)
     metrics = model.trainer.callback_metrics
-    for key in ("gwa/epoch", "gwa/mean", "gsnr/mean", "gsnr/noise_scale", "gsnr/coherence"):
+    for key in ("gwa/aggregate", "gwa/mean", "gsnr/mean", "gsnr/noise_scale", "gsnr/coherence"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     # Per-layer keys are written in one batch per step, yet stay monitorable.
     assert torch.isfinite(metrics["gsnr/layer/net.0.weight"])

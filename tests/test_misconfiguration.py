@@ -286,16 +286,18 @@ def test_gwa_early_stopping_without_gwa_or_with_a_typo_fails_at_setup(tmp_path: 
         _fit(tmp_path, [GWAEarlyStopping(), counter], TensorDataset(*_data()))
     assert counter.started == 0
     # A misspelt key fails when the callback is built, naming the valid forms...
-    with pytest.raises(ValueError, match="monitor must be 'gwa/epoch' or 'gwa/layer/"):
+    with pytest.raises(
+        ValueError, match="monitor must be 'gwa/aggregate' or 'gwa_layers/aggregate/"
+    ):
         GWAEarlyStopping(monitor="gwa/epoc")
     # ... and a misspelt layer before the first batch, listing the keys the GWA callback logs.
     counter = BatchCounter()
-    with pytest.raises(ValueError, match=r"Valid keys: \['gwa/epoch'\]"):
+    with pytest.raises(ValueError, match=r"Valid keys: \['gwa/aggregate'\]"):
         _fit(
             tmp_path,
             [
                 GradientWeightAlignment(indices=None),
-                GWAEarlyStopping(monitor="gwa/layer/head.wieght"),
+                GWAEarlyStopping(monitor="gwa_layers/aggregate/head.wieght"),
                 counter,
             ],
             TensorDataset(*_data()),

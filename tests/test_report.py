@@ -23,7 +23,14 @@ from lightning_gradwatch import (
     IndexedDataset,
     SpectralNorms,
 )
-from lightning_gradwatch.report import KEYS, ReportError, build_report, main, read_scalars
+from lightning_gradwatch.report import (
+    KEYS,
+    LAYER_KEYS,
+    ReportError,
+    build_report,
+    main,
+    read_scalars,
+)
 
 
 class TinyModule(pl.LightningModule):
@@ -52,7 +59,12 @@ def fitted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Gradient
         max_epochs=4,
         default_root_dir=root,
         logger=logger,
-        callbacks=[gwa, GWAEarlyStopping(patience=10), GradientSNR(), SpectralNorms()],
+        callbacks=[
+            gwa,
+            GWAEarlyStopping(rule="argmax", patience=10),
+            GradientSNR(),
+            SpectralNorms(),
+        ],
         log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -78,11 +90,13 @@ def test_report_renders_every_section(fitted_run: tuple[Path, Any], tmp_path: Pa
         data = (page.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
 
-    # The selected epoch is the argmax of the epoch values the callback itself recorded.
+    # The selected epoch is the one GWAEarlyStopping logged: its own selection, the argmax
+    # of the epoch values the GWA callback recorded.
     values = [h["gwa"] for h in gwa.history]
     expected = [int(h["epoch"]) for h in gwa.history][values.index(max(values))]
+    assert gwa.epoch_selector.best_epoch == expected
     assert f'<strong id="selected-epoch">{expected}</strong>' in text
-    assert "the argmax of gwa/epoch" in text
+    assert "logged by the run (gwa/selected_epoch)" in text
 
     # The table lists the lowest scores of that epoch's file, lowest first.
     lines = (run / "gwa_scores" / f"epoch_{expected:04d}.csv").read_text().splitlines()[1:]
@@ -97,7 +111,7 @@ def test_report_scalars_match_the_callback(fitted_run: tuple[Path, Any]) -> None
     run, gwa = fitted_run
     scalars = read_scalars(run)
     # TensorBoard stores scalars as float32.
-    assert scalars[KEYS["gwa_epoch"]].values == pytest.approx(
+    assert scalars[KEYS["gwa_aggregate"]].values == pytest.approx(
         [h["gwa"] for h in gwa.history], rel=1e-6
     )
 
@@ -120,13 +134,36 @@ def test_logged_selected_epoch_wins_over_argmax(tmp_path: Path) -> None:
 
     writer = SummaryWriter(str(tmp_path))
     for epoch, value in enumerate([0.1, 0.3, 0.2]):
-        writer.add_scalar(KEYS["gwa_epoch"], value, 10 * epoch + 9)
+        writer.add_scalar(KEYS["gwa_aggregate"], value, 10 * epoch + 9)
         writer.add_scalar(KEYS["epoch"], epoch, 10 * epoch + 9)
     writer.add_scalar(KEYS["gwa_selected_epoch"], 2, 29)
     writer.close()
     text = build_report(tmp_path).read_text()
     assert '<strong id="selected-epoch">2</strong>' in text
     assert "logged by the run" in text
+
+
+def test_runs_logged_under_former_names_are_read(tmp_path: Path) -> None:
+    """A run from a version before the naming scheme: its tags are read as the current ones."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for epoch, value in enumerate([0.1, 0.3, 0.2]):
+        writer.add_scalar("gwa/epoch", value, 10 * epoch + 9)
+        writer.add_scalar("gwa/layer/net.2.weight", value, 10 * epoch + 9)
+        writer.add_scalar("spectral/net.0.weight/sigma_max", 1.0 + epoch, 10 * epoch + 9)
+        writer.add_scalar("gsnr/noise_scale", 4.0, 10 * epoch + 9)
+    writer.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars[KEYS["gwa_aggregate"]].values == pytest.approx([0.1, 0.3, 0.2])
+    assert "gwa_layers/aggregate/net.2.weight" in scalars
+    assert scalars["spectral_layers/sigma_max/net.0.weight"].values == [1.0, 2.0, 3.0]
+    assert KEYS["noise_scale"] in scalars and "gwa/epoch" not in scalars
+    assert re.match(LAYER_KEYS["spectral_sigma_max"], "spectral_layers/sigma_max/net.0.weight")
+    # no stopper's selection in this run: the page marks the argmax and says so
+    text = build_report(tmp_path, tmp_path / "out").read_text()
+    assert '<strong id="selected-epoch">1</strong>' in text
+    assert "the argmax of gwa/aggregate" in text
 
 
 def test_bad_logdir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,5 @@
 """Overhead cases for gradient-weight alignment: head mode (the paper's estimator) and
-all-layer mode, logging ``gwa/step`` every step (``log_every_n_steps=1``)."""
+all-layer mode, logging ``gwa/step_mean`` every step (``log_every_n_steps=1``)."""
 
 from __future__ import annotations
 

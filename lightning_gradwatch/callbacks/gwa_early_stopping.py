@@ -12,15 +12,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from .. import keys
 from ..functional.stopping import RULES, select_epoch, should_stop, validate_options
 from ._stopping_default import DEFAULT_OPTIONS, DEFAULT_PATIENCE, DEFAULT_RULE
 from .gradient_weight_alignment import GradientWeightAlignment, the_gwa_callback
 from .gwa_reweighting import GWAReweighting
 
-EPOCH_KEY = "gwa/epoch"
+EPOCH_KEY = keys.GWA_AGGREGATE
 #: Rules that read the epoch aggregate's mean or kurtosis, which per-layer GWA does not record.
 _EPOCH_MOMENT_RULES = ("mean_after_kurtosis_settles", "gwa_after_kurtosis_settles")
-LAYER_PREFIX = "gwa/layer/"
+LAYER_PREFIX = keys.layer_key(keys.GWA_FAMILY, "aggregate", "")
+#: The names of versions before the naming scheme (``lightning_gradwatch.keys``), still
+#: accepted as ``monitor``: the same values under their new names.
+_OLD_EPOCH_KEY = "gwa/epoch"
+_OLD_LAYER_PREFIX = "gwa/layer/"
 
 
 class StopReason(str, Enum):
@@ -37,13 +42,16 @@ class GWAEarlyStopping(Callback):
     """Select the epoch of best gradient-weight alignment, stop after it, restore its weights.
 
     At the end of every training epoch it asks the Trainer's
-    :class:`GradientWeightAlignment` to finish the epoch (so the callbacks' order does not
-    matter), appends *this* epoch's GWA entry (``epoch``, ``gwa``, ``mean``, ``kurtosis``; NaN
-    when the GWA callback has no finite scores for the epoch) to :attr:`history`, and applies
+    :class:`GradientWeightAlignment` to finish the epoch (its public ``finalize_epoch``, so the
+    callbacks' order does not matter), appends *this* epoch's GWA entry (``epoch``, ``gwa``,
+    ``mean``, ``kurtosis``; NaN when the GWA callback has no finite scores for the epoch) to
+    :attr:`history`, and applies
     :func:`lightning_gradwatch.functional.stopping.select_epoch` /
     :func:`~lightning_gradwatch.functional.stopping.should_stop` to it. Every rank decides on
     the same all-reduced values; the stop flag goes through
-    ``trainer.strategy.reduce_boolean_decision``.
+    ``trainer.strategy.reduce_boolean_decision``. Once an epoch is selected, it logs the
+    selected epoch as ``gwa/selected_epoch`` at the end of every epoch (what
+    ``lightning-gradwatch report`` marks on the GWA curve).
 
     **Which weights "epoch t" means.** The GWA of epoch ``t`` is computed from the scores taken
     during epoch ``t`` before each optimizer step. The weights kept for epoch ``t`` are those
@@ -76,8 +84,9 @@ class GWAEarlyStopping(Callback):
         stop_on_nonfinite: stop as soon as an epoch has no finite GWA (diverged model,
             non-finite gradients). Without it such epochs are never selected and a warning
             says so.
-        monitor: ``"gwa/epoch"`` (default) or ``"gwa/layer/<param name>"`` (multi-layer GWA;
-            ``gwa``-keyed rules only).
+        monitor: ``"gwa/aggregate"`` (default) or ``"gwa_layers/aggregate/<param name>"``
+            (multi-layer GWA; ``gwa``-keyed rules only). The former names ``"gwa/epoch"`` and
+            ``"gwa/layer/<param name>"`` are read as these, with a warning.
         verbose: log an info message each time the selected epoch changes.
         **options: the rule's options (``warmup``, ``smoothing``, ``min_rel_delta``, ``key``,
             ``settle_tol``), see :mod:`lightning_gradwatch.functional.stopping`.
@@ -108,6 +117,7 @@ class GWAEarlyStopping(Callback):
                 f"patience must be an integer >= 1 (epochs to wait after the selected epoch) or "
                 f"None (never stop early, only select), got {patience!r}."
             )
+        monitor = _current_name(monitor)
         if monitor != EPOCH_KEY and not monitor.startswith(LAYER_PREFIX):
             raise ValueError(
                 f"GWAEarlyStopping(monitor={monitor!r}): monitor must be {EPOCH_KEY!r} or "
@@ -168,15 +178,15 @@ class GWAEarlyStopping(Callback):
             "pass Trainer(callbacks=[GradientWeightAlignment(), GWAEarlyStopping(...)]).",
         )
         self._gwa = gwa
-        gwa._selector = self  # so that gwa.most_misaligned(k, epoch="best") uses this selection
+        gwa.set_epoch_selector(self)  # gwa.most_misaligned(k, epoch="best") uses this selection
         if any(isinstance(c, GWAReweighting) for c in trainer.callbacks):  # type: ignore[attr-defined]
             rank_zero_warn(
                 "GWAEarlyStopping beside GWAReweighting: the reweighting changes the gradients "
                 "that GWA scores (a sample weighted 0 has a zero gradient and scores 0), so "
-                "gwa/epoch no longer follows the model's generalisation. Measured on MNIST-1D "
-                "and scikit-learn digits, the pair picked poor epochs and ended 1 to 13 points "
-                "below reweighting alone (benchmarks/README.md). When reweighting, train a fixed "
-                "number of epochs, or select the epoch on a validation set."
+                f"{keys.GWA_AGGREGATE} no longer follows the model's generalisation. Measured "
+                "on MNIST-1D and scikit-learn digits, the pair picked poor epochs and ended 1 to "
+                "13 points below reweighting alone (benchmarks/README.md). When reweighting, "
+                "train a fixed number of epochs, or select the epoch on a validation set."
             )
 
     @override
@@ -228,6 +238,16 @@ class GWAEarlyStopping(Callback):
             )
         selected = select_epoch(self.history, self.rule, **self.options)
         self._track_selection(trainer, pl_module, selected, epoch)
+        if self.best_epoch is not None:
+            # Identical on every rank (decided on all-reduced values); sync_dist only keeps
+            # Lightning's check for distributed epoch-level logging quiet.
+            pl_module.log(
+                keys.GWA_SELECTED_EPOCH,
+                float(self.best_epoch),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+            )
         stop, reason = False, StopReason.NOT_STOPPED
         if not finite and self.stop_on_nonfinite:
             stop, reason = True, StopReason.NONFINITE
@@ -335,9 +355,9 @@ class GWAEarlyStopping(Callback):
         values = [entry["gwa"] for entry in self.history]
         finite = [v for v in values if math.isfinite(v)]
         advice = (
-            "Look at the gwa/epoch curve before trusting the selection; a LayerNorm before the "
-            "classifier head, a learning-rate warm-up, or the rule option warmup=<epochs> "
-            "usually gives a curve with an interior maximum."
+            f"Look at the {keys.GWA_AGGREGATE} curve before trusting the selection; a LayerNorm "
+            "before the classifier head, a learning-rate warm-up, or the rule option "
+            "warmup=<epochs> usually gives a curve with an interior maximum."
         )
         message = None
         if not finite:
@@ -432,6 +452,21 @@ class GWAEarlyStopping(Callback):
         self._pending_state = state_dict.get("pending_state")
         self._pending_state_epoch = state_dict.get("pending_state_epoch")
         self._warned_degenerate = bool(state_dict.get("warned_degenerate", False))
+
+
+def _current_name(monitor: str) -> str:
+    """``monitor`` under the naming scheme (a former GWA name is translated, with a warning)."""
+    if monitor == _OLD_EPOCH_KEY:
+        current = EPOCH_KEY
+    elif monitor.startswith(_OLD_LAYER_PREFIX):
+        current = LAYER_PREFIX + monitor[len(_OLD_LAYER_PREFIX) :]
+    else:
+        return monitor
+    rank_zero_warn(
+        f"GWAEarlyStopping(monitor={monitor!r}): this key is now logged as {current!r} "
+        f"(lightning_gradwatch.keys); monitoring {current!r}. Pass monitor={current!r}."
+    )
+    return current
 
 
 def _cpu_state(pl_module: pl.LightningModule) -> dict[str, Tensor]:

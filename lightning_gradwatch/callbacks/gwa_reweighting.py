@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .. import keys
 from ..data import batch_indices
-from ..loggers import log_histogram
+from ..loggers import is_logging_step, log_headline_step, log_histogram
 from .gradient_weight_alignment import GradientWeightAlignment, the_gwa_callback
 
 Rule = Literal["clip", "sigmoid", "rank", "mixture"]
@@ -183,7 +184,7 @@ class GWAReweighting(Callback):
                     f"GWAReweighting(output_module={self.output_module!r}): no such module; "
                     f"pass a name from model.named_modules(), e.g. {list(modules)[1:9]}"
                 )
-        elif self.apply == "hook" and getattr(gwa, "_mode", "head") != "head":
+        elif self.apply == "hook" and gwa.mode != "head":
             raise ValueError(
                 "GWAReweighting applies weights at the model output, found from the alignment "
                 "callback's head, but GradientWeightAlignment is not in head mode. Pass "
@@ -216,13 +217,13 @@ class GWAReweighting(Callback):
         down = (raw[scored] < DOWN_WEIGHTED_BELOW).double().mean() if scored.any() else 0.0
         # identical on every rank (the table is); sync_dist only keeps Lightning's DDP check quiet
         pl_module.log(
-            "reweight/table_down_weighted",
+            keys.REWEIGHT_TABLE_DOWN_WEIGHTED,
             float(down),
             on_step=False,
             on_epoch=True,
             sync_dist=True,
         )
-        log_histogram(trainer, "reweight/weights", raw[scored], step=trainer.global_step)
+        log_histogram(trainer, keys.REWEIGHT_WEIGHTS, raw[scored], step=trainer.global_step)
 
     @override
     def on_train_batch_start(
@@ -238,14 +239,17 @@ class GWAReweighting(Callback):
         self._ensure_hook(pl_module)
         self._pending = self.weights_for(batch)
         weights = self._pending
+        if not is_logging_step(trainer):
+            return  # nothing to compute: the values would not be written
         raw = self._raw_of(batch)
-        pl_module.log("reweight/raw_mean", raw.mean(), on_step=True, on_epoch=False)
-        pl_module.log("reweight/min", weights.min(), on_step=True, on_epoch=False)
-        pl_module.log(
-            "reweight/down_weighted",
-            (raw < DOWN_WEIGHTED_BELOW).float().mean(),
-            on_step=True,
-            on_epoch=False,
+        log_headline_step(
+            pl_module,
+            {
+                keys.REWEIGHT_RAW_MEAN: raw.mean(),
+                keys.REWEIGHT_MIN: weights.min(),
+                keys.REWEIGHT_DOWN_WEIGHTED: (raw < DOWN_WEIGHTED_BELOW).float().mean(),
+            },
+            batch_size=len(raw),
         )
 
     @override
