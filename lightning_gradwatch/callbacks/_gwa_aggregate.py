@@ -40,10 +40,11 @@ class EpochAggregate:
     def update(self, stats: ProbeStats, names: list[str], per_layer: bool) -> Tensor:
         """Add the batch's scores; returns the ``(B,)`` scores over ``names`` together."""
         scores = stats.alignment(names)
-        self.epoch.update(scores)
+        # A non-finite backward pass (AMP overflow) adds nothing; the flag stays on the device.
+        self.epoch.update(scores, valid=stats.finite)
         if per_layer:
             for name in names:
-                self.layers[name].update(stats.alignment([name]))
+                self.layers[name].update(stats.alignment([name]), valid=stats.finite)
         return scores
 
     def compute(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:

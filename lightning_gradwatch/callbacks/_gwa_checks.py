@@ -90,13 +90,4 @@ def probe_exclusions(probe: Any) -> dict[str, str]:
     backward produced statistics there is no ``ProbeStats.excluded`` to read it from)."""
     if probe is None:
         return {}
-    public = getattr(probe, "excluded_params", None)
-    if callable(public):
-        return dict(public())
-    # Until the probe has a public accessor, the same from its owners.
-    return {
-        name: owner.skip_reason
-        for owner in getattr(probe, "_owners", [])
-        if owner.skip_reason is not None
-        for name in owner.local_to_name.values()
-    }
+    return probe.excluded_params()

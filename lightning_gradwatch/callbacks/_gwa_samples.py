@@ -49,17 +49,20 @@ class SampleScores:
         self.history_epochs: list[int] = []  # the epoch of each history row
         self.num_indices = 0  # largest dataset index seen + 1 (all ranks, after an epoch)
         self.last_epoch_mean: Tensor | None = None
-        # Batches recorded but not yet applied: (indices, float64 scores, index_checks).
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        # Batches recorded but not yet applied: (indices, float64 scores, index_checks, valid).
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._warned_label_like = False
 
     # ------------------------------------------------------------------ recording
-    def record(self, indices: Tensor, scores: Tensor) -> None:
+    def record(self, indices: Tensor, scores: Tensor, valid: Tensor | None = None) -> None:
         """Keep a batch's ``(B,)`` int64 indices and ``(B,)`` float64 scores (same device),
-        checked on the device; applied at the next :meth:`flush`."""
+        checked on the device; applied at the next :meth:`flush`. ``valid``: an optional
+        ``()`` bool tensor; a batch with False (non-finite statistics) changes no record."""
         if indices.numel() == 0:
             return
-        self._pending.append((indices, scores, index_checks(indices)))
+        if valid is None:
+            valid = torch.ones((), dtype=torch.bool, device=scores.device)
+        self._pending.append((indices, scores, index_checks(indices), valid))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 
@@ -74,7 +77,7 @@ class SampleScores:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        checks = torch.stack([c for _, _, c in pending]).tolist()
+        checks = torch.stack([c for _, _, c, _ in pending]).tolist()
         end = self.num_indices
         for values in checks:
             end = max(end, raise_for_index_checks(tuple(values), self.spec, self.dataset_length))
@@ -82,10 +85,10 @@ class SampleScores:
         self._grow(end, pending[0][1].device)
         assert self.latest is not None and self.epoch_sum is not None
         assert self.epoch_count is not None
-        for indices, scores, _ in pending:
-            self.latest[indices] = scores
-            self.epoch_sum.index_add_(0, indices, scores)
-            self.epoch_count.index_add_(0, indices, torch.ones_like(scores))
+        for indices, scores, _, valid in pending:
+            self.latest[indices] = torch.where(valid, scores, self.latest[indices])
+            self.epoch_sum.index_add_(0, indices, torch.where(valid, scores, 0.0))
+            self.epoch_count.index_add_(0, indices, valid.to(scores.dtype).expand_as(scores))
 
     def _grow(self, size: int, device: torch.device) -> None:
         current = 0 if self.latest is None else self.latest.numel()

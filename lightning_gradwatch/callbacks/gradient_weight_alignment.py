@@ -133,6 +133,10 @@ class GradientWeightAlignment(ProbeCallback):
             output in head mode (name the weight with ``params="<module>.weight"``).
     """
 
+    #: Non-finite backward passes (AMP overflow) are masked out on the device, so no step
+    #: reads their finiteness to the host (see ProbeCallback.handles_nonfinite).
+    handles_nonfinite = True
+
     def __init__(
         self,
         params: str | Sequence[str] = HEAD,
@@ -433,7 +437,9 @@ class GradientWeightAlignment(ProbeCallback):
                     f"`indices` (e.g. -1 for tuple batches), or indices=None to silence this."
                 )
             return
-        self._samples.record(indices.to(scores.device), scores.detach().to(torch.float64))
+        self._samples.record(
+            indices.to(scores.device), scores.detach().to(torch.float64), valid=stats.finite
+        )
         # Wrong indices are refused at the first batch (checked now); later batches' checks
         # are read back with the next logging step's values, or at the epoch's end.
         if not self._indices_checked or is_logging_step(trainer):

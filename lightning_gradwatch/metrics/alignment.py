@@ -79,17 +79,26 @@ class AlignmentMoments(Metric):
             dist_reduce_fx="sum",
         )
 
-    def update(self, scores: Tensor) -> None:
-        """Add ``(N,)`` scores (any float dtype; accumulated in float64)."""
+    def update(self, scores: Tensor, valid: Tensor | None = None) -> None:
+        """Add ``(N,)`` scores (any float dtype; accumulated in float64).
+
+        ``valid``: an optional ``()`` bool tensor; when False the batch adds nothing. It lets a
+        caller leave out a non-finite batch without reading the flag to the host.
+        """
         x = scores.detach().reshape(-1).to(torch.float64)
         if x.numel() == 0:
             return
+        if valid is not None:
+            # NaN * 0 is NaN: replace the values before weighting the batch by its flag.
+            x = torch.where(valid, x, torch.zeros_like(x))
         count, power_sums = _moments_update(x, self.shift)
+        counts = torch.histc(x.clamp(-1.0, 1.0), bins=self.histogram_bins, min=-1.0, max=1.0)
+        if valid is not None:
+            weight = valid.to(torch.float64)
+            count, power_sums, counts = count * weight, power_sums * weight, counts * weight
         self.count += count
         self.power_sums += power_sums
-        self.histogram_counts += torch.histc(
-            x.clamp(-1.0, 1.0), bins=self.histogram_bins, min=-1.0, max=1.0
-        )
+        self.histogram_counts += counts
 
     def compute(self) -> dict[str, Tensor]:
         """``count``, ``mean``, ``kurtosis``, ``gwa``, ``sum_squares`` (float64 scalars) and

@@ -239,6 +239,17 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         A parameter shared by several modules appears under each."""
         return [(o.module, dict(o.local_to_name)) for o in self._owners]
 
+    def excluded_params(self) -> dict[str, str]:
+        """Tracked parameters the probe leaves out, known before any backward pass: name (in
+        the model) to the reason (e.g. BatchNorm in training mode). Exclusions found during
+        a backward pass are in :attr:`ProbeStats.excluded` of that pass."""
+        return {
+            name: owner.skip_reason
+            for owner in self._owners
+            if owner.skip_reason is not None
+            for name in owner.local_to_name.values()
+        }
+
     @property
     def skipped_backwards(self) -> int:
         """Probed backward passes whose statistics were not finite (NaN or Inf). Counted on
