@@ -9,12 +9,12 @@ quantity each step. About a minute on a laptop CPU::
 
 What to look at (Scalars tab, section ``gsnr``; or the "gradient noise" Custom Scalars layout):
 
-- ``gsnr/noise_scale_smoothed`` against ``gsnr/batch_size``: the noise scale grows as the
+- ``noise_scale/smoothed`` against ``gradwatch/batch_size``: the noise scale grows as the
   model fits the data; once it is far above the batch size, a larger batch would help.
-- ``gsnr/mean`` and ``gsnr/layer/*`` fall as training moves from learning shared features
+- ``gsnr/mean`` and ``gsnr_layers/gsnr/*`` fall as training moves from learning shared features
   to fitting individual samples; with label noise they fall further and faster.
 - ``gsnr/coherence`` starts high (samples agree) and decays towards ``1/B``.
-- ``gsnr/eb_criterion`` (raw) and ``gsnr/eb_criterion_window`` (``EBEarlyStopping``'s
+- ``eb/criterion`` (raw) and ``eb/criterion_window`` (``EBEarlyStopping``'s
   window mean): the run stops when the window mean crosses 0. In the default 15 epochs both
   runs stay below 0 (measured: last per-step EB about -0.03 without and -0.2 with label
   noise at step 750), i.e. the gradient still carries signal; pass ``--epochs 100`` to
