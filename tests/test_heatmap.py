@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import SpectralNorms
-from lightning_gradwatch.callbacks import spectral_norms
+from lightning_gradwatch.callbacks.spectral import history as spectral_history
 from lightning_gradwatch.heatmap import DPI, WIDTH_INCHES, heatmap_image
 
 
@@ -95,7 +95,7 @@ def test_spectral_norms_heatmaps_have_axes(tmp_path: Path) -> None:
 def test_spectral_norms_heatmaps_without_matplotlib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spectral_norms, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(spectral_history, "matplotlib_available", lambda: False)
     images = _logged_images(tmp_path)
     # The plain rendering: 2 layers x 128 px, 4 then 8 columns of 128 then 64 px.
     assert [size for _, *size in images["spectral/heatmap/log_sigma_max"]] == [[256, 512]] * 2
@@ -107,7 +107,7 @@ def test_heatmap_time_budget(
 ) -> None:
     """Without a budget every epoch end writes images; with an unbounded one only the first
     epoch end does, and the end of training writes the latest columns."""
-    monkeypatch.setattr(spectral_norms, "_HEATMAP_TIME_RATIO", time_ratio)
+    monkeypatch.setattr(spectral_history, "HEATMAP_TIME_RATIO", time_ratio)
     images = _logged_images(tmp_path, max_epochs=3)["spectral/heatmap/log_sigma_max"]
     steps = [step for step, _, _ in images]
     assert steps == ([4, 8, 12] if time_ratio == 0 else [4, 12])
