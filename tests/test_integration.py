@@ -82,7 +82,11 @@ def test_per_layer_keys_reach_the_logger(tmp_path) -> None:
         log_every_n_steps=1,
     )
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
-    for key in ("gsnr/mean", "gsnr_layers/gsnr/net.0.weight", "spectral_layers/sigma_max/net.0.weight"):
+    for key in (
+        "gsnr/mean",
+        "gsnr_layers/gsnr/net.0.weight",
+        "spectral_layers/sigma_max/net.0.weight",
+    ):
         assert key in header.split(","), key
 
 

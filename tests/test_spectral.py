@@ -7,6 +7,7 @@ to every basis vector) for the reshaping convention and the FFT conv norm.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from pathlib import Path
@@ -359,7 +360,7 @@ def test_logged_values_against_exact_references():
         # after a failing one (a cold start, refined on the spot) it is at the next epoch end.
         checks = logger.series(f"spectral_layers/power_iter_rel_err/{n}")
         assert checks[0][0] == 4
-        for (before, error), (after, _) in zip(checks, checks[1:], strict=False):
+        for (before, error), (after, _) in itertools.pairwise(checks):
             assert after - before == (4 if error > 1e-3 else 8)
         check_counts.append(len(checks))
     assert min(check_counts) < 3  # some layer's checks backed off

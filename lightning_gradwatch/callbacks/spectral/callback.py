@@ -271,10 +271,10 @@ class SpectralNorms(Callback):
         self._tracked = self._select(pl_module)
         for t in self._tracked:
             self.vectors.ensure(t)
-        if self.history.names and self.history.names != self.tracked_names:
+        changed = bool(self.history.names) and self.history.names != self.tracked_names
+        if changed and self.growth_alarm is not None:
             # A different model: the recorded columns and the alarm's window start over.
-            if self.growth_alarm is not None:
-                self.growth_alarm.recent.clear()
+            self.growth_alarm.recent.clear()
         self.history.reset_for(self.tracked_names)
         if self.conv_operator_norm:
             for t in self._tracked:
