@@ -541,8 +541,14 @@ def test_non_finite_gradients_are_skipped_and_counted():
     assert all(math.isfinite(v) for _, m in logger.calls for v in m.values())
 
 
-def test_heatmap_custom_scalars_and_conv_operator_norm_in_tensorboard(tmp_path: Path):
+def test_heatmap_custom_scalars_and_conv_operator_norm_in_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from lightning_gradwatch.callbacks.spectral import history
+
+    monkeypatch.setattr(history, "HEATMAP_TIME_RATIO", 0.0)  # every epoch end renders
 
     class CNN(pl.LightningModule):
         def __init__(self) -> None:

@@ -97,8 +97,9 @@ class SpectralNorms(Callback):
       ``spectral/stable_rank_layers`` (with two or more layers).
 
     At epoch ends two layers x steps heatmaps go to TensorBoard as images (with matplotlib:
-    labelled axes and a colour bar); an epoch end soon after the last rendering skips them, so
-    they take at most about 5% of the training time, and the end of training writes the latest.
+    labelled axes and a colour bar), as long as rendering them has taken at most 2% of the time
+    since the fit started (an epoch end that would exceed it skips them); the end of training
+    always writes the latest.
 
     Args:
         params: ``fnmatch`` patterns of parameter names to track (e.g. ``["encoder.*"]``);
@@ -323,6 +324,7 @@ class SpectralNorms(Callback):
                 charts[f"sigma_max · {group}"] = [rf"{prefix}(\..*)?$"]
         add_custom_scalars(trainer, "spectral norms", charts)
         if self.heatmap:
+            self.history.start_clock()
             self.history.log_row_names(trainer)
 
     # -- power iteration -------------------------------------------------------------------

@@ -19,11 +19,13 @@ from ...loggers import log_image, tensorboard_writer
 HEATMAP_GROWTH = f"{keys.SPECTRAL_FAMILY}/heatmap/sigma_max_growth"
 HEATMAP_LOG_SIGMA = f"{keys.SPECTRAL_FAMILY}/heatmap/log_sigma_max"
 HEATMAP_ROWS = f"{keys.SPECTRAL_FAMILY}/heatmap/rows"
-#: The heatmap images may take at most about 1/HEATMAP_TIME_RATIO of the training time: after
-#: a rendering that took t seconds, epoch ends in the next HEATMAP_TIME_RATIO * t seconds write
-#: no images (rendering with matplotlib costs about 0.1 s per image; the end of training always
-#: writes the latest columns).
-HEATMAP_TIME_RATIO = 20.0
+#: Epoch-end heatmap images may take at most 1/HEATMAP_TIME_RATIO of the time since the fit
+#: started: an epoch end renders only if the rendering time spent so far plus the expected cost
+#: of this rendering (the last one's, or FIRST_RENDER_SECONDS before any) fits. The end of
+#: training always writes the latest columns.
+HEATMAP_TIME_RATIO = 50.0
+#: Expected cost of the first pair of images: matplotlib takes about 0.1 s per image.
+FIRST_RENDER_SECONDS = 0.2
 
 
 def render_heatmap(
@@ -52,7 +54,13 @@ class SigmaHistory:
         self.steps: list[int] = []
         self.columns: list[Tensor] = []
         self._last_image_step: int | None = None  # newest column in the last images
-        self._due = 0.0  # time.perf_counter() before which epoch ends skip the images
+        self._started: float | None = None  # time.perf_counter() at the fit's start
+        self._spent = 0.0  # seconds spent rendering in this fit
+        self._expected = FIRST_RENDER_SECONDS  # seconds the next rendering should take
+
+    def start_clock(self) -> None:
+        """Start the time budget (at the fit's start)."""
+        self._started, self._spent = time.perf_counter(), 0.0
 
     def reset_for(self, names: list[str]) -> None:
         """Start over when the tracked layers differ from the recorded ones."""
@@ -78,9 +86,9 @@ class SigmaHistory:
             return  # nothing would receive the images: skip the rendering
         if self.steps[-1] == self._last_image_step:
             return  # no column since the last images (epochs shorter than log_every_n_steps)
-        if not final and time.perf_counter() < self._due:
-            return  # short epochs: keep the rendering a small fraction of the training time
         started = time.perf_counter()
+        if not final and not self._within_budget(started):
+            return  # short epochs: keep the rendering a small fraction of the training time
         self._last_image_step = self.steps[-1]
         history = torch.stack(self.columns, dim=1).double()  # (layers, steps)
         log_sigma = history.log()
@@ -90,8 +98,14 @@ class SigmaHistory:
         log_image(trainer, HEATMAP_GROWTH, self._render(growth, title, diverging=True), step)
         title = "log sigma_max (natural log)"
         log_image(trainer, HEATMAP_LOG_SIGMA, self._render(log_sigma, title, False), step)
-        finished = time.perf_counter()
-        self._due = finished + HEATMAP_TIME_RATIO * (finished - started)
+        self._expected = time.perf_counter() - started
+        self._spent += self._expected
+
+    def _within_budget(self, now: float) -> bool:
+        if HEATMAP_TIME_RATIO <= 0:
+            return True
+        elapsed = now - (self._started if self._started is not None else now)
+        return (self._spent + self._expected) * HEATMAP_TIME_RATIO <= elapsed
 
     def _render(self, values: Tensor, title: str, diverging: bool) -> Tensor:
         return render_heatmap(values, self.names, self.steps, title, diverging)
