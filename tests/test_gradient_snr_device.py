@@ -204,3 +204,54 @@ def test_layer_missing_samples_is_left_out_exactly(eps: float) -> None:
     assert_close(latest, expected)
     assert not any(".b." in k for k in latest)
     assert math.isfinite(float(latest["noise_scale/smoothed"]))
+
+
+# ----------------------------------------------------------------------------- off logging steps
+def test_eb_and_skip_count_see_every_computed_step_off_logging_steps() -> None:
+    """Computed every step, logged every 50: EBEarlyStopping still takes each step's criterion
+    (it stops once its first window of 3 is full), and a poisoned step is skipped and counted
+    without any logging step in between."""
+    from test_gradient_snr import fit
+
+    gsnr = GradientSNR(every_n_steps=1)
+    stopper = EBEarlyStopping(window=3, threshold=-1e12)
+    _, recorder, trainer = fit(
+        "mlp", gsnr, max_steps=10, log_every_n_steps=50, extra=[stopper], n_samples=64
+    )
+    assert trainer.global_step == 3
+    assert list(stopper.values) == [v["eb/criterion"] for _, _, v in recorder.steps]
+
+    gsnr = GradientSNR(every_n_steps=1)
+    # The last batch (SGD's non-finite update would poison every later step).
+    _, recorder, _ = fit("mlp", gsnr, max_steps=4, log_every_n_steps=50, poison_batch=3)
+    assert gsnr.skipped_steps == 1
+    assert int(gsnr.noise_scale_ema.updates) == 3
+    assert [bool(v) for _, _, v in recorder.steps] == [True, True, True, False]
+    assert gsnr.latest_step == 2
+
+
+def test_skips_are_counted_on_the_device_until_read() -> None:
+    """No recorder reads ``latest`` between steps here: the skipped step stays a device count
+    until the fit's end reads it, and never enters the EMA."""
+    from test_gradient_snr import Module
+
+    net, inputs = make_model("mlp")
+    gsnr = GradientSNR(every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=4,
+        log_every_n_steps=50,
+        callbacks=[gsnr],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no logger.*")
+        loader = DataLoader(TensorDataset(inputs, torch.arange(16) % 3), batch_size=4)
+        trainer.fit(Module(net, poison_batch=3), loader)
+    state = gsnr._device_state
+    assert state is not None and int(state.skipped) + gsnr._skipped_host == 1
+    assert gsnr.skipped_steps == 1 and int(gsnr.noise_scale_ema.updates) == 3
+    assert gsnr.latest_step == 2 and math.isfinite(float(gsnr.latest["noise_scale/smoothed"]))
