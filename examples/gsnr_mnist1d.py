@@ -7,8 +7,8 @@ quantity each step. About a minute on a laptop CPU::
     python examples/gsnr_mnist1d.py
     tensorboard --logdir runs/gsnr_mnist1d
 
-What to look at (Scalars tab, sections ``gsnr``, ``noise_scale`` and ``eb``; or the "gradient
-noise" Custom Scalars layout):
+What to look at (Scalars tab, sections ``gsnr``, ``noise_scale`` and ``eb``; or the
+"gradient noise" Custom Scalars layout):
 
 - ``noise_scale/smoothed`` against ``gradwatch/batch_size``: the noise scale grows as the
   model fits the data; once it is far above the batch size, a larger batch would help.
@@ -115,7 +115,7 @@ def main() -> None:
             accelerator="cpu",
         )
         trainer.fit(Classifier(), train, val)
-        latest = {k: round(float(v), 4) for k, v in gsnr.latest.items() if "/layer/" not in k}
+        latest = {k: round(float(v), 4) for k, v in gsnr.latest.items() if "_layers/" not in k}
         print(f"label noise {label_noise}: stopped at step {trainer.global_step}, {latest}")
         print(f"  val/acc {float(trainer.callback_metrics.get('val/acc', float('nan'))):.3f}")
 

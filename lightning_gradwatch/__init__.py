@@ -4,7 +4,7 @@ from .callbacks.gradient_snr import EBEarlyStopping, GradientSNR
 from .callbacks.gradient_weight_alignment import GradientWeightAlignment
 from .callbacks.gwa_early_stopping import GWAEarlyStopping
 from .callbacks.gwa_reweighting import GWAReweighting
-from .callbacks.spectral_norms import SpectralNorms
+from .callbacks.spectral import SpectralNorms
 from .data import IndexedDataset
 from .probe import GradientProbe, ParameterUseError, ProbeStats, register_rule
 

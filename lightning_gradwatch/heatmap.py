@@ -139,3 +139,34 @@ def heatmap_image(
     return figure_to_image(
         heatmap_figure(values, row_labels, steps, title, colorbar_label, diverging=diverging)
     )
+
+
+def plain_heatmap_image(values: Tensor, diverging: bool = False) -> Tensor:
+    """``(layers, steps)`` -> ``(3, H, W)`` image in ``[0, 1]`` without matplotlib: plain
+    cells, no axes; NaN cells are grey. The fallback of :func:`heatmap_image`.
+
+    Diverging: white = no change, red = growth, blue = shrinkage, scaled by the largest
+    absolute value. Otherwise a black-red-yellow-white ramp from the minimum to the maximum.
+    """
+    finite = torch.isfinite(values)
+    x = torch.where(finite, values, torch.zeros_like(values))
+    if diverging:
+        scale = x.abs().max().clamp_min(1e-12)
+        x = (x / scale).clamp(-1, 1)
+        red = 1 - (-x).clamp_min(0)
+        blue = 1 - x.clamp_min(0)
+        green = 1 - x.abs()
+    else:
+        lo = x[finite].min() if finite.any() else x.new_tensor(0.0)
+        hi = x[finite].max() if finite.any() else x.new_tensor(1.0)
+        x = (x - lo) / (hi - lo).clamp_min(1e-12)
+        red, green, blue = (3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)
+    image = torch.stack([red, green, blue])
+    image = torch.where(finite[None], image, torch.full_like(image, 0.5))
+    layers, steps = values.shape
+    row_px = max(1, 256 // max(layers, 1))
+    col_px = max(1, 512 // max(steps, 1))
+    image = image.repeat_interleave(row_px, dim=1).repeat_interleave(col_px, dim=2).float()
+    if layers > 1 and row_px >= 6:
+        image[:, row_px::row_px, :] = 0.75  # a thin grey line between layers
+    return image

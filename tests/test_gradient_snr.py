@@ -72,16 +72,16 @@ def expected_quantities(
         eb = 1 - batch * float((mean[keep] ** 2 / s2[keep]).mean())
     out = {
         "gsnr/mean": gsnr(every),
-        "gsnr/noise_scale": trace / true_sq,
-        "gsnr/trace_sigma": trace,
-        "gsnr/grad_sq_norm": true_sq,
+        "noise_scale/simple": trace / true_sq,
+        "noise_scale/trace_sigma": trace,
+        "noise_scale/grad_sq_norm": true_sq,
         "gsnr/coherence": coherence(every),
-        "gsnr/eb_criterion": eb,
-        "gsnr/batch_size": float(batch),
+        "eb/criterion": eb,
+        "gradwatch/batch_size": float(batch),
     }
     for n in names:
-        out[f"gsnr/layer/{n}"] = gsnr(flat[n])
-        out[f"gsnr/coherence/{n}"] = coherence(flat[n])
+        out[f"gsnr_layers/gsnr/{n}"] = gsnr(flat[n])
+        out[f"gsnr_layers/coherence/{n}"] = coherence(flat[n])
     return out
 
 
@@ -244,14 +244,14 @@ def test_every_quantity_matches_oracle(kind: str, accumulate: int) -> None:
     for batches, params, values in recorder.steps:
         assert len(batches) == accumulate
         expected = oracle_for_step(module, batches, params)
-        assert values["gsnr/batch_size"] == 4 * accumulate
+        assert values["gradwatch/batch_size"] == 4 * accumulate
         assert_close(values, expected)
     # The smoothed noise scale is the ratio of EMAs of the logged numerator and denominator.
     (_, _, first), (_, _, second) = recorder.steps
-    num = 0.9 * first["gsnr/trace_sigma"] + 0.1 * second["gsnr/trace_sigma"]
-    den = 0.9 * first["gsnr/grad_sq_norm"] + 0.1 * second["gsnr/grad_sq_norm"]
-    assert first["gsnr/noise_scale_smoothed"] == pytest.approx(first["gsnr/noise_scale"], rel=1e-12)
-    assert second["gsnr/noise_scale_smoothed"] == pytest.approx(num / den, rel=1e-12)
+    num = 0.9 * first["noise_scale/trace_sigma"] + 0.1 * second["noise_scale/trace_sigma"]
+    den = 0.9 * first["noise_scale/grad_sq_norm"] + 0.1 * second["noise_scale/grad_sq_norm"]
+    assert first["noise_scale/smoothed"] == pytest.approx(first["noise_scale/simple"], rel=1e-12)
+    assert second["noise_scale/smoothed"] == pytest.approx(num / den, rel=1e-12)
 
 
 def test_cockpit_mean_gsnr_formula() -> None:
@@ -298,11 +298,11 @@ def test_functional_from_sums_matches_definitions(
     want = expected_quantities(grads)
     got = {
         "gsnr/mean": fn.gsnr_mean(s, q, batch),
-        "gsnr/noise_scale": fn.noise_scale(s, n, batch),
-        "gsnr/trace_sigma": fn.trace_covariance(s, n, batch),
-        "gsnr/grad_sq_norm": fn.true_grad_sq_norm(s, n, batch),
+        "noise_scale/simple": fn.noise_scale(s, n, batch),
+        "noise_scale/trace_sigma": fn.trace_covariance(s, n, batch),
+        "noise_scale/grad_sq_norm": fn.true_grad_sq_norm(s, n, batch),
         "gsnr/coherence": fn.coherence(s, n, batch),
-        "gsnr/eb_criterion": fn.eb_criterion(s, q, batch),
+        "eb/criterion": fn.eb_criterion(s, q, batch),
     }
     assert_close(got, {k: want[k] for k in got}, rtol=1e-10)
     assert 0.0 <= float(got["gsnr/coherence"]) <= 1.0 + 1e-12
@@ -316,7 +316,7 @@ def test_functional_from_sums_matches_definitions(
         single = {
             "gsnr_mean": fn.gsnr_mean(s, q, batch, eps=eps),
             "eb_criterion": fn.eb_criterion(s, q, batch, eps=eps),
-            "noise_scale": got["gsnr/noise_scale"],
+            "noise_scale": got["noise_scale/simple"],
             "coherence": got["gsnr/coherence"],
         }
         for key, want_value in single.items():
@@ -338,7 +338,7 @@ def test_functional_from_sums_matches_definitions(
                 equal_nan=True,
             )
     # EB criterion = 1 - (B - 1) * mean GSNR over the same entries (s^2 = B/(B-1) var).
-    assert float(got["gsnr/eb_criterion"]) == pytest.approx(
+    assert float(got["eb/criterion"]) == pytest.approx(
         1 - (batch - 1) * float(got["gsnr/mean"]), rel=1e-10, abs=1e-10
     )
 
@@ -385,7 +385,13 @@ def test_every_n_steps_overrides_schedule() -> None:
     _, recorder, trainer = fit("mlp", gsnr, max_steps=4, log_every_n_steps=50)
     assert recorder.backwards == 2
     assert [i for i, (_, _, v) in enumerate(recorder.steps) if v] == [1, 3]
-    assert "gsnr/mean" in trainer.callback_metrics
+    # Computed off Lightning's logging steps: the EMA moves, nothing is written.
+    assert int(gsnr.noise_scale_ema.updates) == 2
+    assert "gsnr/mean" not in trainer.callback_metrics
+    # Step 3 is a logging step with log_every_n_steps=4: its values are written.
+    gsnr = GradientSNR(every_n_steps=2)
+    _, recorder, trainer = fit("mlp", gsnr, max_steps=4, log_every_n_steps=4)
+    assert float(trainer.callback_metrics["gsnr/mean"]) == recorder.steps[3][2]["gsnr/mean"]
 
 
 def test_monitoring_does_not_change_training() -> None:
@@ -506,8 +512,8 @@ def test_checkpoint_resume_continues_smoothing(tmp_path: Path) -> None:
             Module(make_model("mlp")[0]), data(), ckpt_path=tmp_path / "one.ckpt"
         )
     assert int(resumed.noise_scale_ema.updates) == 4
-    assert float(resumed.latest["gsnr/noise_scale_smoothed"]) == pytest.approx(
-        float(whole.latest["gsnr/noise_scale_smoothed"]), rel=1e-12
+    assert float(resumed.latest["noise_scale/smoothed"]) == pytest.approx(
+        float(whole.latest["noise_scale/smoothed"]), rel=1e-12
     )
 
 
@@ -517,8 +523,8 @@ def test_eb_early_stopping_window() -> None:
     stopper = EBEarlyStopping(window=3, threshold=-1e12)
     _, recorder, trainer = fit("mlp", gsnr, max_steps=10, extra=[stopper], n_samples=64)
     assert trainer.global_step == 3  # stops as soon as the first full window is in
-    eb = [v["gsnr/eb_criterion"] for _, _, v in recorder.steps]
-    assert float(trainer.callback_metrics["gsnr/eb_criterion_window"]) == pytest.approx(
+    eb = [v["eb/criterion"] for _, _, v in recorder.steps]
+    assert float(trainer.callback_metrics["eb/criterion_window"]) == pytest.approx(
         sum(eb) / 3, rel=1e-12
     )
     restored = EBEarlyStopping(window=3)
@@ -594,5 +600,5 @@ def test_ddp_statistics_describe_the_global_batch(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert len(result) == 2
     for step in result:
-        assert step["n"] == 8 and step["values"]["gsnr/batch_size"] == 8
+        assert step["n"] == 8 and step["values"]["gradwatch/batch_size"] == 8
         assert_close(step["values"], step["expected"])

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import SpectralNorms
-from lightning_gradwatch.callbacks import spectral_norms
+from lightning_gradwatch.callbacks.spectral import history as spectral_history
 from lightning_gradwatch.heatmap import DPI, WIDTH_INCHES, heatmap_image
 
 
@@ -57,6 +57,12 @@ class _TwoLayers(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _no_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every epoch end renders (these runs take milliseconds; the budget has its own test)."""
+    monkeypatch.setattr(spectral_history, "HEATMAP_TIME_RATIO", 0.0)
+
+
 def _logged_images(tmp_path: Path, max_epochs: int = 2) -> dict[str, list[tuple[int, int, int]]]:
     """Fit ``max_epochs`` x 4 steps with SpectralNorms; ``tag -> [(step, height, width)]`` of its
     images."""
@@ -95,7 +101,7 @@ def test_spectral_norms_heatmaps_have_axes(tmp_path: Path) -> None:
 def test_spectral_norms_heatmaps_without_matplotlib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spectral_norms, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(spectral_history, "matplotlib_available", lambda: False)
     images = _logged_images(tmp_path)
     # The plain rendering: 2 layers x 128 px, 4 then 8 columns of 128 then 64 px.
     assert [size for _, *size in images["spectral/heatmap/log_sigma_max"]] == [[256, 512]] * 2
@@ -105,9 +111,9 @@ def test_spectral_norms_heatmaps_without_matplotlib(
 def test_heatmap_time_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, time_ratio: float
 ) -> None:
-    """Without a budget every epoch end writes images; with an unbounded one only the first
-    epoch end does, and the end of training writes the latest columns."""
-    monkeypatch.setattr(spectral_norms, "_HEATMAP_TIME_RATIO", time_ratio)
+    """Without a budget every epoch end writes images; with a vanishing one no epoch end
+    does, and the end of training writes the latest columns."""
+    monkeypatch.setattr(spectral_history, "HEATMAP_TIME_RATIO", time_ratio)
     images = _logged_images(tmp_path, max_epochs=3)["spectral/heatmap/log_sigma_max"]
     steps = [step for step, _, _ in images]
-    assert steps == ([4, 8, 12] if time_ratio == 0 else [4, 12])
+    assert steps == ([4, 8, 12] if time_ratio == 0 else [12])

@@ -2,7 +2,7 @@
 the loss is neither a mean nor a sum of per-sample losses.
 
 Exactness: with a sum-reduced loss and default settings, every GradientSNR quantity (the
-absolute ``gsnr/trace_sigma`` and ``gsnr/grad_sq_norm`` included) matches the float64
+absolute ``noise_scale/trace_sigma`` and ``noise_scale/grad_sq_norm`` included) matches the float64
 brute-force oracle at rtol=1e-6.
 """
 
@@ -196,7 +196,7 @@ def test_manual_optimisation_needs_a_declared_reduction(tmp_path: Path) -> None:
     run(Net(mlp(), "sum", manual=True), [gsnr], tmp_path)
     assert gsnr.reduction_measurement is None
     assert gsnr.probe is not None and gsnr.probe.loss_reduction == "sum"
-    assert "gsnr/trace_sigma" in gsnr.latest
+    assert "noise_scale/trace_sigma" in gsnr.latest
 
 
 def test_scale_free_callbacks_do_not_measure(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from lightning_gradwatch import (
     IndexedDataset,
     SpectralNorms,
 )
-from lightning_gradwatch.callbacks import spectral_norms
+from lightning_gradwatch.callbacks.spectral import history as spectral_history
 
 N, D, H, K = 48, 6, 8, 4
 
@@ -211,7 +211,7 @@ def test_heatmap_is_not_rendered_without_tensorboard(
     def refuse(*args: Any, **kwargs: Any) -> Tensor:
         raise AssertionError("heatmap rendered although no TensorBoard logger writes it")
 
-    monkeypatch.setattr(spectral_norms, "_render", refuse)
+    monkeypatch.setattr(spectral_history, "render_heatmap", refuse)
     spectral = SpectralNorms(heatmap=True)
     _fit(
         tmp_path,
@@ -221,7 +221,7 @@ def test_heatmap_is_not_rendered_without_tensorboard(
         logger=False if logger == "none" else CSVLogger(tmp_path),
         log_every_n_steps=1,
     )
-    assert len(spectral._history) == 6  # the history a heatmap would show was recorded
+    assert len(spectral.history.columns) == 6  # the history a heatmap would show was recorded
 
 
 # ----------------------------------------------------------------------------- head under DDP

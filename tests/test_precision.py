@@ -38,11 +38,11 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 #: The quantities compared, as GradientSNR logs them.
 KEYS = (
     "gsnr/mean",
-    "gsnr/noise_scale",
+    "noise_scale/simple",
     "gsnr/coherence",
-    "gsnr/eb_criterion",
-    "gsnr/trace_sigma",
-    "gsnr/grad_sq_norm",
+    "eb/criterion",
+    "noise_scale/trace_sigma",
+    "noise_scale/grad_sq_norm",
 )
 
 
@@ -62,11 +62,11 @@ def definitions(grads: Tensor, zero_variance_rtol: float) -> dict[str, Tensor]:
     true_sq = mean.pow(2).sum() - trace / batch
     return {
         "gsnr/mean": (mean[keep] ** 2 / variance[keep]).mean(),
-        "gsnr/noise_scale": trace / true_sq,
+        "noise_scale/simple": trace / true_sq,
         "gsnr/coherence": grads.sum(0).pow(2).sum() / (batch * grads.pow(2).sum()),
-        "gsnr/eb_criterion": 1 - batch * (mean[keep] ** 2 / grads.var(0)[keep]).mean(),
-        "gsnr/trace_sigma": trace,
-        "gsnr/grad_sq_norm": true_sq,
+        "eb/criterion": 1 - batch * (mean[keep] ** 2 / grads.var(0)[keep]).mean(),
+        "noise_scale/trace_sigma": trace,
+        "noise_scale/grad_sq_norm": true_sq,
     }
 
 
@@ -337,8 +337,8 @@ def test_inf_in_one_backward_skips_the_step_and_leaves_the_ema_alone(accumulate:
     num = den = 0.0
     for k, values in enumerate(v for v in computed if v):
         weight = 0.0 if k == 0 else 0.9
-        num = weight * num + (1 - weight) * values["gsnr/trace_sigma"]
-        den = weight * den + (1 - weight) * values["gsnr/grad_sq_norm"]
+        num = weight * num + (1 - weight) * values["noise_scale/trace_sigma"]
+        den = weight * den + (1 - weight) * values["noise_scale/grad_sq_norm"]
     assert float(ema.numerator) == pytest.approx(num, rel=1e-12)
     assert float(ema.denominator) == pytest.approx(den, rel=1e-12)
     assert gsnr.latest_step == 2 and optimizer_steps_done(trainer) == 4

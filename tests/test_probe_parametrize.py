@@ -389,7 +389,7 @@ def test_callbacks_leave_training_bitwise_unchanged(tmp_path) -> None:
     # The effective weight is tracked under the module's attribute name; spectral norm keeps
     # it near sigma_max = 1.
     assert spectral.tracked_names == ["body.weight", "mid.weight", "head.weight"]
-    head = spectral.last_values["spectral/head.weight/sigma_max"]
+    head = spectral.last_values["spectral_layers/sigma_max/head.weight"]
     assert head == pytest.approx(1.0, abs=0.05)
     assert not any("grad_sigma_max" in k and "head" in k for k in spectral.last_values)
 

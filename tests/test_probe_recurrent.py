@@ -615,5 +615,5 @@ def test_gradient_snr_on_lstm_classifier(tmp_path: Any) -> None:
         warnings.filterwarnings("ignore", message=".*has no logger.*")
         trainer.fit(_Classifier(), DataLoader(data, batch_size=4))
     for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-        value = gsnr.latest[f"gsnr/layer/lstm.{name}"]
+        value = gsnr.latest[f"gsnr_layers/gsnr/lstm.{name}"]
         assert torch.isfinite(value) and value > 0, name

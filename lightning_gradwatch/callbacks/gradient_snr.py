@@ -1,32 +1,36 @@
 """``GradientSNR``: GSNR, gradient noise scale, coherence and the EB criterion per step.
 
-``EBEarlyStopping`` stops training on a windowed mean of the EB criterion.
+The statistics of a computed step stay on the device: whether the step is usable (finite,
+at least two samples, some layer complete) is a device flag that gates every state update
+with ``torch.where``, and it is read on the host only on Lightning's logging steps, at epoch
+ends, or when a user reads :attr:`GradientSNR.latest`. ``EBEarlyStopping`` (in
+``eb_early_stopping.py``) reads each computed step through :attr:`GradientSNR.last_computed`.
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import warnings
-from collections import deque
-from collections.abc import Sequence
-from typing import Any
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from .._lightning import (
-    EarlyStoppingReason,
-    batches_that_stepped,
-    early_stopping_log_info,
-    early_stopping_should_skip,
-)
+from .. import keys
+from .._lightning import batches_that_stepped
 from ..functional import noise as F
-from ..loggers import add_custom_scalars, is_logging_step, log_scalars_batch, warn_if_no_logger
-from ..metrics.noise import GradientNoiseSums, RatioEMA
+from ..loggers import (
+    add_custom_scalars,
+    is_logging_step,
+    log_headline_step,
+    log_histogram,
+    log_scalars_batch,
+    warn_if_no_logger,
+)
+from ..metrics.noise import GradientNoiseSums, NoiseSums, RatioEMA
 from ..probe import ProbeStats
 from ._probe_callback import LossReductionSetting, ProbeCallback
 
@@ -41,14 +45,52 @@ def optimizer_steps_done(trainer: pl.Trainer) -> int:
     return batches_that_stepped(trainer)
 
 
-#: Logged through ``pl_module.log``; the auxiliary and per-layer values go in one batch.
-_HEADLINE_KEYS = (
-    "gsnr/mean",
-    "gsnr/noise_scale",
-    "gsnr/noise_scale_smoothed",
-    "gsnr/coherence",
-    "gsnr/eb_criterion",
+#: The model-level values of a computed step, in the order of the device vector.
+HEADLINE_KEYS: tuple[str, ...] = (
+    keys.GSNR_MEAN,
+    keys.NOISE_SCALE,
+    keys.NOISE_SCALE_SMOOTHED,
+    keys.NOISE_TRACE_SIGMA,
+    keys.NOISE_GRAD_SQ_NORM,
+    keys.GSNR_COHERENCE,
+    keys.EB_CRITERION,
+    keys.BATCH_SIZE,
 )
+#: Per-layer quantities (``gsnr_layers/<quantity>/<param>``), after the headline in the vector.
+LAYER_QUANTITIES: tuple[str, ...] = ("gsnr", "coherence")
+
+
+def layers_histogram_tag(quantity: str) -> str:
+    """The headline histogram across layers of a per-layer quantity, e.g. ``gsnr/gsnr_layers``."""
+    return f"{keys.GSNR_FAMILY}/{quantity}{keys.LAYERS_SUFFIX}"
+
+
+class ComputedStep(NamedTuple):
+    """The statistics of one computed optimizer step, as :class:`GradientSNR` left them on the
+    device (nothing here has been read by the host).
+
+    Attributes:
+        step: the optimizer step (``optimizer_steps_done``) the statistics describe.
+        values: headline key (``keys.GSNR_MEAN``, ``keys.EB_CRITERION``, ...) -> ``()`` tensor.
+        valid: ``()`` bool tensor; ``False`` when the step was skipped (non-finite gradients,
+            fewer than 2 samples, or no layer with statistics for every sample), and the values
+            are then meaningless.
+    """
+
+    step: int
+    values: Mapping[str, Tensor]
+    valid: Tensor
+
+
+class _DeviceState(NamedTuple):
+    """Device-side bookkeeping, read on the host only at logging steps and epoch ends."""
+
+    latest: Tensor  # (V,) values of the last valid step (NaN before the first)
+    latest_complete: Tensor  # (L,) bool: layers with statistics in that step
+    latest_step: Tensor  # () long, -1 before the first valid step
+    skipped: Tensor  # () long, non-finite optimizer steps since the last read
+    small: Tensor  # () bool, a step with 1 sample since the last read
+    partial: Tensor  # (L,) bool, layers that missed samples since the last read
 
 
 class GradientSNR(ProbeCallback):
@@ -60,18 +102,28 @@ class GradientSNR(ProbeCallback):
     ranks, and turned into statistics of the effective global batch just before the optimizer
     step. On other steps no hook is attached.
 
-    Logged (``pl_module.log``, ``on_step=True``):
+    Logged on Lightning's logging steps (names from :mod:`lightning_gradwatch.keys`):
 
     - ``gsnr/mean``: mean GSNR ``mean_i(g)^2 / var_i(g)`` over all tracked entries;
-      ``gsnr/layer/<param>`` the same per parameter tensor.
-    - ``gsnr/noise_scale``: ``B_simple = tr(Sigma) / |G|^2``; ``gsnr/noise_scale_smoothed``
-      the ratio of EMAs of numerator and denominator; ``gsnr/trace_sigma`` and
-      ``gsnr/grad_sq_norm`` the two estimates themselves.
-    - ``gsnr/coherence``: ``|sum g_i|^2 / (B sum |g_i|^2)``; ``gsnr/coherence/<param>`` per
-      parameter tensor.
-    - ``gsnr/eb_criterion``: Mahsereci et al.'s EB criterion; above 0 means the batch gradient
+      ``gsnr_layers/gsnr/<param>`` the same per parameter tensor.
+    - ``noise_scale/simple``: ``B_simple = tr(Sigma) / |G|^2``; ``noise_scale/smoothed``
+      the ratio of EMAs of numerator and denominator; ``noise_scale/trace_sigma`` and
+      ``noise_scale/grad_sq_norm`` the two estimates themselves.
+    - ``gsnr/coherence``: ``|sum g_i|^2 / (B sum |g_i|^2)``; ``gsnr_layers/coherence/<param>``
+      per parameter tensor.
+    - ``eb/criterion``: Mahsereci et al.'s EB criterion; above 0 means the batch gradient
       is indistinguishable from noise.
-    - ``gsnr/batch_size``: the effective global batch ``B`` the statistics describe.
+    - ``gradwatch/batch_size``: the effective global batch ``B`` the statistics describe;
+      ``gradwatch/skipped_steps``: steps skipped so far.
+    - TensorBoard histograms ``gsnr/gsnr_layers`` and ``gsnr/coherence_layers``: the per-layer
+      values of the step in one chart each (with two or more layers).
+
+    Model-level values go through ``pl_module.log`` (monitorable by ``EarlyStopping`` and
+    ``ModelCheckpoint``); per-layer values go to the loggers in one batch and into
+    ``trainer.callback_metrics``. Steps computed off Lightning's logging steps (``every_n_steps``
+    smaller than ``log_every_n_steps``) update the smoothed noise scale and feed
+    :class:`EBEarlyStopping` through :attr:`last_computed`, without any host-device
+    synchronisation; they are not written.
 
     Example::
 
@@ -81,23 +133,20 @@ class GradientSNR(ProbeCallback):
 
     Args:
         every_n_steps: compute every this many optimizer steps; ``None`` follows the
-            trainer's ``log_every_n_steps`` (and computes nothing when it is 0). Values
-            computed off Lightning's logging steps still reach ``trainer.callback_metrics``
-            (so ``EarlyStopping`` sees them) but loggers write only on logging steps.
+            trainer's ``log_every_n_steps`` (and computes nothing when it is 0).
         params: a parameter name or names to include (``None``: every trainable parameter).
         loss_reduction: how ``training_step`` reduces the per-sample losses: ``"auto"``
             measures it on the first training batch (automatic optimisation); ``"mean"`` or
             ``"sum"`` declare it (checked the same way; required with manual optimisation).
-            Only ``gsnr/trace_sigma``, ``gsnr/grad_sq_norm`` and the noise scale's parts
-            depend on it; a loss that is neither is refused at the first batch.
+            Only ``noise_scale/trace_sigma``, ``noise_scale/grad_sq_norm`` and the noise
+            scale's parts depend on it; a loss that is neither is refused at the first batch.
         eps: ``0`` leaves zero-variance entries out of the GSNR and EB means; ``> 0`` keeps
             every entry and adds ``eps`` to the variance (Cockpit's ``MeanGSNR`` convention).
         zero_variance_rtol: an entry counts as zero-variance when its variance is at most this
             fraction of its mean square; ``None`` uses ``64 * finfo(dtype).eps``.
-        noise_scale_decay: EMA decay for ``gsnr/noise_scale_smoothed``, in ``[0, 1)``.
-        per_layer: also log the per-parameter ``gsnr/layer/*`` and ``gsnr/coherence/*``
-            (through ``pl_module.log`` on Lightning's logging steps only; always in
-            :attr:`latest`). Each costs two ``pl_module.log`` calls per parameter tensor.
+        noise_scale_decay: EMA decay for ``noise_scale/smoothed``, in ``[0, 1)``.
+        per_layer: also log the per-parameter ``gsnr_layers/*`` values and histograms
+            (always in :attr:`latest`).
         backward: with several backward passes per training batch (manual optimisation, e.g.
             a GAN), the 0-based index of the one to use; ``None`` (default): the only one that
             reaches the tracked parameters (a second one raises ``RuntimeError``).
@@ -114,7 +163,8 @@ class GradientSNR(ProbeCallback):
     ``gradwatch/skipped_steps`` on logging steps; nothing of theirs enters any state.
     """
 
-    # gsnr/trace_sigma and gsnr/grad_sq_norm scale with the loss reduction factor c squared.
+    # noise_scale/trace_sigma and noise_scale/grad_sq_norm scale with the loss reduction
+    # factor c squared.
     needs_loss_scale = True
 
     def __init__(
@@ -128,6 +178,9 @@ class GradientSNR(ProbeCallback):
         per_layer: bool = True,
         backward: int | None = None,
     ) -> None:
+        # Before the base __init__, which sets skipped_steps (a property here).
+        self._skipped_host = 0
+        self._device_state: _DeviceState | None = None
         super().__init__(loss_reduction=loss_reduction, sum_grad_squared=True, backward=backward)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
@@ -148,10 +201,12 @@ class GradientSNR(ProbeCallback):
         #: model to its precision) in the parameters' dtype, at least float32.
         self.sums: GradientNoiseSums | None = None
         self._layer_sizes: dict[str, int] = {}
-        #: The quantities of the last computed step, as logged (``name -> 0-dim tensor``).
-        self.latest: dict[str, Tensor] = {}
-        #: ``optimizer_steps_done`` at the last computed step (``None`` before the first).
-        self.latest_step: int | None = None
+        self._entry_layer: Tensor | None = None  # (D,) layer index of each flat entry
+        self._last_computed: ComputedStep | None = None
+        self._last_vector: Tensor | None = None
+        # Resolved on the host by _resolve(): the last valid step's values and step.
+        self._latest: dict[str, Tensor] = {}
+        self._latest_step: int | None = None
         self._sums_step: int | None = None
         self._warned_small_batch = False
         self._warned_partial: set[str] = set()
@@ -163,6 +218,46 @@ class GradientSNR(ProbeCallback):
         return self._generate_state_key(
             params=self.params, every_n_steps=self.every_n_steps, backward=self.backward
         )
+
+    # -- public read-outs --------------------------------------------------------------
+    @property
+    def last_computed(self) -> ComputedStep | None:
+        """The most recent computed step's statistics, still on the device (no
+        synchronisation): the one public way for other callbacks to consume every computed
+        step, as :class:`EBEarlyStopping` does. ``None`` before the first computed step."""
+        return self._last_computed
+
+    @property
+    def latest(self) -> dict[str, Tensor]:
+        """The values of the last computed step that was not skipped, by key (headline keys and,
+        with ``per_layer``, ``gsnr_layers/*``); ``{}`` before the first. Reading it waits for
+        the device."""
+        self._resolve()
+        return self._latest
+
+    @property
+    def latest_step(self) -> int | None:
+        """``optimizer_steps_done`` at the step :attr:`latest` describes (``None`` before the
+        first). Reading it waits for the device."""
+        self._resolve()
+        return self._latest_step
+
+    @property  # type: ignore[override]
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because their gradients were not finite. Reading it waits
+        for the device."""
+        state = self._device_state
+        if state is None:
+            return self._skipped_host
+        return self._skipped_host + int(state.skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_host = int(value)
+        if self._device_state is not None:
+            self._device_state = self._device_state._replace(
+                skipped=torch.zeros_like(self._device_state.skipped)
+            )
 
     # -- ProbeCallback interface ---------------------------------------------------------
     @override
@@ -190,21 +285,32 @@ class GradientSNR(ProbeCallback):
             )
         self._layer_sizes = {n: named[n].numel() for n in names}
         self.sums = None
+        self._entry_layer = None
         warn_if_no_logger(trainer, "GradientSNR")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def exact(key: str) -> str:
+            return re.escape(key) + "$"
+
         add_custom_scalars(
             trainer,
             "gradient noise",
             {
                 "noise scale (raw, smoothed) and batch size": [
-                    r"gsnr/noise_scale.*",
-                    r"gsnr/batch_size",
+                    exact(keys.NOISE_SCALE),
+                    exact(keys.NOISE_SCALE_SMOOTHED),
+                    exact(keys.BATCH_SIZE),
                 ],
-                "GSNR per layer": [r"gsnr/layer/.*", r"gsnr/mean"],
-                "coherence per layer": [r"gsnr/coherence.*"],
-                "EB criterion": [r"gsnr/eb_criterion.*"],
+                "GSNR per layer": [
+                    keys.layer_pattern(keys.GSNR_FAMILY, "gsnr"),
+                    exact(keys.GSNR_MEAN),
+                ],
+                "coherence per layer": [
+                    keys.layer_pattern(keys.GSNR_FAMILY, "coherence"),
+                    exact(keys.GSNR_COHERENCE),
+                ],
+                "EB criterion": [exact(keys.EB_CRITERION), exact(keys.EB_CRITERION_WINDOW)],
             },
         )
 
@@ -214,7 +320,9 @@ class GradientSNR(ProbeCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = optimizer_steps_done(trainer)
-        attached = self.probe is not None and self.probe._active
+        probe = self.probe
+        # TODO(probe API): ``probe.active`` is the public read-only flag; ``_active`` until then.
+        attached = probe is not None and getattr(probe, "active", probe._active)
         if attached and self._sums_step != step:
             # First micro-batch of a scheduled optimizer step.
             self._sums_step = step
@@ -260,44 +368,58 @@ class GradientSNR(ProbeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = optimizer_steps_done(trainer)
-        logging_step = is_logging_step(trainer)
-        values = None
+        computed = False
         if self.sums is not None and self._sums_step == step:
             self._sums_step = None  # consumed: a second optimizer in this step computes nothing
-            values = self._step_quantities(trainer, optimizer)
-        if logging_step:
-            # On every logging step, computed or not, so a logger shows when steps are skipped.
-            log_scalars_batch(trainer, {"gradwatch/skipped_steps": float(self.skipped_steps)})
-        if values is None:
+            with torch.no_grad():
+                computed = self._compute_step(trainer, optimizer, step)
+        if not is_logging_step(trainer):
+            return  # nothing is read on the host until the next logging step
+        self._resolve()
+        # On every logging step, computed or not, so a logger shows when steps are skipped.
+        headline: dict[str, Tensor] = {
+            keys.SKIPPED_STEPS: torch.tensor(float(self._skipped_host), dtype=torch.float64)
+        }
+        if computed and self._latest_step == step:
+            headline.update({k: self._latest[k] for k in HEADLINE_KEYS})
+            self._log_layers(trainer)
+        log_headline_step(pl_module, headline)
+
+    def _log_layers(self, trainer: pl.Trainer) -> None:
+        """The resolved step's per-layer values: one batch of scalars, one histogram each."""
+        if not self.per_layer:
             return
-        self.latest, self.latest_step = values, step
-        # The model-level values go through pl_module.log. Each call costs about half a
-        # millisecond of Lightning bookkeeping, so the per-layer values are written in one
-        # batch (as LearningRateMonitor does), and only on steps the loggers write; they still
-        # reach trainer.callback_metrics for monitoring.
-        for name in _HEADLINE_KEYS:
-            value = values[name]
-            if not torch.isnan(value):
-                pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
-        if logging_step:
-            log_scalars_batch(trainer, {n: v for n, v in values.items() if n not in _HEADLINE_KEYS})
+        per_layer = {k: v for k, v in self._latest.items() if k not in HEADLINE_KEYS}
+        log_scalars_batch(trainer, per_layer)  # type: ignore[arg-type]
+        if len(self._layer_sizes) < 2:
+            return
+        step = batches_that_stepped(trainer)
+        for quantity in LAYER_QUANTITIES:
+            prefix = keys.layer_key(keys.GSNR_FAMILY, quantity, "")
+            values = torch.stack([v for k, v in per_layer.items() if k.startswith(prefix)])
+            log_histogram(trainer, layers_histogram_tag(quantity), values[values.isfinite()], step)
 
     # -- computation -----------------------------------------------------------------
-    def _step_quantities(self, trainer: pl.Trainer, optimizer: Any) -> dict[str, Tensor] | None:
-        """The step's statistics, or ``None`` for a step that is skipped (counted in
-        :attr:`skipped_steps` when it overflowed)."""
+    def _compute_step(self, trainer: pl.Trainer, optimizer: Any, step: int) -> bool:
+        """Form the step's statistics on the device; whether there was a step to compute.
+
+        Nothing here waits for the device: a step that must be skipped (non-finite, fewer than
+        2 samples, no complete layer) is flagged on the device, and the flag gates the EMA and
+        the latest values with ``torch.where``.
+        """
         assert self.sums is not None
         # Collective on every rank (all ranks share the schedule): one all-reduce per state.
         sums = self.sums.compute()
         self.sums.reset()
-        nonfinite = sums.nonfinite
+        device = sums.grad_sum.device
+        finite = sums.nonfinite.reshape(()).to(device) == 0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             # The GradScaler skips optimizer.step when any gradient is non-finite after
             # unscaling (done before this hook). The probe's statistics, formed in float32 from
             # the 16-bit backprops, can stay finite on such a step while the 16-bit batch
             # gradient overflowed: apply the scaler's own criterion so the step is skipped here
-            # too. The flag stays on the device and is read with the count below.
+            # too.
             grads = [
                 p.grad
                 for group in optimizer.param_groups
@@ -305,79 +427,170 @@ class GradientSNR(ProbeCallback):
                 if p.grad is not None
             ]
             if grads:
-                finite = torch.stack([g.isfinite().all() for g in grads]).all()
-                nonfinite = nonfinite + (~finite).to(nonfinite.dtype)
-        # One device-to-host read per computed step: whether it overflowed, and its batch size.
-        nonfinite_count, count = torch.stack([nonfinite.to(sums.count.device), sums.count]).tolist()
-        if nonfinite_count > 0:
-            # An overflow step (or a non-finite loss): none of its values enter any state.
-            self.skipped_steps += 1
-            return None
-        with torch.no_grad():
-            return self._quantities(sums, count)
+                finite = finite & torch.stack([g.isfinite().all() for g in grads]).all().to(device)
+        vector, complete, enough, count = self._statistics(sums)
+        valid = finite & enough & complete.any()
+        self._update_ema_and_state(vector, complete, valid, finite, count, step)
+        return True
 
-    def _quantities(self, sums: Any, count: int) -> dict[str, Tensor] | None:
-        if count == 0:
-            return None  # no probed backward this step (e.g. training_step returned None)
-        if count < 2:
-            if not self._warned_small_batch:
-                self._warned_small_batch = True
-                warnings.warn(
-                    f"GradientSNR: the effective batch has {count} sample(s); variance, GSNR, "
-                    f"noise scale and the EB criterion need at least 2, so these steps are "
-                    f"skipped. Use a batch size >= 2 (or accumulate_grad_batches >= 2).",
-                    stacklevel=2,
-                )
-            return None
+    def _statistics(self, sums: NoiseSums) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(vector, complete, enough, count)``: the step's values in :data:`HEADLINE_KEYS`
+        order then per layer; which layers had every sample; whether ``B >= 2``; ``B``.
+
+        Layers that missed samples are left out exactly: their sums are zeroed, which makes
+        every one of their entries zero-variance (left out with ``eps == 0``) and removes their
+        share of ``N`` and ``|gbar|^2``; with ``eps > 0`` the entry counts are corrected.
+        """
         assert self.sums is not None
+        dtype = sums.grad_sum.dtype
+        count = sums.count.reshape(()).to(dtype)
         # torchmetrics squeezes one-element results: one tracked layer gives a 0-dim count
-        complete = (sums.layer_count.reshape(-1) == count).tolist()
-        names = [n for n, ok in zip(self.sums.layer_names, complete, strict=True) if ok]
-        for name, ok in zip(self.sums.layer_names, complete, strict=True):
-            if not ok and name not in self._warned_partial:
-                self._warned_partial.add(name)
-                warnings.warn(
-                    f"GradientSNR: parameter '{name}' had no per-sample statistics for part of "
-                    f"the batch (see the probe's warning for why) and is left out of the "
-                    f"noise statistics on such steps.",
-                    stacklevel=2,
-                )
-        if not names:
-            return None
-        slices = [self.sums.layer_slice(n) for n in names]
-        index = [self.sums.layer_names.index(n) for n in names]
-        if len(names) == len(self.sums.layer_names):
-            grad_sum, grad_sq_sum = sums.grad_sum, sums.grad_sq_sum
-            sample_sq_norm_sum = sums.sample_sq_norm_sum
-        else:
-            grad_sum = torch.cat([sums.grad_sum[s] for s in slices])
-            grad_sq_sum = torch.cat([sums.grad_sq_sum[s] for s in slices])
-            sample_sq_norm_sum = sums.sample_sq_norm_sum[index]
+        complete = sums.layer_count.reshape(-1).to(dtype) == count
+        if self._entry_layer is None or self._entry_layer.device != complete.device:
+            sizes = torch.tensor(self.sums.layer_sizes, device=complete.device)
+            self._entry_layer = torch.repeat_interleave(
+                torch.arange(len(sizes), device=complete.device), sizes
+            )
+        all_complete = complete.all()
+        keep = complete[self._entry_layer]
+        zero = torch.zeros((), dtype=dtype, device=complete.device)
         stats = F.noise_statistics(
-            grad_sum,
-            grad_sq_sum,
-            sample_sq_norm_sum,
-            count,
-            [s.stop - s.start for s in slices],
+            torch.where(keep, sums.grad_sum, zero),
+            torch.where(keep, sums.grad_sq_sum, zero),
+            torch.where(complete, sums.sample_sq_norm_sum.reshape(-1), zero),
+            count,  # type: ignore[arg-type]
+            self.sums.layer_sizes,
             eps=self.eps,
             zero_variance_rtol=self.zero_variance_rtol,
         )
-        self.noise_scale_ema.update(stats["trace_sigma"], stats["grad_sq_norm"])
-        values: dict[str, Tensor] = {
-            "gsnr/mean": stats["gsnr_mean"],
-            "gsnr/noise_scale": stats["noise_scale"],
-            "gsnr/noise_scale_smoothed": self.noise_scale_ema.compute().to(grad_sum.dtype),
-            "gsnr/trace_sigma": stats["trace_sigma"],
-            "gsnr/grad_sq_norm": stats["grad_sq_norm"],
-            "gsnr/coherence": stats["coherence"],
-            "gsnr/eb_criterion": stats["eb_criterion"],
-            "gsnr/batch_size": torch.tensor(float(count)),
-        }
+        gsnr, eb = stats["gsnr_mean"], stats["eb_criterion"]
+        if self.eps > 0:
+            # noise_statistics divides by every entry when eps > 0; the zeroed layers' ratios
+            # are 0, so rescale the means to the complete layers' entries (a no-op, exactly,
+            # when every layer is complete).
+            sizes = torch.tensor(self.sums.layer_sizes, dtype=dtype, device=complete.device)
+            factor = sizes.sum() / (sizes * complete).sum()
+            gsnr = torch.where(all_complete, gsnr, gsnr * factor)
+            eb = torch.where(all_complete, eb, 1 - (1 - eb) * factor)
+        enough = count >= 2
+        headline = [
+            gsnr,
+            stats["noise_scale"],
+            torch.zeros((), dtype=dtype, device=complete.device),  # smoothed: set after the EMA
+            stats["trace_sigma"],
+            stats["grad_sq_norm"],
+            stats["coherence"],
+            eb,
+            count,
+        ]
+        parts = [torch.stack(headline)]
         if self.per_layer:
-            for k, name in enumerate(names):
-                values[f"gsnr/layer/{name}"] = stats["layer_gsnr"][k]
-                values[f"gsnr/coherence/{name}"] = stats["layer_coherence"][k]
-        return values
+            parts += [stats["layer_gsnr"], stats["layer_coherence"]]
+        return torch.cat(parts), complete, enough, count
+
+    def _update_ema_and_state(
+        self,
+        vector: Tensor,
+        complete: Tensor,
+        valid: Tensor,
+        finite: Tensor,
+        count: Tensor,
+        step: int,
+    ) -> None:
+        ema = self.noise_scale_ema
+        before = (ema.numerator, ema.denominator, ema.updates)
+        trace = vector[HEADLINE_KEYS.index(keys.NOISE_TRACE_SIGMA)]
+        true_sq = vector[HEADLINE_KEYS.index(keys.NOISE_GRAD_SQ_NORM)]
+        # A skipped step's inputs may be NaN: the update runs, and torch.where keeps the old
+        # states (no host read decides it).
+        ema.update(trace, true_sq)
+        ema.numerator = torch.where(valid, ema.numerator, before[0])
+        ema.denominator = torch.where(valid, ema.denominator, before[1])
+        ema.updates = torch.where(valid, ema.updates, before[2])
+        smoothed = HEADLINE_KEYS.index(keys.NOISE_SCALE_SMOOTHED)
+        vector[smoothed] = ema.compute().to(vector.dtype)
+
+        state = self._device_state
+        if state is None or state.latest.shape != vector.shape:
+            state = _DeviceState(
+                latest=torch.full_like(vector, float("nan")),
+                latest_complete=torch.zeros_like(complete),
+                latest_step=torch.full((), -1, dtype=torch.long, device=vector.device),
+                skipped=torch.zeros((), dtype=torch.long, device=vector.device),
+                small=torch.zeros((), dtype=torch.bool, device=vector.device),
+                partial=torch.zeros_like(complete),
+            )
+        self._device_state = _DeviceState(
+            latest=torch.where(valid, vector, state.latest),
+            latest_complete=torch.where(valid, complete, state.latest_complete),
+            latest_step=torch.where(valid, step, state.latest_step),
+            # An overflow step (or a non-finite loss) is counted, once per optimizer step.
+            skipped=state.skipped + (~finite).long(),
+            small=state.small | (finite & (count > 0) & (count < 2)),
+            partial=state.partial | (~complete & finite & (count >= 2)),
+        )
+        values = {k: vector[i] for i, k in enumerate(HEADLINE_KEYS)}
+        self._last_computed = ComputedStep(step, values, valid)
+
+    def _resolve(self) -> None:
+        """Read the device state on the host (one transfer): the latest valid step's values,
+        and the warnings owed since the last read. Called on logging steps, at epoch ends and
+        when a user reads :attr:`latest`."""
+        state = self._device_state
+        if state is None:
+            return
+        layers = list(self._layer_sizes)
+        n_layers = len(layers)
+        packed = torch.cat(
+            [
+                state.latest.double(),
+                state.latest_complete.double(),
+                state.partial.double(),
+                torch.stack([state.latest_step, state.small.long(), state.skipped]).double(),
+            ]
+        ).cpu()
+        n_values = state.latest.numel()
+        vector = packed[:n_values]
+        complete = packed[n_values : n_values + n_layers].bool().tolist()
+        partial = packed[n_values + n_layers : n_values + 2 * n_layers].bool().tolist()
+        latest_step, small, skipped = (int(v) for v in packed[-3:].tolist())
+        self._skipped_host += skipped
+        self._device_state = state._replace(
+            small=torch.zeros_like(state.small),
+            partial=torch.zeros_like(state.partial),
+            skipped=torch.zeros_like(state.skipped),
+        )
+        if small and not self._warned_small_batch:
+            self._warned_small_batch = True
+            rank_zero_warn(
+                "GradientSNR: the effective batch has 1 sample(s); variance, GSNR, noise "
+                "scale and the EB criterion need at least 2, so these steps are skipped. Use a "
+                "batch size >= 2 (or accumulate_grad_batches >= 2)."
+            )
+        for name, missed in zip(layers, partial, strict=True):
+            if missed and name not in self._warned_partial:
+                self._warned_partial.add(name)
+                rank_zero_warn(
+                    f"GradientSNR: parameter '{name}' had no per-sample statistics for part of "
+                    f"the batch (see the probe's warning for why) and is left out of the "
+                    f"noise statistics on such steps."
+                )
+        if latest_step < 0:
+            return
+        self._latest_step = latest_step
+        latest = {k: vector[i] for i, k in enumerate(HEADLINE_KEYS)}
+        if self.per_layer:
+            offset = len(HEADLINE_KEYS)
+            for q, quantity in enumerate(LAYER_QUANTITIES):
+                for k, name in enumerate(layers):
+                    if complete[k]:
+                        key = keys.layer_key(keys.GSNR_FAMILY, quantity, name)
+                        latest[key] = vector[offset + q * n_layers + k]
+        self._latest = latest
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve()  # warnings owed by steps since the last logging step
 
     # -- state -------------------------------------------------------------------------
     @override
@@ -402,126 +615,7 @@ class GradientSNR(ProbeCallback):
             ema.updates = torch.tensor(saved["updates"], dtype=torch.long)
 
 
-class EBEarlyStopping(EarlyStopping):
-    """Stops training when the EB criterion, averaged over a window of steps, exceeds a
-    threshold (Mahsereci et al. 2017: above 0 the gradient is indistinguishable from noise).
+# Kept importable from here, where it lived before it got its own module.
+from .eb_early_stopping import EBEarlyStopping  # noqa: E402
 
-    The per-step criterion is noisy, so a plain ``EarlyStopping`` on ``gsnr/eb_criterion``
-    would stop on the first unlucky batch, and it only checks once per epoch. This subclass
-    reads every value :class:`GradientSNR` computes, keeps the last ``window`` of them, logs
-    their mean as ``gsnr/eb_criterion_window``, and stops (on every rank) as soon as a full
-    window's mean is above ``threshold``. Patience-based stopping is disabled: only the
-    threshold stops. Needs a :class:`GradientSNR` in the trainer's callbacks; the criterion
-    is derived for plain SGD.
-
-    Example::
-
-        >>> import lightning.pytorch as pl
-        >>> from lightning_gradwatch import EBEarlyStopping, GradientSNR
-        >>> trainer = pl.Trainer(
-        ...     callbacks=[GradientSNR(every_n_steps=1), EBEarlyStopping(window=20)],
-        ...     log_every_n_steps=1,
-        ... )
-
-    Args:
-        window: number of computed steps to average.
-        threshold: stop when the window mean is above this.
-        verbose: print a message when stopping.
-    """
-
-    def __init__(self, window: int = 20, threshold: float = 0.0, verbose: bool = False) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
-        super().__init__(
-            monitor="gsnr/eb_criterion_window",
-            mode="max",
-            stopping_threshold=threshold,
-            patience=sys.maxsize,
-            check_finite=False,
-            verbose=verbose,
-        )
-        self.window = window
-        self.threshold = float(threshold)
-        self.values: deque[float] = deque(maxlen=window)
-        self._source: GradientSNR | None = None
-        self._last_seen: int | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # The monitor is fixed, so EarlyStopping's key would be the same for every instance.
-        return self._generate_state_key(window=self.window, threshold=self.threshold)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        sources = [cb for cb in trainer.callbacks if isinstance(cb, GradientSNR)]  # type: ignore[attr-defined]
-        if not sources:
-            raise ValueError(
-                "EBEarlyStopping needs a GradientSNR callback to compute the EB criterion: "
-                "pass callbacks=[GradientSNR(...), EBEarlyStopping(...)] to the Trainer"
-            )
-        self._source = sources[0]
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        source = self._source
-        if source is None or source.latest_step is None or source.latest_step == self._last_seen:
-            return
-        self._last_seen = source.latest_step
-        value = float(source.latest["gsnr/eb_criterion"])
-        if math.isfinite(value):
-            self.values.append(value)
-        if len(self.values) < self.window:
-            return
-        mean = sum(self.values) / len(self.values)
-        pl_module.log(
-            self.monitor, torch.tensor(mean, dtype=torch.float64), on_step=True, on_epoch=False
-        )
-        should_stop = mean > self.threshold
-        # Every rank sees the same global statistics; reduce anyway so ranks never disagree.
-        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
-        if (
-            should_stop
-            and not trainer.should_stop
-            and not early_stopping_should_skip(self, trainer)
-        ):
-            trainer.should_stop = True
-            self.stopped_epoch = trainer.current_epoch
-            reason = (
-                f"EB criterion averaged over the last {self.window} computed steps is "
-                f"{mean:.4f} > {self.threshold}: the gradient is indistinguishable from noise."
-            )
-            if EarlyStoppingReason is not None:
-                self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
-            self.stopping_reason_message = reason
-            if self.verbose:
-                early_stopping_log_info(self, trainer, reason)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The check runs per step in ``on_train_batch_end``."""
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The check runs per step in ``on_train_batch_end``."""
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["eb_values"] = list(self.values)
-        state["last_seen"] = self._last_seen
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.values = deque(state_dict.get("eb_values", []), maxlen=self.window)
-        self._last_seen = state_dict.get("last_seen")
+__all__ = ["ComputedStep", "EBEarlyStopping", "GradientSNR", "optimizer_steps_done"]
