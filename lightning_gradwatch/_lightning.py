@@ -33,6 +33,7 @@ __all__ = [
     "current_hook_name",
     "early_stopping_log_info",
     "early_stopping_should_skip",
+    "epoch_end_flag",
     "hide_step_values",
     "logger_connector_logs_this_step",
     "overrides",
@@ -92,3 +93,16 @@ def early_stopping_log_info(callback: EarlyStopping, trainer: pl.Trainer, messag
 def overrides(method_name: str, instance: Any) -> bool:
     """Whether ``instance`` overrides ``method_name`` of its Lightning base class."""
     return bool(is_overridden(method_name, instance))
+
+
+def epoch_end_flag(callback: Any) -> bool | None:
+    """The ``check_on_train_epoch_end`` of an ``EarlyStopping`` or the
+    ``save_on_train_epoch_end`` of a ``ModelCheckpoint`` as the user passed it (``None`` when
+    unset: Lightning then decides at ``setup``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if isinstance(callback, EarlyStopping):
+        return callback._check_on_train_epoch_end
+    if isinstance(callback, ModelCheckpoint):
+        return callback._save_on_train_epoch_end
+    raise TypeError(f"epoch_end_flag: expected EarlyStopping or ModelCheckpoint, got {callback!r}")

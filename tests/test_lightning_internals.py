@@ -177,3 +177,16 @@ def test_overrides_and_version_gate() -> None:
     assert internals.overrides("validation_step", WithValidation())
     assert not internals.overrides("validation_step", Tiny())
     assert (internals.EarlyStoppingReason is not None) == internals.LIGHTNING_GE_2_6
+
+
+def test_epoch_end_flag_reads_what_the_user_passed() -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert internals.epoch_end_flag(EarlyStopping(monitor="x")) is None
+    assert internals.epoch_end_flag(EarlyStopping(monitor="x", check_on_train_epoch_end=True))
+    assert (
+        internals.epoch_end_flag(ModelCheckpoint(monitor="x", save_on_train_epoch_end=False))
+        is False
+    )
+    with pytest.raises(TypeError, match="EarlyStopping or ModelCheckpoint"):
+        internals.epoch_end_flag(object())

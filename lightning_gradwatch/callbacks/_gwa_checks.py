@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset, Subset
 
 from .. import keys
-from .._lightning import overrides
+from .._lightning import epoch_end_flag, overrides
 
 #: Every GWA key starts with this (headline and per-layer sections).
 _GWA_PREFIXES = (f"{keys.GWA_FAMILY}/", f"{keys.GWA_FAMILY}{keys.LAYERS_SUFFIX}/")
@@ -51,9 +51,9 @@ def warn_if_checked_at_validation(trainer: pl.Trainer, pl_module: pl.LightningMo
         if monitor is None:
             continue
         if isinstance(callback, EarlyStopping):
-            flag, value = "check_on_train_epoch_end", callback._check_on_train_epoch_end
+            flag, value = "check_on_train_epoch_end", epoch_end_flag(callback)
         elif isinstance(callback, ModelCheckpoint):
-            flag, value = "save_on_train_epoch_end", callback._save_on_train_epoch_end
+            flag, value = "save_on_train_epoch_end", epoch_end_flag(callback)
         else:
             continue
         # Unset, both resolve to the training epoch end only when validation runs once at the

@@ -213,8 +213,9 @@ class ProbeCallback(Callback):
                 )
             rank_zero_warn(
                 f"{name}: could not confirm loss_reduction={self.loss_reduction!r}: "
-                f"{measurement.describe()}; {reason}. Absolute magnitudes (gsnr/trace_sigma, "
-                f"gsnr/grad_sq_norm) are exact only if the loss is "
+                f"{measurement.describe()}; {reason}. Absolute magnitudes "
+                f"(noise_scale/trace_sigma, noise_scale/grad_sq_norm) are exact only if the "
+                f"loss is "
                 f"{'the mean' if self.loss_reduction == 'mean' else 'the sum'} of per-sample "
                 f"losses over the batch."
             )

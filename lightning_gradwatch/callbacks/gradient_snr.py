@@ -167,6 +167,10 @@ class GradientSNR(ProbeCallback):
     # factor c squared.
     needs_loss_scale = True
 
+    #: Non-finite backward passes are counted on the device (see GradientNoiseSums), so no
+    #: step reads their finiteness to the host.
+    handles_nonfinite = True
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -321,8 +325,7 @@ class GradientSNR(ProbeCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = optimizer_steps_done(trainer)
         probe = self.probe
-        # TODO(probe API): ``probe.active`` is the public read-only flag; ``_active`` until then.
-        attached = probe is not None and getattr(probe, "active", probe._active)
+        attached = probe is not None and probe.active
         if attached and self._sums_step != step:
             # First micro-batch of a scheduled optimizer step.
             self._sums_step = step
@@ -361,7 +364,15 @@ class GradientSNR(ProbeCallback):
         batch_idx: int,
     ) -> None:
         assert self.sums is not None
-        self.sums.update(stats.grad_sum, stats.sum_sq, stats.sq_norm, stats.batch_size)
+        # The pass's finiteness stays on the device; a non-finite one makes the step invalid.
+        self.sums.update(
+            stats.grad_sum, stats.sum_sq, stats.sq_norm, stats.batch_size, finite=stats.finite
+        )
+
+    @override
+    def count_nonfinite(self, stats: ProbeStats) -> None:
+        # Skips are counted per optimizer step, when the step's sums are consumed.
+        pass
 
     @override
     def on_before_optimizer_step(

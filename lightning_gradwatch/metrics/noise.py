@@ -114,7 +114,7 @@ class GradientNoiseSums(Metric):
         grad_sq_sum: Mapping[str, Tensor],
         sample_sq_norm: Mapping[str, Tensor],
         batch_size: int,
-        finite: bool = True,
+        finite: bool | Tensor = True,
     ) -> None:
         """Add one backward pass.
 
@@ -124,9 +124,14 @@ class GradientNoiseSums(Metric):
             sample_sq_norm: name to ``(b,)`` ``|g_i|^2``.
             batch_size: ``b``, the samples in this pass.
             finite: ``False`` records a non-finite pass (the other arguments are ignored);
-                ``compute`` then reports it in ``nonfinite`` on every rank.
+                ``compute`` then reports it in ``nonfinite`` on every rank. A ``()`` bool
+                tensor is counted on the device, with no host synchronisation; the pass's
+                sums are added either way, and a consumer must discard a step whose
+                ``nonfinite`` is not 0.
         """
-        if not finite:
+        if isinstance(finite, Tensor):
+            self.nonfinite += (~finite).to(self.nonfinite.dtype).to(self.nonfinite.device)
+        elif not finite:
             self.nonfinite += 1
             return
         self.count += batch_size
