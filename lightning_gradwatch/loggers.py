@@ -24,13 +24,13 @@ Routes, one per kind of value:
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from ._lightning import (
@@ -86,10 +86,9 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
 def warn_if_no_logger(trainer: pl.Trainer, owner: str) -> None:
     """One warning when metrics would go nowhere; the callback keeps working."""
     if not trainer.loggers:
-        warnings.warn(
+        rank_zero_warn(
             f"{owner}: the Trainer has no logger, so its metrics are computed but not written. "
-            f"Pass logger=TensorBoardLogger(...) (or leave logger=True) to record them.",
-            stacklevel=2,
+            f"Pass logger=TensorBoardLogger(...) (or leave logger=True) to record them."
         )
 
 

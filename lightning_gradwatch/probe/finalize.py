@@ -4,11 +4,11 @@ per-sample losses and assembled into :class:`ProbeStats` at the end of the backw
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Literal
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from .capture import _release
@@ -190,10 +190,9 @@ class _Finalize:
         key = f"{owner.module_name}:{type(owner.module).__name__}:{kind or reason}"
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(
+            rank_zero_warn(
                 f"lightning_gradwatch: {type(owner.module).__name__} '{owner.module_name}' is "
-                f"left out of per-sample statistics: {reason}.",
-                stacklevel=2,
+                f"left out of per-sample statistics: {reason}."
             )
 
     def _finalize(self) -> None:
@@ -202,12 +201,11 @@ class _Finalize:
                 self._stats = None
                 if "incomplete" not in self._warned:
                     self._warned.add("incomplete")
-                    warnings.warn(
+                    rank_zero_warn(
                         "lightning_gradwatch: a backward pass went through a graph whose "
                         "captures an earlier backward already used (retain_graph=True); it "
                         "has no per-sample statistics. Run the forward again for each "
-                        "backward you want probed.",
-                        stacklevel=2,
+                        "backward you want probed."
                     )
                 return
             for owner in self._owners:

@@ -3,10 +3,10 @@ evidence of a replay with one sample changed."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -82,7 +82,7 @@ class _SampleDims:
             replayed.clear()
             if "sample dims" not in self._warned:
                 self._warned.add("sample dims")
-                warnings.warn(
+                rank_zero_warn(
                     f"lightning_gradwatch: could not check along which dim each module sees "
                     f"the samples: the model's forward failed on a copy of the batch whose "
                     f"sample 0 was changed ({type(err).__name__}: {err}). Modules are taken "

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
@@ -95,12 +95,11 @@ class _UseChecker(TorchFunctionMode):
                 key = f"outside:{name}"
                 if key not in self.probe._warned:
                     self.probe._warned.add(key)
-                    warnings.warn(
+                    rank_zero_warn(
                         f"lightning_gradwatch: parameter '{name}' is used outside any module's "
                         f"forward (for example a weight penalty added to the loss). That part "
                         f"of its gradient belongs to no sample and is left out of per-sample "
-                        f"statistics.",
-                        stacklevel=2,
+                        f"statistics."
                     )
                 continue
             user = self.names.get(id(stack[-1]), type(stack[-1]).__name__)
