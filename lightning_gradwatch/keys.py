@@ -37,6 +37,15 @@ def layer_pattern(family: str, quantity: str) -> str:
     return rf"{family}{LAYERS_SUFFIX}/{quantity}/.*"
 
 
+def layers_histogram_key(family: str, quantity: str) -> str:
+    """The headline-section histogram of one per-layer quantity across the layers.
+
+    >>> layers_histogram_key("gsnr", "gsnr")
+    'gsnr/gsnr_layers'
+    """
+    return f"{family}/{quantity}{LAYERS_SUFFIX}"
+
+
 # -- gradient-weight alignment (GradientWeightAlignment, GWAEarlyStopping) ----------------------
 GWA_AGGREGATE = "gwa/aggregate"  #: epoch: mean / (excess kurtosis + 1.2) over the epoch's scores
 GWA_MEAN = "gwa/mean"  #: epoch: mean alignment score
@@ -63,6 +72,9 @@ SPECTRAL_MEAN_SIGMA = "spectral/mean_sigma_max"  #: step: mean sigma_max over tr
 SPECTRAL_LOG_LIPSCHITZ = "spectral/log_lipschitz_upper_bound"  #: step: sum of log sigma_max
 SPECTRAL_GROWTH_ALARM = "spectral/growth_alarm"  #: step: layers whose sigma_max grew too fast
 SPECTRAL_FAMILY = "spectral"  #: per-layer: ``spectral_layers/<quantity>/<param>``
+SPECTRAL_HEATMAP_LOG_SIGMA = "spectral/heatmap/log_sigma_max"  #: image: layers x steps
+SPECTRAL_HEATMAP_GROWTH = "spectral/heatmap/sigma_max_growth"  #: image: layers x steps
+SPECTRAL_HEATMAP_ROWS = "spectral/heatmap/rows"  #: text: the heatmaps' row labels
 
 # -- reweighting (GWAReweighting) ----------------------------------------------------------------
 REWEIGHT_RAW_MEAN = "reweight/raw_mean"

@@ -61,8 +61,8 @@ LAYER_QUANTITIES: tuple[str, ...] = ("gsnr", "coherence")
 
 
 def layers_histogram_tag(quantity: str) -> str:
-    """The headline histogram across layers of a per-layer quantity, e.g. ``gsnr/gsnr_layers``."""
-    return f"{keys.GSNR_FAMILY}/{quantity}{keys.LAYERS_SUFFIX}"
+    """The histogram across layers of one per-layer quantity."""
+    return keys.layers_histogram_key(keys.GSNR_FAMILY, quantity)
 
 
 class ComputedStep(NamedTuple):

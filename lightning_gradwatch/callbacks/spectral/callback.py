@@ -47,8 +47,8 @@ def layer_key(quantity: str, name: str) -> str:
 
 
 def layers_histogram_tag(quantity: str) -> str:
-    """The headline histogram across layers, e.g. ``spectral/sigma_max_layers``."""
-    return f"{FAMILY}/{quantity}{keys.LAYERS_SUFFIX}"
+    """The histogram across layers of one per-layer quantity."""
+    return keys.layers_histogram_key(FAMILY, quantity)
 
 
 class SpectralNorms(Callback):

@@ -16,9 +16,9 @@ from ...heatmap import heatmap_image, matplotlib_available, plain_heatmap_image
 from ...loggers import log_image, tensorboard_writer
 
 #: TensorBoard image tags (the *Images* tab) and the text naming the plain images' rows.
-HEATMAP_GROWTH = f"{keys.SPECTRAL_FAMILY}/heatmap/sigma_max_growth"
-HEATMAP_LOG_SIGMA = f"{keys.SPECTRAL_FAMILY}/heatmap/log_sigma_max"
-HEATMAP_ROWS = f"{keys.SPECTRAL_FAMILY}/heatmap/rows"
+HEATMAP_GROWTH = keys.SPECTRAL_HEATMAP_GROWTH
+HEATMAP_LOG_SIGMA = keys.SPECTRAL_HEATMAP_LOG_SIGMA
+HEATMAP_ROWS = keys.SPECTRAL_HEATMAP_ROWS
 #: Epoch-end heatmap images may take at most 1/HEATMAP_TIME_RATIO of the time since the fit
 #: started: an epoch end renders only if the rendering time spent so far plus the expected cost
 #: of this rendering (the last one's, or FIRST_RENDER_SECONDS before any) fits. The end of
