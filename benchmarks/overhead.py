@@ -434,7 +434,8 @@ def probe_breakdown(
 # ============================================================================ callbacks part
 class _StepTimer:
     """Two callbacks around the case's callbacks: the first stamps ``on_train_batch_start``
-    (before theirs), the last stamps ``on_train_batch_end`` (after theirs)."""
+    and ``on_train_epoch_start`` (before theirs), the last stamps ``on_train_batch_end`` and
+    ``on_train_epoch_end`` (after theirs)."""
 
     def __init__(self) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -445,12 +446,19 @@ class _StepTimer:
             def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
                 timer._start = CLOCK()
 
+            def on_train_epoch_start(self, *args: Any, **kwargs: Any) -> None:
+                timer._epoch_start = CLOCK()
+
         class End(Callback):
             def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
                 timer.durations.append(CLOCK() - timer._start)
 
-        self._start = 0.0
+            def on_train_epoch_end(self, *args: Any, **kwargs: Any) -> None:
+                timer.epoch_durations.append(CLOCK() - timer._epoch_start)
+
+        self._start = self._epoch_start = 0.0
         self.durations: list[float] = []
+        self.epoch_durations: list[float] = []
         self.start, self.end = Start(), End()
 
 
@@ -481,15 +489,18 @@ def _fit_once(
     trainer_kwargs: dict[str, Any],
     steps: int,
     accelerator: str,
+    epochs: int | None = None,
 ) -> list[float]:
+    """Per-step durations of one ``fit`` of ``steps`` steps; with ``epochs``, per-epoch
+    durations of ``epochs`` epochs of ``steps`` steps each instead."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = pl.Trainer(
-            max_steps=steps,
-            max_epochs=1,
+            max_steps=-1 if epochs else steps,
+            max_epochs=epochs or 1,
             accelerator=accelerator,
             devices=1,
             logger=TensorBoardLogger(log_dir, name=key),
@@ -501,7 +512,7 @@ def _fit_once(
             **trainer_kwargs,
         )
         trainer.fit(BenchModule(model), train_dataloaders=fixed_batch_loader(x, y, steps))
-    return timer.durations
+    return timer.epoch_durations if epochs else timer.durations
 
 
 @dataclass
@@ -523,10 +534,12 @@ def time_callback_part(
     warmup: int,
     accelerator: str,
     batch_size: int | None = None,
+    quick: bool = False,
 ) -> tuple[list[CallbackRow], list[str]]:
     """Alternate short ``fit`` runs, plain and with the case's callbacks, ``repeats`` times each;
-    per-step durations after ``warmup`` steps of each run, medians over all kept steps. The ratio
-    is the median over runs of (case run median / paired plain run median)."""
+    per-step durations after ``warmup`` steps of each run, medians over all kept steps (per-epoch
+    durations for a ``per_epoch`` case). The ratio is the median over runs of (case run median /
+    paired plain run median)."""
     import logging
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -548,9 +561,23 @@ def time_callback_part(
                     medians = {}
                     for which in order:
                         callbacks = case.make_callbacks() if which == "case" else []
+                        if case.per_epoch:  # whole epochs; the first is the warm-up
+                            run_steps, epochs, skip = (
+                                (3, 2, 1) if quick else (case.steps_per_epoch, case.epochs, 1)
+                            )
+                        else:
+                            run_steps, epochs, skip = steps, None, warmup
                         durations = _fit_once(
-                            key, model, x, y, callbacks, case.trainer_kwargs, steps, accelerator
-                        )[warmup:]
+                            key,
+                            copy.deepcopy(model),
+                            x,
+                            y,
+                            callbacks,
+                            case.trainer_kwargs,
+                            run_steps,
+                            accelerator,
+                            epochs,
+                        )[skip:]
                         (plain if which == "plain" else probed).extend(durations)
                         medians[which] = statistics.median(durations)
                     ratios.append(medians["case"] / medians["plain"])
@@ -704,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
             steps = args.cb_steps + warmup
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         rows_cb, failures = time_callback_part(
-            keys, repeats, steps, warmup, accelerator, batch_size=args.batch_size
+            keys, repeats, steps, warmup, accelerator, batch_size=args.batch_size, quick=quick
         )
         print(
             f"## Callback overhead ({repeats} alternating fit runs each, {steps - warmup} timed "
