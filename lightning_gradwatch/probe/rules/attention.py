@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, outer_product_sum, rowdot
+from .._linalg import bias_stats, outer_product_moments, rowdot
 from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
 
@@ -140,7 +140,7 @@ class MultiheadAttentionRule(FallbackRule):
                 z = z - b_out if b_out is not None else z
             else:
                 z = core_b @ w_out.T
-            sq_norm, sum_sq, _ = outer_product_stats(
+            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                 core_b.unsqueeze(2),
                 delta_b.unsqueeze(2),
                 ctx.need_sum_sq,
@@ -151,11 +151,7 @@ class MultiheadAttentionRule(FallbackRule):
                 dot=rowdot(delta_b, z),
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
-                grad_sum=(
-                    outer_product_sum(core_b.unsqueeze(2), delta_b.unsqueeze(2)).squeeze(0)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
             )
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
@@ -168,12 +164,12 @@ class MultiheadAttentionRule(FallbackRule):
                 # input's Gram matrix is formed once.
                 a = inputs[0].unsqueeze(2)
                 d_all = torch.cat(grads, -1).unsqueeze(2)
-                sq_norm, sum_sq, _ = outer_product_stats(
+                sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                     a, d_all, ctx.need_sum_sq, False, ctx.chunk_elements
                 )
             elif query.shape[0] == key.shape[0]:
                 # Same length: the three projections are three groups of one outer product.
-                sq_norm, sum_sq, _ = outer_product_stats(
+                sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                     torch.stack(inputs, 2),
                     torch.stack(grads, 2),
                     ctx.need_sum_sq,
@@ -182,7 +178,7 @@ class MultiheadAttentionRule(FallbackRule):
                 )
             else:
                 parts = [
-                    outer_product_stats(
+                    outer_product_moments(
                         a.unsqueeze(2),
                         d.unsqueeze(2),
                         ctx.need_sum_sq,
@@ -193,20 +189,12 @@ class MultiheadAttentionRule(FallbackRule):
                 ]
                 sq_norm = sum(p[0] for p in parts)
                 sum_sq = torch.cat([p[1] for p in parts]) if ctx.need_sum_sq else None
+                grad_sum = torch.cat([p[3] for p in parts]) if ctx.need_sum_sq else None
             out["in_proj_weight"] = ParamStats(
                 dot=dot,
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(w_in.shape) if sum_sq is not None else None,
-                grad_sum=(
-                    torch.cat(
-                        [
-                            outer_product_sum(a.unsqueeze(2), d.unsqueeze(2)).squeeze(0)
-                            for a, d in zip(inputs, grads, strict=True)
-                        ]
-                    ).reshape(w_in.shape)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.reshape(w_in.shape) if grad_sum is not None else None,
             )
         if b_in is not None and "in_proj_bias" in ctx.want:
             bias_grad = torch.cat([d.sum(1) for d in grads], -1)

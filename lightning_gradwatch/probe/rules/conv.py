@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from .._linalg import (
     bias_stats,
     chunk_size,
-    outer_product_stats,
-    outer_product_sum,
+    outer_product_moments,
     require_one_batch,
     row_sq_norm,
     rowdot,
@@ -160,7 +159,7 @@ class ConvRule(LayerRule):
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
             delta = torch.cat(deltas, 1) if len(deltas) > 1 else deltas[0]
             keep = "weight" in ctx.need_grad_sample
-            sq_norm, sum_sq, grad_sample = outer_product_stats(
+            sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
                 a, delta, ctx.need_sum_sq, keep, ctx.chunk_elements
             )
             out["weight"] = ParamStats(
@@ -168,9 +167,7 @@ class ConvRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
-                grad_sum=(
-                    outer_product_sum(a, delta).reshape(weight.shape) if ctx.need_sum_sq else None
-                ),
+                grad_sum=grad_sum.reshape(weight.shape) if grad_sum is not None else None,
             )
         if bias is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
