@@ -31,6 +31,17 @@ from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
 
 
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    """Whether two arguments are views of the same memory with the same layout, hence the same
+    values (the probe may hand a rule distinct tensor objects for one tensor passed twice)."""
+    return (
+        x.data_ptr() == y.data_ptr()
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and x.dtype == y.dtype
+    )
+
+
 @register_rule(nn.MultiheadAttention)
 class MultiheadAttentionRule(FallbackRule):
     recursive = True
@@ -158,7 +169,9 @@ class MultiheadAttentionRule(FallbackRule):
 
         if "in_proj_weight" in ctx.want:
             dot = sum(rowdot(d, p.detach()) for d, p in zip(grads, projected, strict=True))
-            self_attention = arg["query"] is arg["key"] and arg["key"] is arg["value"]
+            self_attention = _same_tensor(arg["query"], arg["key"]) and _same_tensor(
+                arg["key"], arg["value"]
+            )
             if self_attention:
                 # One input: the three projections are one linear map with 3E outputs, so the
                 # input's Gram matrix is formed once.
