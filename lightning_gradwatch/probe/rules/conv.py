@@ -54,8 +54,21 @@ _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 _WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
 
 
+def zero_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """The convolution's padding when it is symmetric zero padding the backend can apply
+    itself (numeric, or ``"valid"``), else ``None`` (pad with :func:`pad_input` first)."""
+    if conv.padding_mode != "zeros" or conv.padding == "same":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    return tuple(conv.padding)
+
+
 def per_sample_weight_grads(
-    x_padded: Tensor, delta: Tensor, conv: nn.modules.conv._ConvNd
+    x_padded: Tensor,
+    delta: Tensor,
+    conv: nn.modules.conv._ConvNd,
+    padding: tuple[int, ...] | int = 0,
 ) -> Tensor:
     """Per-sample weight gradients ``(n, *conv.weight.shape)`` of ``n`` samples.
 
@@ -64,8 +77,10 @@ def per_sample_weight_grads(
     ``j``'s group ``g`` and the weight gradient's rows come out sample-major.
 
     Args:
-        x_padded: ``(n, C_in, *S)`` input after :func:`pad_input`.
+        x_padded: ``(n, C_in, *S)`` input after :func:`pad_input`, or the raw input with
+            ``padding`` from :func:`zero_padding` (no padded copy of the input).
         delta: ``(n, C_out, *O)`` output gradients.
+        padding: zero padding the backend applies to ``x_padded``.
     """
     n = x_padded.shape[0]
     weight_shape = conv.weight.shape
@@ -74,7 +89,7 @@ def per_sample_weight_grads(
         (n * weight_shape[0], *weight_shape[1:]),
         delta.reshape(1, -1, *delta.shape[2:]),
         stride=conv.stride,
-        padding=0,
+        padding=padding,
         dilation=conv.dilation,
         groups=n * conv.groups,
     )
@@ -121,6 +136,7 @@ class ConvRule(LayerRule):
         groups = module.groups
         c_out = module.out_channels
         grouped_route = nd >= 2
+        padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
         require_one_batch(calls)
@@ -141,7 +157,7 @@ class ConvRule(LayerRule):
                 dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             bias_grads.append(bias_grad)
             if "weight" in ctx.want and grouped_route:
-                padded_inputs.append(pad_input(x, module))
+                padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
             elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
@@ -153,7 +169,7 @@ class ConvRule(LayerRule):
         out: dict[str, ParamStats] = {}
         if "weight" in ctx.want and grouped_route:
             out["weight"] = self._grouped_weight_stats(
-                module, padded_inputs, deltas, torch.stack(dots).sum(0), ctx
+                module, padded_inputs, deltas, torch.stack(dots).sum(0), ctx, padding or 0
             )
         elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
@@ -185,9 +201,11 @@ class ConvRule(LayerRule):
         deltas: list[Tensor],
         dot: Tensor,
         ctx: RuleContext,
+        padding: tuple[int, ...] | int,
     ) -> ParamStats:
         """Weight statistics from per-sample gradients formed in chunks of samples; several
-        calls in one forward add their per-sample gradients before any norm is taken."""
+        calls in one forward add their per-sample gradients before any norm is taken.
+        ``padding`` is the zero padding still to apply to ``inputs``."""
         weight = module.weight
         batch = dot.shape[0]
         step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
@@ -198,9 +216,9 @@ class ConvRule(LayerRule):
         grad_sample = dot.new_empty(batch, *weight.shape) if keep else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
-            g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module)
+            g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module, padding)
             for x, d in zip(inputs[1:], deltas[1:], strict=True):
-                g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module)
+                g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module, padding)
             sq_norm[lo:hi] = row_sq_norm(g)
             if sum_sq is not None and grad_sum is not None:
                 sum_sq += g.pow(2).sum(0)
