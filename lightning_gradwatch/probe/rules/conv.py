@@ -150,12 +150,15 @@ class ConvRule(LayerRule):
             x = x.detach().to(ctx.dtype)
             delta = grad.to(ctx.dtype)  # (B, C_out, *O)
             bias_grad = delta.flatten(2).sum(2)  # (B, C_out)
-            if call.output_intact():  # <G_i, W> = sum delta . (z - b), bias folded out
-                dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
-                dots.append(dot - bias_grad @ bias if bias is not None else dot)
-            else:
-                dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             bias_grads.append(bias_grad)
+            if "weight" in ctx.want and not grouped_route:
+                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped route forms
+                # G_i anyway, and G_i . W reads weight-sized rows instead of output-sized ones.)
+                if call.output_intact():
+                    dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
+                    dots.append(dot - bias_grad @ bias if bias is not None else dot)
+                else:
+                    dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             if "weight" in ctx.want and grouped_route:
                 padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
@@ -164,12 +167,12 @@ class ConvRule(LayerRule):
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))
                 d = delta.reshape(batch, groups, c_out // groups, -1).permute(0, 3, 1, 2)
                 deltas.append(d)  # (B, L, G, C_out/G)
-        if not dots:
+        if not bias_grads:
             return {}
         out: dict[str, ParamStats] = {}
         if "weight" in ctx.want and grouped_route:
             out["weight"] = self._grouped_weight_stats(
-                module, padded_inputs, deltas, torch.stack(dots).sum(0), ctx, padding or 0
+                module, padded_inputs, deltas, ctx, padding or 0
             )
         elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
@@ -199,26 +202,28 @@ class ConvRule(LayerRule):
         module: nn.modules.conv._ConvNd,
         inputs: list[Tensor],
         deltas: list[Tensor],
-        dot: Tensor,
         ctx: RuleContext,
         padding: tuple[int, ...] | int,
     ) -> ParamStats:
         """Weight statistics from per-sample gradients formed in chunks of samples; several
         calls in one forward add their per-sample gradients before any norm is taken.
         ``padding`` is the zero padding still to apply to ``inputs``."""
-        weight = module.weight
-        batch = dot.shape[0]
+        weight = module.weight.detach().to(ctx.dtype)
+        flat_weight = weight.reshape(-1)
+        batch = inputs[0].shape[0]
         step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
         keep = "weight" in ctx.need_grad_sample
-        sq_norm = dot.new_empty(batch)
-        sum_sq = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
-        grad_sum = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
-        grad_sample = dot.new_empty(batch, *weight.shape) if keep else None
+        dot = flat_weight.new_empty(batch)
+        sq_norm = flat_weight.new_empty(batch)
+        sum_sq = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sum = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sample = flat_weight.new_empty(batch, *weight.shape) if keep else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
             g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module, padding)
             for x, d in zip(inputs[1:], deltas[1:], strict=True):
                 g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module, padding)
+            dot[lo:hi] = g.reshape(hi - lo, -1) @ flat_weight
             sq_norm[lo:hi] = row_sq_norm(g)
             if sum_sq is not None and grad_sum is not None:
                 sum_sq += g.pow(2).sum(0)
