@@ -225,11 +225,11 @@ class ConvRule(LayerRule):
                 g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module, padding)
             dot[lo:hi] = g.reshape(hi - lo, -1) @ flat_weight
             sq_norm[lo:hi] = row_sq_norm(g)
-            if sum_sq is not None and grad_sum is not None:
-                sum_sq += g.pow(2).sum(0)
-                grad_sum += g.sum(0)
             if grad_sample is not None:
                 grad_sample[lo:hi] = g
+            if sum_sq is not None and grad_sum is not None:
+                grad_sum += g.sum(0)
+                sum_sq += g.square_().sum(0)  # g is this chunk's own buffer (copied out above)
         return ParamStats(
             dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample, grad_sum=grad_sum
         )
