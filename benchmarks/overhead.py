@@ -9,14 +9,18 @@ every configuration once, in a rotating order, so slow drifts in machine load hi
   BackPACK ``BatchGrad``, both computing the same statistics from materialised per-sample
   gradients. Peak memory per configuration is measured in a fresh subprocess each.
 * ``callbacks``: every :class:`~benchmarks.harness.CallbackCase` in ``benchmarks/cases/*.py``
-  against the plain Lightning step on the same model and ``Trainer`` settings.
+  against the plain Lightning step on the same model and ``Trainer`` settings (per step, or
+  per whole epoch for ``per_epoch`` cases such as the README's quick-start set).
+* ``scaling`` (its own run): the probe part's ratios along batch size, width and sequence
+  length.
 
 Usage::
 
-    python benchmarks/overhead.py [--part probe|callbacks|all] [--models mlp,cnn,transformer]
-                                  [--repeats N] [--quick] [--threads N] [--clock wall|cpu]
+    python benchmarks/overhead.py [--part probe|callbacks|scaling|all]
+                                  [--models mlp,cnn,transformer] [--repeats N] [--quick]
+                                  [--threads N] [--clock wall|cpu]
                                   [--no-memory] [--no-backpack] [--cb-steps N]
-                                  [--device cpu|cuda] [--breakdown]
+                                  [--device cpu|cuda] [--breakdown] [--cases a,b]
 
 See ``benchmarks/README.md`` for how to read the tables and the measured numbers.
 """
@@ -624,6 +628,7 @@ def time_callback_part(
     accelerator: str,
     batch_size: int | None = None,
     quick: bool = False,
+    only: list[str] | None = None,
 ) -> tuple[list[CallbackRow], list[str]]:
     """Alternate short ``fit`` runs, plain and with the case's callbacks, ``repeats`` times each;
     per-step durations after ``warmup`` steps of each run, medians over all kept steps (per-epoch
@@ -634,6 +639,8 @@ def time_callback_part(
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     cases, failures = discover_cases()
+    if only:
+        cases = [(m, c) for m, c in cases if any(part in c.label for part in only)]
     rows: list[CallbackRow] = []
     for module_name, case in cases:
         for key in case.models:
@@ -756,6 +763,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed steps per fit run in the callback part (default 8; raise it to include "
         "work a callback does every N steps in the ratio of means)",
     )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="callback part: only cases whose label contains one of these comma-separated "
+        "substrings (e.g. 'quick-start,gwa head')",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK out")
     parser.add_argument("--device", default="cpu", help="torch device for the probe part")
@@ -838,7 +851,14 @@ def main(argv: list[str] | None = None) -> None:
             steps = args.cb_steps + warmup
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         rows_cb, failures = time_callback_part(
-            keys, repeats, steps, warmup, accelerator, batch_size=args.batch_size, quick=quick
+            keys,
+            repeats,
+            steps,
+            warmup,
+            accelerator,
+            batch_size=args.batch_size,
+            quick=quick,
+            only=[c.strip() for c in args.cases.split(",")] if args.cases else None,
         )
         print(
             f"## Callback overhead ({repeats} alternating fit runs each, {steps - warmup} timed "
