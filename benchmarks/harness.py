@@ -22,7 +22,13 @@ class CallbackCase:
         models: model keys the case applies to.
         trainer_kwargs: extra ``Trainer`` arguments for both the plain and the probed run,
             e.g. ``{"log_every_n_steps": 50}``.
-        target: the ratio the issue asks for, per model key, printed beside the measurement.
+        target: the ratio asked for, per model key, printed beside the measurement.
+        per_epoch: time whole training epochs (every hook, epoch-end work included) instead
+            of the median training step; each run is ``epochs`` epochs of
+            ``steps_per_epoch`` steps, the first epoch left out as warm-up.
+        steps_per_epoch: batches per epoch when ``per_epoch`` (at least Lightning's default
+            ``log_every_n_steps=50``, so logging steps are part of the epoch).
+        epochs: epochs per run when ``per_epoch``.
     """
 
     label: str
@@ -30,3 +36,6 @@ class CallbackCase:
     models: tuple[str, ...] = MODEL_KEYS
     trainer_kwargs: dict[str, Any] = field(default_factory=lambda: {"log_every_n_steps": 1})
     target: dict[str, float] = field(default_factory=dict)
+    per_epoch: bool = False
+    steps_per_epoch: int = 60
+    epochs: int = 3

@@ -90,7 +90,11 @@ def _cnn2d(channels: int = 32) -> nn.Module:
 
 
 def make_model(
-    key: str, seed: int = 0, batch_size: int | None = None
+    key: str,
+    seed: int = 0,
+    batch_size: int | None = None,
+    width: int | None = None,
+    seq_len: int | None = None,
 ) -> tuple[nn.Module, Tensor, Tensor]:
     """A benchmark model and one synthetic batch for it.
 
@@ -101,6 +105,9 @@ def make_model(
             encoder with d=128 on ``T=64`` tokens, linear head).
         seed: seeds both the parameters and the batch.
         batch_size: overrides ``BATCH_SIZES[key]`` (e.g. a tiny batch for smoke tests).
+        width: overrides the MLP's width (and input size, 512), the CNNs' channels (32) or the
+            transformer's model dimension (128, feed-forward 4x), for the scaling table.
+        seq_len: overrides the transformer's number of tokens (64); other models ignore it.
 
     Returns:
         ``(model, inputs, targets)`` with ``targets`` ``(B,)`` class indices in ``[0, 10)``.
@@ -112,17 +119,18 @@ def make_model(
     torch.manual_seed(seed)
     model: nn.Module
     if key == "mlp":
-        model = _mlp()
-        inputs = torch.randn(batch, 512, generator=generator)
+        model = _mlp(width or 512)
+        inputs = torch.randn(batch, width or 512, generator=generator)
     elif key == "cnn":
-        model = _cnn1d()
+        model = _cnn1d(width or 32)
         inputs = torch.randn(batch, 1, 40, generator=generator)
     elif key == "cnn2d":
-        model = _cnn2d()
+        model = _cnn2d(width or 32)
         inputs = torch.randn(batch, 3, 32, 32, generator=generator)
     else:
-        model = TransformerClassifier()
-        inputs = torch.randint(0, 256, (batch, 64), generator=generator)
+        d_model = width or 128
+        model = TransformerClassifier(d_model=d_model, feedforward=4 * d_model)
+        inputs = torch.randint(0, 256, (batch, seq_len or 64), generator=generator)
     targets = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return model, inputs, targets
 

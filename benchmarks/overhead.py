@@ -9,14 +9,18 @@ every configuration once, in a rotating order, so slow drifts in machine load hi
   BackPACK ``BatchGrad``, both computing the same statistics from materialised per-sample
   gradients. Peak memory per configuration is measured in a fresh subprocess each.
 * ``callbacks``: every :class:`~benchmarks.harness.CallbackCase` in ``benchmarks/cases/*.py``
-  against the plain Lightning step on the same model and ``Trainer`` settings.
+  against the plain Lightning step on the same model and ``Trainer`` settings (per step, or
+  per whole epoch for ``per_epoch`` cases such as the README's quick-start set).
+* ``scaling`` (its own run): the probe part's ratios along batch size, width and sequence
+  length.
 
 Usage::
 
-    python benchmarks/overhead.py [--part probe|callbacks|all] [--models mlp,cnn,transformer]
-                                  [--repeats N] [--quick] [--threads N] [--clock wall|cpu]
+    python benchmarks/overhead.py [--part probe|callbacks|scaling|all]
+                                  [--models mlp,cnn,transformer] [--repeats N] [--quick]
+                                  [--threads N] [--clock wall|cpu]
                                   [--no-memory] [--no-backpack] [--cb-steps N]
-                                  [--device cpu|cuda] [--breakdown]
+                                  [--device cpu|cuda] [--breakdown] [--cases a,b]
 
 See ``benchmarks/README.md`` for how to read the tables and the measured numbers.
 """
@@ -56,9 +60,20 @@ from lightning_gradwatch import GradientProbe  # noqa: E402
 
 #: Targets from the issue for the probe part (ratio to the plain step, 2-core CPU).
 PROBE_TARGETS: dict[str, dict[str, float]] = {
-    "probe dot+norm": {"mlp": 1.15, "cnn": 2.0, "cnn2d": 2.0, "transformer": 2.0},
-    "probe dot+norm+sum_sq": {"mlp": 1.6, "cnn": 2.0, "cnn2d": 2.0, "transformer": 2.0},
+    "probe dot+norm": {"mlp": 1.10, "cnn": 1.4, "cnn2d": 1.4, "transformer": 1.4},
+    "probe dot+norm+sum_sq": {"mlp": 1.45, "cnn": 1.6, "cnn2d": 1.6, "transformer": 1.6},
 }
+
+#: Peak memory of a monitored step, as a ratio to the plain step's (see ``measure_memory``).
+MEMORY_TARGET = 1.2
+
+#: The scaling table: (label, model key, make_model keyword, values).
+SCALING_AXES: tuple[tuple[str, str, str, tuple[int, ...]], ...] = (
+    ("batch size", "mlp", "batch_size", (64, 256, 1024)),
+    ("width", "mlp", "width", (256, 512, 1024)),
+    ("batch size", "transformer", "batch_size", (8, 32, 128)),
+    ("sequence length", "transformer", "seq_len", (16, 64, 256)),
+)
 
 Step = Callable[[], None]
 
@@ -207,7 +222,9 @@ class ProbeRow:
     target: float | None
     repeats: int = 0
     peak_mb: float | None = None
+    base_mb: float | None = None
     excluded: dict[str, str] = field(default_factory=dict)
+    setting: str = ""
 
 
 def time_probe_part(
@@ -217,17 +234,24 @@ def time_probe_part(
     device: torch.device,
     with_backpack: bool,
     batch_size: int | None = None,
+    only: tuple[str, ...] | None = None,
+    **model_kwargs: int,
 ) -> list[ProbeRow]:
     """Median step time of every configuration on every model, interleaved per repetition.
+
+    ``only`` restricts the configurations (``"plain"`` is always timed); ``model_kwargs`` go to
+    ``make_model`` (``width``, ``seq_len``).
 
     The ratio is the median over repetitions of ``t_config / t_plain`` within the same
     repetition (paired, so load changes between repetitions largely cancel).
     """
     rows: list[ProbeRow] = []
     for key in keys:
-        model, x, y = make_model(key, batch_size=batch_size)
+        model, x, y = make_model(key, batch_size=batch_size, **model_kwargs)
         model, x, y = model.to(device), x.to(device), y.to(device)
         configs = probe_configs(key, with_backpack)
+        if only is not None:
+            configs = [c for c in configs if c == "plain" or c in only]
         steps: dict[str, Step] = {}
         probes: dict[str, GradientProbe] = {}
         for config in configs:
@@ -296,12 +320,17 @@ def _reset_peak_rss() -> None:
         warnings.warn("cannot reset the peak RSS; memory figures may be too low", stacklevel=2)
 
 
-def measure_memory_child(key: str, config: str, device: str, batch_size: int | None) -> float:
-    """Peak memory (MB) a configuration's steps add over the state right before the first.
+def measure_memory_child(
+    key: str, config: str, device: str, batch_size: int | None
+) -> tuple[float, float]:
+    """Peak memory (MB) a configuration's steps add over the state right before the first, and
+    that state's tensor memory (MB).
 
     CPU: peak resident set (``VmHWM``) minus the resident set after building the model, the
     batch and the configuration (run in a fresh process, so the high-water mark is this
-    configuration's own). CUDA: ``torch.cuda.max_memory_allocated`` over the same baseline.
+    configuration's own); the state is the bytes of the parameters and the batch (the process's
+    libraries are not training memory). CUDA: ``torch.cuda.max_memory_allocated`` over
+    ``torch.cuda.memory_allocated`` at that state.
     """
     dev = torch.device(device)
     model, x, y = make_model(key, batch_size=batch_size)
@@ -314,12 +343,14 @@ def measure_memory_child(key: str, config: str, device: str, batch_size: int | N
         for _ in range(3):
             step()
         torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, base / 2**20
+    tensors = [*model.parameters(), x, y]
+    state_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     _reset_peak_rss()
     base = _rss_mb("VmRSS")
     for _ in range(3):
         step()
-    return _rss_mb("VmHWM") - base
+    return _rss_mb("VmHWM") - base, state_mb
 
 
 def measure_memory(
@@ -345,27 +376,89 @@ def measure_memory(
             failure = done.stderr[-500:]
             print(f"  memory {row.model}/{row.config} failed: {failure}", file=sys.stderr)
             return
-        row.peak_mb = float(done.stdout.strip().splitlines()[-1])
+        row.peak_mb, row.base_mb = json.loads(done.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(run, rows))
 
 
+def memory_ratio(row: ProbeRow, plain: ProbeRow | None) -> float | None:
+    """Peak training memory of ``row`` over the plain step's: (state + extra peak) / (state +
+    plain extra peak), both measured the same way (see :func:`measure_memory_child`)."""
+    if plain is None or None in (row.peak_mb, row.base_mb, plain.peak_mb, plain.base_mb):
+        return None
+    assert row.peak_mb is not None and row.base_mb is not None
+    assert plain.peak_mb is not None and plain.base_mb is not None
+    return (row.base_mb + max(row.peak_mb, 0.0)) / (plain.base_mb + max(plain.peak_mb, 0.0))
+
+
 def probe_table(rows: list[ProbeRow], unit: str) -> str:
     lines = [
         f"| model | configuration | step (ms) | ratio to plain | target | met | peak {unit} (MB) "
-        "| reps |",
-        "|---|---|---:|---:|---:|:-:|---:|---:|",
+        f"| peak memory ratio (<= {MEMORY_TARGET}) | reps |",
+        "|---|---|---:|---:|---:|:-:|---:|---:|---:|",
     ]
+    plains = {(r.model, r.setting): r for r in rows if r.config == "plain"}
     for r in rows:
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         met = "" if r.target is None else ("yes" if r.ratio <= r.target else "**no**")
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
+        mem = memory_ratio(r, plains.get((r.model, r.setting)))
+        mem_text = f"{mem:.2f}x" if mem is not None else "n/a"
         note = f" (excluded: {', '.join(r.excluded)})" if r.excluded else ""
         lines.append(
             f"| {r.model} | {r.config}{note} | {r.median_ms:.1f} | {r.ratio:.2f}x | {target} "
-            f"| {met} | {peak} | {r.repeats} |"
+            f"| {met} | {peak} | {mem_text} | {r.repeats} |"
         )
+    return "\n".join(lines)
+
+
+def time_scaling(repeats: int, warmup: int, device: torch.device, quick: bool) -> list[ProbeRow]:
+    """The probe's overhead along each of :data:`SCALING_AXES` (dot+norm and +sum_sq against
+    the plain step, interleaved as in :func:`time_probe_part`); ``quick`` is a smoke run with
+    tiny batches and two points per axis."""
+    rows: list[ProbeRow] = []
+    for label, key, knob, values in SCALING_AXES:
+        if quick:  # a smoke run: tiny batches, two points
+            values = (2, 4) if knob == "batch_size" else values[:2]
+        for value in values:
+            kwargs = {knob: value}
+            if quick and knob != "batch_size":
+                kwargs["batch_size"] = 4
+            batch_size = kwargs.pop("batch_size", None)
+            found = time_probe_part(
+                [key],
+                repeats=repeats,
+                warmup=warmup,
+                device=device,
+                with_backpack=False,
+                batch_size=batch_size,
+                only=("probe dot+norm", "probe dot+norm+sum_sq"),
+                **kwargs,
+            )
+            for row in found:
+                row.setting = f"{label} {value}"
+            rows.extend(found)
+    return rows
+
+
+def scaling_table(rows: list[ProbeRow]) -> str:
+    """One line per model and setting: plain step, and each configuration's ratio and extra
+    milliseconds per step."""
+    lines = [
+        "| model | setting | plain step (ms) | dot+norm | +ms | dot+norm+sum_sq | +ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    by_setting: dict[tuple[str, str], dict[str, ProbeRow]] = {}
+    for r in rows:
+        by_setting.setdefault((r.model, r.setting), {})[r.config] = r
+    for (model, setting), found in by_setting.items():
+        plain = found["plain"]
+        cells = []
+        for config in ("probe dot+norm", "probe dot+norm+sum_sq"):
+            r = found[config]
+            cells += [f"{r.ratio:.2f}x", f"{r.median_ms - plain.median_ms:+.1f}"]
+        lines.append(f"| {model} | {setting} | {plain.median_ms:.1f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -434,7 +527,8 @@ def probe_breakdown(
 # ============================================================================ callbacks part
 class _StepTimer:
     """Two callbacks around the case's callbacks: the first stamps ``on_train_batch_start``
-    (before theirs), the last stamps ``on_train_batch_end`` (after theirs)."""
+    and ``on_train_epoch_start`` (before theirs), the last stamps ``on_train_batch_end`` and
+    ``on_train_epoch_end`` (after theirs)."""
 
     def __init__(self) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -445,12 +539,19 @@ class _StepTimer:
             def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
                 timer._start = CLOCK()
 
+            def on_train_epoch_start(self, *args: Any, **kwargs: Any) -> None:
+                timer._epoch_start = CLOCK()
+
         class End(Callback):
             def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
                 timer.durations.append(CLOCK() - timer._start)
 
-        self._start = 0.0
+            def on_train_epoch_end(self, *args: Any, **kwargs: Any) -> None:
+                timer.epoch_durations.append(CLOCK() - timer._epoch_start)
+
+        self._start = self._epoch_start = 0.0
         self.durations: list[float] = []
+        self.epoch_durations: list[float] = []
         self.start, self.end = Start(), End()
 
 
@@ -481,15 +582,18 @@ def _fit_once(
     trainer_kwargs: dict[str, Any],
     steps: int,
     accelerator: str,
+    epochs: int | None = None,
 ) -> list[float]:
+    """Per-step durations of one ``fit`` of ``steps`` steps; with ``epochs``, per-epoch
+    durations of ``epochs`` epochs of ``steps`` steps each instead."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = pl.Trainer(
-            max_steps=steps,
-            max_epochs=1,
+            max_steps=-1 if epochs else steps,
+            max_epochs=epochs or 1,
             accelerator=accelerator,
             devices=1,
             logger=TensorBoardLogger(log_dir, name=key),
@@ -501,7 +605,7 @@ def _fit_once(
             **trainer_kwargs,
         )
         trainer.fit(BenchModule(model), train_dataloaders=fixed_batch_loader(x, y, steps))
-    return timer.durations
+    return timer.epoch_durations if epochs else timer.durations
 
 
 @dataclass
@@ -523,15 +627,20 @@ def time_callback_part(
     warmup: int,
     accelerator: str,
     batch_size: int | None = None,
+    quick: bool = False,
+    only: list[str] | None = None,
 ) -> tuple[list[CallbackRow], list[str]]:
     """Alternate short ``fit`` runs, plain and with the case's callbacks, ``repeats`` times each;
-    per-step durations after ``warmup`` steps of each run, medians over all kept steps. The ratio
-    is the median over runs of (case run median / paired plain run median)."""
+    per-step durations after ``warmup`` steps of each run, medians over all kept steps (per-epoch
+    durations for a ``per_epoch`` case). The ratio is the median over runs of (case run median /
+    paired plain run median)."""
     import logging
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     cases, failures = discover_cases()
+    if only:
+        cases = [(m, c) for m, c in cases if any(part in c.label for part in only)]
     rows: list[CallbackRow] = []
     for module_name, case in cases:
         for key in case.models:
@@ -548,9 +657,23 @@ def time_callback_part(
                     medians = {}
                     for which in order:
                         callbacks = case.make_callbacks() if which == "case" else []
+                        if case.per_epoch:  # whole epochs; the first is the warm-up
+                            run_steps, epochs, skip = (
+                                (3, 2, 1) if quick else (case.steps_per_epoch, case.epochs, 1)
+                            )
+                        else:
+                            run_steps, epochs, skip = steps, None, warmup
                         durations = _fit_once(
-                            key, model, x, y, callbacks, case.trainer_kwargs, steps, accelerator
-                        )[warmup:]
+                            key,
+                            copy.deepcopy(model),
+                            x,
+                            y,
+                            callbacks,
+                            case.trainer_kwargs,
+                            run_steps,
+                            accelerator,
+                            epochs,
+                        )[skip:]
                         (plain if which == "plain" else probed).extend(durations)
                         medians[which] = statistics.median(durations)
                     ratios.append(medians["case"] / medians["plain"])
@@ -614,7 +737,12 @@ def environment() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("probe", "callbacks", "all"), default="all")
+    parser.add_argument(
+        "--part",
+        choices=("probe", "callbacks", "scaling", "all"),
+        default="all",
+        help="'all' is probe and callbacks; 'scaling' is the scaling table (its own run)",
+    )
     parser.add_argument(
         "--models",
         default=",".join(MODEL_KEYS),
@@ -634,6 +762,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="timed steps per fit run in the callback part (default 8; raise it to include "
         "work a callback does every N steps in the ratio of means)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="callback part: only cases whose label contains one of these comma-separated "
+        "substrings (e.g. 'quick-start,gwa head')",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK out")
@@ -660,13 +794,19 @@ def main(argv: list[str] | None = None) -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.memory_child is not None:
         key, config, device, batch_size = json.loads(args.memory_child)
-        print(measure_memory_child(key, config, device, batch_size))
+        print(json.dumps(measure_memory_child(key, config, device, batch_size)))
         return
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in ALL_MODEL_KEYS]
     if unknown:
         raise SystemExit(f"unknown model keys {unknown}; choose from {ALL_MODEL_KEYS}")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {args.device}: CUDA is not available here (torch.cuda.is_available() is "
+            f"False, torch {torch.__version__}); run on a machine with an NVIDIA GPU and a CUDA "
+            f"build of torch, or leave --device out to measure on the CPU."
+        )
     quick = args.quick
     if quick and args.batch_size is None:
         args.batch_size = 8  # a smoke run: exercise every path, time nothing meaningful
@@ -697,6 +837,13 @@ def main(argv: list[str] | None = None) -> None:
             print("\nBackPACK not importable (or --no-backpack): its rows are left out.")
         print()
 
+    if args.part == "scaling":
+        repeats = args.repeats or (2 if quick else 15)
+        rows_scaling = time_scaling(repeats, 1 if quick else 3, device, quick)
+        print(f"## Scaling ({repeats} interleaved repetitions, medians)\n")
+        print(scaling_table(rows_scaling))
+        print()
+
     if args.part in ("callbacks", "all"):
         repeats = args.repeats or (1 if quick else 5)
         steps, warmup = (3, 1) if quick else (12, 4)
@@ -704,7 +851,14 @@ def main(argv: list[str] | None = None) -> None:
             steps = args.cb_steps + warmup
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         rows_cb, failures = time_callback_part(
-            keys, repeats, steps, warmup, accelerator, batch_size=args.batch_size
+            keys,
+            repeats,
+            steps,
+            warmup,
+            accelerator,
+            batch_size=args.batch_size,
+            quick=quick,
+            only=[c.strip() for c in args.cases.split(",")] if args.cases else None,
         )
         print(
             f"## Callback overhead ({repeats} alternating fit runs each, {steps - warmup} timed "

@@ -71,7 +71,31 @@ def test_probe_part_runs_once() -> None:
     assert all(math.isfinite(r.ratio) and r.median_ms > 0 for r in rows)
     table = overhead.probe_table(rows, "extra RSS")
     assert table.count("\n") == len(rows) + 1  # header, rule, one line per row
-    assert "<= 1.15" in table and "<= 1.60" in table
+    assert "<= 1.10" in table and "<= 1.45" in table
+
+
+def test_scaling_quick_mode() -> None:
+    """Every axis of the scaling table runs (two tiny points each) and lands in the table."""
+    rows = overhead.time_scaling(repeats=1, warmup=1, device=torch.device("cpu"), quick=True)
+    table = overhead.scaling_table(rows)
+    axes = {(key, label) for label, key, _, _ in overhead.SCALING_AXES}
+    assert table.count("\n") == 2 * len(axes) + 1  # header, rule, two settings per axis
+    for key, label in axes:
+        assert f"| {key} | {label} " in table
+    assert all(math.isfinite(r.ratio) for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_cuda_device_refused_without_cuda() -> None:
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        overhead.main(["--device", "cuda", "--quick"])
+
+
+def test_memory_ratio_counts_the_state() -> None:
+    plain = overhead.ProbeRow("mlp", "plain", 1.0, 1.0, None, peak_mb=10.0, base_mb=30.0)
+    probed = overhead.ProbeRow("mlp", "probe", 1.0, 1.0, None, peak_mb=18.0, base_mb=30.0)
+    assert overhead.memory_ratio(probed, plain) == pytest.approx(48 / 40)
+    assert overhead.memory_ratio(probed, None) is None
 
 
 def test_cases_are_discoverable() -> None:
@@ -79,6 +103,23 @@ def test_cases_are_discoverable() -> None:
     assert all(isinstance(case, CallbackCase) for _, case in cases)
     labels = [case.label for _, case in cases]
     assert "no-op callback (control)" in labels, (labels, failures)
+    assert "quick-start set, defaults, per epoch" in labels, (labels, failures)
+
+
+def test_quick_start_case_times_whole_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick-start case runs end to end on the MLP in quick mode, timed per epoch."""
+    from benchmarks.cases import quickstart
+
+    monkeypatch.setattr(
+        overhead, "discover_cases", lambda: ([("quickstart", quickstart.CASES[0])], [])
+    )
+    rows, failures = overhead.time_callback_part(
+        ["mlp"], repeats=1, steps=3, warmup=1, accelerator="cpu", batch_size=4, quick=True
+    )
+    assert not failures
+    (row,) = rows
+    assert row.error is None, row.error
+    assert math.isfinite(row.ratio) and row.plain_ms > 0
 
 
 def test_early_stopping_study_quick_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

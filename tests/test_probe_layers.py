@@ -368,14 +368,13 @@ def test_tiny_chunks_give_the_same_numbers() -> None:
 @pytest.mark.parametrize("chunk_elements", [1, 7, 2**24])
 @pytest.mark.parametrize(
     ("steps", "width"),
-    [(4, 32), (16, 3)],
-    ids=["gram", "materialise"],  # T^2 (K + O) < T K O picks the Gram route
+    [(8, 64), (16, 3)],
+    ids=["gram", "materialise"],  # the cost model of _linalg.prefer_gram picks each route
 )
 def test_gram_and_materialise_routes(steps: int, width: int, chunk_elements: int) -> None:
     from lightning_gradwatch.probe import _linalg
 
-    gram = steps * steps * 2 * width < steps * width * width
-    assert gram == (width == 32)
+    assert _linalg.prefer_gram(steps, width, width) == (width == 64)
     _setup()
     model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)).double()
     x = torch.randn(3, steps, width, dtype=torch.float64)
@@ -677,3 +676,55 @@ def test_detected_sample_dim_that_a_conv_cannot_take_is_refused() -> None:
     with pytest.warns(UserWarning, match=r"'conv' .*sees samples along dim 1"):
         stats = run_probe(model, x, torch.zeros(3, 2, 4, dtype=torch.float64))
     assert set(stats.excluded) == {"conv.weight", "conv.bias"}
+
+
+class _SelfAttentionStack(nn.Module):
+    """A transformer encoder layer (self-attention: one tensor as query, key and value) with a
+    linear head, optionally under a causal float mask."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.masked = masked
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = None
+        if self.masked:
+            steps = x.shape[1]
+            mask = torch.triu(torch.full((steps, steps), float("-inf"), dtype=x.dtype), 1)
+        return self.head(self.layer(x, src_mask=mask))
+
+
+@pytest.mark.parametrize("route", ["gram", "materialise"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "causal"])
+def test_self_attention_routes_match_oracle(
+    route: str, masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both norm routes (forced, whatever the cost model prefers) on every T > 1 product of a
+    self-attention layer: the fused 3E-output in_proj, out_proj and the feed-forward Linears;
+    the attention replay with SDPA directly (unmasked) and through the functional form
+    (masked). dot+norm alone (where the Gram route applies) and with sum_sq."""
+    from lightning_gradwatch.probe import _linalg
+
+    monkeypatch.setattr(_linalg, "prefer_gram", lambda *shape: route == "gram")
+    _setup()
+    model = _SelfAttentionStack(masked).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    target = torch.randn(3, 5, 3, dtype=torch.float64)
+    for sum_grad_squared in (False, True):
+        stats = assert_matches_oracle(model, x, target, sum_grad_squared=sum_grad_squared)
+        assert not stats.excluded
+        assert "layer.self_attn.in_proj_weight" in stats.sq_norm
+
+
+def test_prefer_gram_cost_model() -> None:
+    """Long sequences with wide layers favour the Gram form; short sequences or narrow layers
+    favour materialising (its product is cheap and the Gram products run slowly)."""
+    from lightning_gradwatch.probe._linalg import prefer_gram
+
+    assert prefer_gram(64, 128, 512)  # a transformer feed-forward layer
+    assert prefer_gram(64, 128, 384)  # self-attention's fused in_proj
+    assert not prefer_gram(20, 96, 32)  # a 1-D convolution's unfolded patches
+    assert not prefer_gram(40, 5, 32)
+    assert not prefer_gram(16, 3, 3)

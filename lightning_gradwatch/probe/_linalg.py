@@ -50,6 +50,29 @@ def outer_product_sum(a: Tensor, delta: Tensor) -> Tensor:
     return torch.einsum("btgo,btgk->gok", delta, a)
 
 
+#: Calibration of :func:`prefer_gram`, measured with ``torch.bmm`` in float32 on a 2-core AMD
+#: EPYC CPU: the Gram products run at full speed only from about ``T = 64`` positions (below,
+#: their ``T x T`` outputs are too small for the matrix kernels, and the speed falls roughly in
+#: proportion to ``T``), and writing then re-reading one element of a materialised gradient
+#: costs about as much as this many multiply-adds.
+GRAM_FULL_SPEED_STEPS = 64
+MATERIALISED_ELEMENT_COST = 11
+
+
+def prefer_gram(steps: int, k_in: int, k_out: int) -> bool:
+    """Whether the squared norm of ``sum_t d_t a_t^T`` over ``steps`` positions is cheaper from
+    two ``T x T`` Gram matrices than from the materialised ``(k_out, k_in)`` gradient.
+
+    Costs per sample and group, in multiply-adds: Gram ``T^2 (k_in + k_out)``, slowed by
+    ``GRAM_FULL_SPEED_STEPS / T`` below that many positions; materialising ``T k_in k_out``
+    plus ``MATERIALISED_ELEMENT_COST`` per gradient element for its write and read. Both routes
+    are exact; this only picks the faster one.
+    """
+    gram = steps * steps * (k_in + k_out) * max(1.0, GRAM_FULL_SPEED_STEPS / steps)
+    materialise = (steps + MATERIALISED_ELEMENT_COST) * k_in * k_out
+    return gram < materialise
+
+
 def outer_product_stats(
     a: Tensor,
     delta: Tensor,
@@ -70,8 +93,30 @@ def outer_product_stats(
     Returns:
         ``sq_norm (B,)``, ``sum_sq (G, O, K) | None``, ``grad_sample (B, G, O, K) | None``.
     """
+    sq_norm, sum_sq, grad_sample, _ = outer_product_moments(
+        a, delta, need_sum_sq, need_grad_sample, budget, need_sum=False
+    )
+    return sq_norm, sum_sq, grad_sample
+
+
+def outer_product_moments(
+    a: Tensor,
+    delta: Tensor,
+    need_sum_sq: bool,
+    need_grad_sample: bool,
+    budget: int,
+    need_sum: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`outer_product_stats` plus ``sum_i G_i`` ``(G, O, K)`` when ``need_sum`` and
+    ``need_sum_sq``: where the per-sample gradients are materialised anyway, their sum costs
+    one reduction instead of the weight-gradient-sized product of :func:`outer_product_sum`.
+
+    Returns:
+        ``sq_norm (B,)``, ``sum_sq | None``, ``grad_sample | None``, ``grad_sum | None``.
+    """
     batch, steps, groups, k_in = a.shape
     k_out = delta.shape[-1]
+    need_sum = need_sum and need_sum_sq
     if steps == 1 and not need_grad_sample:
         # Ghost norm: |d a^T|_F^2 = |d|^2 |a|^2, and sum_i (d_i a_i^T)**2 = (d**2)^T (a**2).
         a1, d1 = a[:, 0], delta[:, 0]
@@ -83,24 +128,27 @@ def outer_product_stats(
         sum_sq = None
         if need_sum_sq:
             sum_sq = (d1.pow(2).permute(1, 2, 0) @ a1.pow(2).permute(1, 0, 2)).contiguous()
-        return sq_norm, sum_sq, None
+        grad_sum = outer_product_sum(a, delta) if need_sum else None
+        return sq_norm, sum_sq, None, grad_sum
 
-    gram_cost = steps * steps * (k_in + k_out)
-    materialise_cost = steps * k_in * k_out
-    if not need_sum_sq and not need_grad_sample and gram_cost < materialise_cost:
+    if not need_sum_sq and not need_grad_sample and prefer_gram(steps, k_in, k_out):
         # |G_i|^2 = sum_{t,s} (a_t . a_s)(d_t . d_s): two T x T Gram matrices per sample.
         sq_norm = a.new_empty(batch)
         step = chunk_size(batch, groups * steps * steps, budget)
         for lo in range(0, batch, step):
-            ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
-            dc = delta[lo : lo + step].transpose(1, 2)
+            if groups == 1:  # (n, T, K): no group axis to move, so no copy
+                ac, dc = a[lo : lo + step, :, 0], delta[lo : lo + step, :, 0]
+            else:
+                ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
+                dc = delta[lo : lo + step].transpose(1, 2)
             gram_a = ac @ ac.transpose(-1, -2)
             gram_d = dc @ dc.transpose(-1, -2)
-            sq_norm[lo : lo + step] = (gram_a * gram_d).sum((1, 2, 3))
-        return sq_norm, None, None
+            sq_norm[lo : lo + step] = rowdot(gram_a, gram_d)
+        return sq_norm, None, None, None
 
     sq_norm = a.new_empty(batch)
     sum_sq = a.new_zeros(groups, k_out, k_in) if need_sum_sq else None
+    grad_sum = a.new_zeros(groups, k_out, k_in) if need_sum else None
     grad_sample = a.new_empty(batch, groups, k_out, k_in) if need_grad_sample else None
     step = chunk_size(batch, groups * k_out * k_in, budget)
     for lo in range(0, batch, step):
@@ -108,11 +156,13 @@ def outer_product_stats(
         dc = delta[lo : lo + step].transpose(1, 2)  # (n, G, T, O)
         g = dc.transpose(-1, -2) @ ac  # (n, G, O, K)
         sq_norm[lo : lo + step] = row_sq_norm(g)
-        if sum_sq is not None:
-            sum_sq += g.pow(2).sum(0)
+        if grad_sum is not None:
+            grad_sum += g.sum(0)
         if grad_sample is not None:
             grad_sample[lo : lo + step] = g
-    return sq_norm, sum_sq, grad_sample
+        if sum_sq is not None:  # g is the product's own fresh buffer (copied out above)
+            sum_sq += g.square_().sum(0)
+    return sq_norm, sum_sq, grad_sample, grad_sum
 
 
 def bias_stats(delta_sum: Tensor, bias: Tensor, need_sum_sq: bool, keep: bool) -> ParamStats:

@@ -26,9 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._linalg import bias_stats, outer_product_stats, outer_product_sum
+from .._linalg import bias_stats, outer_product_moments, rowdot
 from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
+
+
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    """Whether two arguments are views of the same memory with the same layout, hence the same
+    values (the probe may hand a rule distinct tensor objects for one tensor passed twice)."""
+    return (
+        x.data_ptr() == y.data_ptr()
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and x.dtype == y.dtype
+    )
 
 
 @register_rule(nn.MultiheadAttention)
@@ -96,7 +107,6 @@ class MultiheadAttentionRule(FallbackRule):
             return mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
 
         query, key, value = (seq_first(arg[n]) for n in ("query", "key", "value"))
-        embed = module.embed_dim
         w_in = module.in_proj_weight.detach().to(dtype)
         b_in = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
         w_out = module.out_proj.weight.detach().to(dtype)
@@ -108,52 +118,40 @@ class MultiheadAttentionRule(FallbackRule):
 
         grad = call.grads[0]
         assert grad is not None
-        delta = seq_first(grad)  # (L, B, E)
-
-        eye = torch.eye(embed, dtype=dtype, device=query.device)
+        inputs = [batch_major(x) for x in (query, key, value)]  # (B, L, E) views
+        delta_b = batch_major(seq_first(grad))  # (B, L, E)
+        d_core = delta_b @ w_out
+        unmasked = (
+            arg["key_padding_mask"] is None and arg["attn_mask"] is None and not arg["is_causal"]
+        )
         with torch.enable_grad():
             projected = [
                 F.linear(x, w, None).detach().requires_grad_()
-                for x, w in ((query, w_q), (key, w_k), (value, w_v))
+                for x, w in zip(inputs, (w_q, w_k, w_v), strict=True)
             ]
             biased = [
                 p + b if b is not None else p
                 for p, b in zip(projected, (b_q, b_k, b_v), strict=True)
             ]
-            core, _ = F.multi_head_attention_forward(
-                *biased,
-                embed,
-                module.num_heads,
-                None,
-                None,
-                None,
-                None,
-                False,
-                0.0,
-                eye,
-                None,
-                training=module.training,
-                key_padding_mask=as_mask(arg["key_padding_mask"]),
-                need_weights=False,
-                attn_mask=as_mask(arg["attn_mask"]),
-                use_separate_proj_weight=True,
-                q_proj_weight=eye,
-                k_proj_weight=eye,
-                v_proj_weight=eye,
-                is_causal=arg["is_causal"],
-            )
-            d_core = delta @ w_out
-            d_q, d_k, d_v = torch.autograd.grad(core, projected, d_core)
+            if unmasked:
+                core = self._attention_core(biased, module.num_heads)
+            else:
+                core = batch_major(
+                    self._functional_core(
+                        [batch_major(x) for x in biased], module, arg, as_mask, dtype
+                    )
+                )
+            grads = list(torch.autograd.grad(core, projected, d_core))  # (B, L, E) each
 
         out: dict[str, ParamStats] = {}
-        core_b, delta_b = batch_major(core.detach()), batch_major(delta)
+        core_b = core.detach()
         if "out_proj.weight" in ctx.want:
             if call.output_intact():
                 z = batch_major(seq_first(call.outputs[0]))
                 z = z - b_out if b_out is not None else z
             else:
                 z = core_b @ w_out.T
-            sq_norm, sum_sq, _ = outer_product_stats(
+            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                 core_b.unsqueeze(2),
                 delta_b.unsqueeze(2),
                 ctx.need_sum_sq,
@@ -161,28 +159,30 @@ class MultiheadAttentionRule(FallbackRule):
                 ctx.chunk_elements,
             )
             out["out_proj.weight"] = ParamStats(
-                dot=(delta_b * z).sum((1, 2)),
+                dot=rowdot(delta_b, z),
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
-                grad_sum=(
-                    outer_product_sum(core_b.unsqueeze(2), delta_b.unsqueeze(2)).squeeze(0)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
             )
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
 
-        inputs = [batch_major(x) for x in (query, key, value)]
-        grads = [batch_major(d) for d in (d_q, d_k, d_v)]
         if "in_proj_weight" in ctx.want:
-            dot = sum(
-                (d * batch_major(p.detach())).sum((1, 2))
-                for d, p in zip(grads, projected, strict=True)
+            dot = sum(rowdot(d, p.detach()) for d, p in zip(grads, projected, strict=True))
+            self_attention = _same_tensor(arg["query"], arg["key"]) and _same_tensor(
+                arg["key"], arg["value"]
             )
-            if query.shape[0] == key.shape[0]:
+            if self_attention:
+                # One input: the three projections are one linear map with 3E outputs, so the
+                # input's Gram matrix is formed once.
+                a = inputs[0].unsqueeze(2)
+                d_all = torch.cat(grads, -1).unsqueeze(2)
+                sq_norm, sum_sq, _, grad_sum = outer_product_moments(
+                    a, d_all, ctx.need_sum_sq, False, ctx.chunk_elements
+                )
+            elif query.shape[0] == key.shape[0]:
                 # Same length: the three projections are three groups of one outer product.
-                sq_norm, sum_sq, _ = outer_product_stats(
+                sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                     torch.stack(inputs, 2),
                     torch.stack(grads, 2),
                     ctx.need_sum_sq,
@@ -191,7 +191,7 @@ class MultiheadAttentionRule(FallbackRule):
                 )
             else:
                 parts = [
-                    outer_product_stats(
+                    outer_product_moments(
                         a.unsqueeze(2),
                         d.unsqueeze(2),
                         ctx.need_sum_sq,
@@ -202,22 +202,60 @@ class MultiheadAttentionRule(FallbackRule):
                 ]
                 sq_norm = sum(p[0] for p in parts)
                 sum_sq = torch.cat([p[1] for p in parts]) if ctx.need_sum_sq else None
+                grad_sum = torch.cat([p[3] for p in parts]) if ctx.need_sum_sq else None
             out["in_proj_weight"] = ParamStats(
                 dot=dot,
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(w_in.shape) if sum_sq is not None else None,
-                grad_sum=(
-                    torch.cat(
-                        [
-                            outer_product_sum(a.unsqueeze(2), d.unsqueeze(2)).squeeze(0)
-                            for a, d in zip(inputs, grads, strict=True)
-                        ]
-                    ).reshape(w_in.shape)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.reshape(w_in.shape) if grad_sum is not None else None,
             )
         if b_in is not None and "in_proj_bias" in ctx.want:
             bias_grad = torch.cat([d.sum(1) for d in grads], -1)
             out["in_proj_bias"] = bias_stats(bias_grad, b_in, ctx.need_sum_sq, False)
         return out
+
+    @staticmethod
+    def _attention_core(biased: list[Tensor], heads: int) -> Tensor:
+        """Scaled dot-product attention of projected ``(B, L, E)`` queries, keys and values
+        without masks, as ``F.multi_head_attention_forward`` computes it (head ``h`` is columns
+        ``h*E/H:(h+1)*E/H``): ``(B, L, E)``, before the output projection."""
+        q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in biased)
+        core = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, E/H)
+        return core.transpose(1, 2).flatten(2)
+
+    @staticmethod
+    def _functional_core(
+        biased: list[Tensor],
+        module: nn.MultiheadAttention,
+        arg: dict[str, Any],
+        as_mask: Any,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """The attention core through ``F.multi_head_attention_forward`` with identity
+        projections (exact in floating point), so masks are merged exactly as the module merges
+        them. Inputs ``(L, B, E)``, output ``(L, B, E)``."""
+        embed = module.embed_dim
+        eye = torch.eye(embed, dtype=dtype, device=biased[0].device)
+        core, _ = F.multi_head_attention_forward(
+            *biased,
+            embed,
+            module.num_heads,
+            None,
+            None,
+            None,
+            None,
+            False,
+            0.0,
+            eye,
+            None,
+            training=module.training,
+            key_padding_mask=as_mask(arg["key_padding_mask"]),
+            need_weights=False,
+            attn_mask=as_mask(arg["attn_mask"]),
+            use_separate_proj_weight=True,
+            q_proj_weight=eye,
+            k_proj_weight=eye,
+            v_proj_weight=eye,
+            is_causal=arg["is_causal"],
+        )
+        return core

@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from .._linalg import (
     bias_stats,
     chunk_size,
-    outer_product_stats,
-    outer_product_sum,
+    outer_product_moments,
     require_one_batch,
     row_sq_norm,
     rowdot,
@@ -55,8 +54,21 @@ _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 _WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
 
 
+def zero_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """The convolution's padding when it is symmetric zero padding the backend can apply
+    itself (numeric, or ``"valid"``), else ``None`` (pad with :func:`pad_input` first)."""
+    if conv.padding_mode != "zeros" or conv.padding == "same":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    return tuple(conv.padding)
+
+
 def per_sample_weight_grads(
-    x_padded: Tensor, delta: Tensor, conv: nn.modules.conv._ConvNd
+    x_padded: Tensor,
+    delta: Tensor,
+    conv: nn.modules.conv._ConvNd,
+    padding: tuple[int, ...] | int = 0,
 ) -> Tensor:
     """Per-sample weight gradients ``(n, *conv.weight.shape)`` of ``n`` samples.
 
@@ -65,8 +77,10 @@ def per_sample_weight_grads(
     ``j``'s group ``g`` and the weight gradient's rows come out sample-major.
 
     Args:
-        x_padded: ``(n, C_in, *S)`` input after :func:`pad_input`.
+        x_padded: ``(n, C_in, *S)`` input after :func:`pad_input`, or the raw input with
+            ``padding`` from :func:`zero_padding` (no padded copy of the input).
         delta: ``(n, C_out, *O)`` output gradients.
+        padding: zero padding the backend applies to ``x_padded``.
     """
     n = x_padded.shape[0]
     weight_shape = conv.weight.shape
@@ -75,7 +89,7 @@ def per_sample_weight_grads(
         (n * weight_shape[0], *weight_shape[1:]),
         delta.reshape(1, -1, *delta.shape[2:]),
         stride=conv.stride,
-        padding=0,
+        padding=padding,
         dilation=conv.dilation,
         groups=n * conv.groups,
     )
@@ -122,6 +136,7 @@ class ConvRule(LayerRule):
         groups = module.groups
         c_out = module.out_channels
         grouped_route = nd >= 2
+        padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
         require_one_batch(calls)
@@ -135,32 +150,35 @@ class ConvRule(LayerRule):
             x = x.detach().to(ctx.dtype)
             delta = grad.to(ctx.dtype)  # (B, C_out, *O)
             bias_grad = delta.flatten(2).sum(2)  # (B, C_out)
-            if call.output_intact():  # <G_i, W> = sum delta . (z - b), bias folded out
-                dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
-                dots.append(dot - bias_grad @ bias if bias is not None else dot)
-            else:
-                dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             bias_grads.append(bias_grad)
+            if "weight" in ctx.want and not grouped_route:
+                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped route forms
+                # G_i anyway, and G_i . W reads weight-sized rows instead of output-sized ones.)
+                if call.output_intact():
+                    dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
+                    dots.append(dot - bias_grad @ bias if bias is not None else dot)
+                else:
+                    dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             if "weight" in ctx.want and grouped_route:
-                padded_inputs.append(pad_input(x, module))
+                padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
             elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))
                 d = delta.reshape(batch, groups, c_out // groups, -1).permute(0, 3, 1, 2)
                 deltas.append(d)  # (B, L, G, C_out/G)
-        if not dots:
+        if not bias_grads:
             return {}
         out: dict[str, ParamStats] = {}
         if "weight" in ctx.want and grouped_route:
             out["weight"] = self._grouped_weight_stats(
-                module, padded_inputs, deltas, torch.stack(dots).sum(0), ctx
+                module, padded_inputs, deltas, ctx, padding or 0
             )
         elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
             delta = torch.cat(deltas, 1) if len(deltas) > 1 else deltas[0]
             keep = "weight" in ctx.need_grad_sample
-            sq_norm, sum_sq, grad_sample = outer_product_stats(
+            sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
                 a, delta, ctx.need_sum_sq, keep, ctx.chunk_elements
             )
             out["weight"] = ParamStats(
@@ -168,9 +186,7 @@ class ConvRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
-                grad_sum=(
-                    outer_product_sum(a, delta).reshape(weight.shape) if ctx.need_sum_sq else None
-                ),
+                grad_sum=grad_sum.reshape(weight.shape) if grad_sum is not None else None,
             )
         if bias is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
@@ -186,30 +202,34 @@ class ConvRule(LayerRule):
         module: nn.modules.conv._ConvNd,
         inputs: list[Tensor],
         deltas: list[Tensor],
-        dot: Tensor,
         ctx: RuleContext,
+        padding: tuple[int, ...] | int,
     ) -> ParamStats:
         """Weight statistics from per-sample gradients formed in chunks of samples; several
-        calls in one forward add their per-sample gradients before any norm is taken."""
-        weight = module.weight
-        batch = dot.shape[0]
+        calls in one forward add their per-sample gradients before any norm is taken.
+        ``padding`` is the zero padding still to apply to ``inputs``."""
+        weight = module.weight.detach().to(ctx.dtype)
+        flat_weight = weight.reshape(-1)
+        batch = inputs[0].shape[0]
         step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
         keep = "weight" in ctx.need_grad_sample
-        sq_norm = dot.new_empty(batch)
-        sum_sq = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
-        grad_sum = dot.new_zeros(weight.shape) if ctx.need_sum_sq else None
-        grad_sample = dot.new_empty(batch, *weight.shape) if keep else None
+        dot = flat_weight.new_empty(batch)
+        sq_norm = flat_weight.new_empty(batch)
+        sum_sq = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sum = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        grad_sample = flat_weight.new_empty(batch, *weight.shape) if keep else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
-            g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module)
+            g = per_sample_weight_grads(inputs[0][lo:hi], deltas[0][lo:hi], module, padding)
             for x, d in zip(inputs[1:], deltas[1:], strict=True):
-                g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module)
+                g = g + per_sample_weight_grads(x[lo:hi], d[lo:hi], module, padding)
+            dot[lo:hi] = g.reshape(hi - lo, -1) @ flat_weight
             sq_norm[lo:hi] = row_sq_norm(g)
-            if sum_sq is not None and grad_sum is not None:
-                sum_sq += g.pow(2).sum(0)
-                grad_sum += g.sum(0)
             if grad_sample is not None:
                 grad_sample[lo:hi] = g
+            if sum_sq is not None and grad_sum is not None:
+                grad_sum += g.sum(0)
+                sum_sq += g.square_().sum(0)  # g is this chunk's own buffer (copied out above)
         return ParamStats(
             dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample, grad_sum=grad_sum
         )

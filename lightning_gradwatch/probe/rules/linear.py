@@ -7,8 +7,7 @@ from torch import Tensor, nn
 
 from .._linalg import (
     bias_stats,
-    outer_product_stats,
-    outer_product_sum,
+    outer_product_moments,
     require_one_batch,
     row_sq_norm,
     rowdot,
@@ -63,7 +62,7 @@ class LinearRule(LayerRule):
         out: dict[str, ParamStats] = {}
         if "weight" in ctx.want:
             keep = "weight" in ctx.need_grad_sample
-            sq_norm, sum_sq, grad_sample = outer_product_stats(
+            sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
                 a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
             )
             out["weight"] = ParamStats(
@@ -71,11 +70,7 @@ class LinearRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
-                grad_sum=(
-                    outer_product_sum(a.unsqueeze(2), delta.unsqueeze(2)).reshape(weight.shape)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.reshape(weight.shape) if grad_sum is not None else None,
             )
         if bias is not None and bias_grad is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
