@@ -29,6 +29,7 @@ from lightning_gradwatch import (
     GradientSNR,
     GradientWeightAlignment,
     GWAEarlyStopping,
+    IndexedDataset,
     SpectralNorms,
 )
 
@@ -77,14 +78,14 @@ def count_host_syncs() -> Iterator[Counter[str]]:
 
 
 class _Classifier(pl.LightningModule):
-    """A small MLP classifier; the batch is ``(x, y)`` (no dataset indices)."""
+    """A small MLP classifier; the batch is ``(x, y)`` or ``(x, y, dataset indices)``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -121,15 +122,13 @@ class _CountOnSteps(pl.Callback):
             self.counted_steps += 1
 
 
-# lead: remove xfail at merge (the syncs are removed on other branches in parallel).
-@pytest.mark.xfail(
-    strict=False,
-    reason="per-step host syncs (finiteness check, loss-scale read) are removed on another "
-    "branch; passes once merged",
-)
-def test_no_host_sync_on_non_logging_steps() -> None:
+@pytest.mark.parametrize("with_indices", [False, True])
+def test_no_host_sync_on_non_logging_steps(with_indices: bool) -> None:
+    """With dataset indices, GWA also records and checks per-sample scores every step."""
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    data: Any = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    if with_indices:
+        data = IndexedDataset(data)
     loader = DataLoader(data, batch_size=16)  # 4 steps per epoch
     counter = _CountOnSteps(first=2, last=7)  # step 0/1 may do first-use checks
     trainer = pl.Trainer(
@@ -138,7 +137,7 @@ def test_no_host_sync_on_non_logging_steps() -> None:
         log_every_n_steps=1000,  # no counted step is a logging step
         callbacks=[
             counter.start(),
-            GradientWeightAlignment(indices=None),
+            GradientWeightAlignment(indices=-1 if with_indices else None),
             GWAEarlyStopping(),
             GradientSNR(),
             SpectralNorms(),
