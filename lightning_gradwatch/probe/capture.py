@@ -25,6 +25,8 @@ class _Capture:
     _view_outputs: dict[int, set[int]]
     _incomplete: bool
     _grad_sum: dict[str, Tensor]
+    _autocast_seen: bool
+    sum_grad_squared: bool
 
     # Defined by GradientProbe and _Finalize (annotations only: no attribute is created).
     _retire_checks: Callable[[], None]
@@ -60,6 +62,9 @@ class _Capture:
             live = [k for k, o in enumerate(outputs) if o.requires_grad]
             if not live:
                 return
+            if self.sum_grad_squared and torch.is_autocast_enabled(outputs[live[0]].device.type):
+                # Autograd's weight gradients are then rounded to 16 bits: not the exact sum.
+                self._autocast_seen = True
             if all(outputs[k].numel() == 0 for k in live):
                 # An empty batch (or empty sequence): no output element depends on the
                 # parameters, so their per-sample gradients are zero (none for B = 0). Nothing

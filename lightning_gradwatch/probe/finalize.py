@@ -43,6 +43,10 @@ class _Finalize:
     _verified: bool
     _grad_scale: float | Tensor
     _grad_sum: dict[str, Tensor]
+    _uses_known: bool
+    _outside_uses: set[str]
+    _autocast_seen: bool
+    _checker: object
     _view_outputs: dict[int, set[int]]
     _warned: set[str]
     _stats: ProbeStats | None
@@ -54,6 +58,8 @@ class _Finalize:
             return
         self._finalize_queued = True
         self._verified = True
+        if self._checker is not None:  # it watched this backward's whole forward
+            self._uses_known = True
         scale = self.loss_scale() if callable(self.loss_scale) else self.loss_scale
         # A tensor (a GradScaler's scale) stays on its device: reading it would synchronise.
         self._grad_scale = scale if isinstance(scale, Tensor) else float(scale)
@@ -122,6 +128,7 @@ class _Finalize:
             need_grad_sample=owner.need_grad_sample,
             chunk_elements=self.chunk_elements,
             batch_dim=batch_dim,
+            need_grad_sum=not (self.sum_grad_squared and self._autograd_sum_exact(owner, calls)),
         )
         self._replaying = True
         try:
@@ -155,6 +162,34 @@ class _Finalize:
             )
             return
         owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
+
+    def _autograd_sum_exact(self, owner: _Owner, calls: list[Call]) -> bool:
+        """Whether autograd's own gradient of each of ``owner``'s parameters in this backward
+        (what the parameter hook received, before accumulation) is exactly the sum of the
+        per-sample gradients the rule forms, so the rule need not form ``sum_i g_i`` again.
+
+        That needs parameters and backprops in float32/float64 and no autocast (a 16-bit
+        weight gradient is rounded: see ``ParamStats.grad_sum``), and every use of the
+        parameters inside their owning modules, as the use checker saw it (a weight penalty
+        is in autograd's gradient but in no sample's). Without that knowledge
+        (``verify="never"``), the rule forms the sum.
+        """
+        if not self._uses_known or self._autocast_seen:
+            return False
+        for call in calls:
+            for g in call.grads:
+                if g is not None and (not g.is_floating_point() or g.dtype.itemsize < 4):
+                    return False
+        for name in owner.local_to_name.values():
+            param = self._params.get(name)
+            if (
+                param is None
+                or name in self._outside_uses
+                or not param.is_floating_point()
+                or param.dtype.itemsize < 4
+            ):
+                return False
+        return True
 
     def _unscale(self, s: ParamStats) -> ParamStats:
         """Rescale a rule's result from autograd's backprops to unscaled per-sample losses."""
@@ -292,6 +327,9 @@ class _Finalize:
                     # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
                     stats.grad_sum[name] = s.grad_sum
                 elif name in self._grad_sum:
+                    # Autograd's own gradient of this backward (see _autograd_sum_exact). The
+                    # product is a new tensor: the hook's tensor may become `.grad` itself,
+                    # which later accumulation modifies in place.
                     grad = self._grad_sum[name]
                     stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
                 else:
@@ -309,6 +347,7 @@ class _Finalize:
             owner.result = None
             owner.skip_reason = None
         self._grad_sum = {}
+        self._autocast_seen = False
         self._view_outputs = {}
         self._incomplete = False
         self._model_batch = None

@@ -196,6 +196,11 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         self._dims_checked = False
         self._grad_scale: float | Tensor = 1.0
         self._grad_sum: dict[str, Tensor] = {}
+        # What the use checker saw (see _Finalize._autograd_sum_exact): whether it watched a
+        # whole forward, and the tracked parameters it saw used outside every module.
+        self._uses_known = False
+        self._outside_uses: set[str] = set()
+        self._autocast_seen = False  # a probed module ran under autocast in this step
         # id(call) -> indices of outputs that are views hooked directly (see _hook_target).
         self._view_outputs: dict[int, set[int]] = {}
         self._warned: set[str] = set()

@@ -93,6 +93,11 @@ class RuleContext:
             declared with ``GradientProbe(batch_dims=...)``). The probe moves it to dim 0
             before calling a :attr:`LayerRule.positionwise` rule, so those see 0; other rules
             that cannot honour a non-zero value raise :class:`SkipModule`.
+        need_grad_sum: form ``sum_i g_i`` along with ``sum_i g_i**2`` (only read when
+            ``need_sum_sq``). ``False`` when the probe takes it from autograd's own batch
+            gradient of the parameters instead, which is exactly that sum when parameters and
+            backprops are float32/float64 and every use of the parameters is inside their
+            owning modules; a rule may still return it (it is then used).
     """
 
     dtype: torch.dtype
@@ -101,6 +106,7 @@ class RuleContext:
     need_grad_sample: frozenset[str]
     chunk_elements: int
     batch_dim: int = 0
+    need_grad_sum: bool = True
 
 
 class SkipModule(Exception):

@@ -92,6 +92,8 @@ class _UseChecker(TorchFunctionMode):
             if self.owners_of.get(name, set()) & on_stack:
                 continue
             if not stack:
+                # Autograd's batch gradient of it now holds a part no sample's loss has.
+                self.probe._outside_uses.add(name)
                 key = f"outside:{name}"
                 if key not in self.probe._warned:
                     self.probe._warned.add(key)

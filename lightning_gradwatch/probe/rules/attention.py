@@ -157,6 +157,7 @@ class MultiheadAttentionRule(FallbackRule):
                 ctx.need_sum_sq,
                 False,
                 ctx.chunk_elements,
+                need_sum=ctx.need_grad_sum,
             )
             out["out_proj.weight"] = ParamStats(
                 dot=rowdot(delta_b, z),
@@ -178,7 +179,7 @@ class MultiheadAttentionRule(FallbackRule):
                 a = inputs[0].unsqueeze(2)
                 d_all = torch.cat(grads, -1).unsqueeze(2)
                 sq_norm, sum_sq, _, grad_sum = outer_product_moments(
-                    a, d_all, ctx.need_sum_sq, False, ctx.chunk_elements
+                    a, d_all, ctx.need_sum_sq, False, ctx.chunk_elements, ctx.need_grad_sum
                 )
             elif query.shape[0] == key.shape[0]:
                 # Same length: the three projections are three groups of one outer product.
@@ -188,6 +189,7 @@ class MultiheadAttentionRule(FallbackRule):
                     ctx.need_sum_sq,
                     False,
                     ctx.chunk_elements,
+                    need_sum=ctx.need_grad_sum,
                 )
             else:
                 parts = [
@@ -197,12 +199,14 @@ class MultiheadAttentionRule(FallbackRule):
                         ctx.need_sum_sq,
                         False,
                         ctx.chunk_elements,
+                        need_sum=ctx.need_grad_sum,
                     )
                     for a, d in zip(inputs, grads, strict=True)
                 ]
                 sq_norm = sum(p[0] for p in parts)
                 sum_sq = torch.cat([p[1] for p in parts]) if ctx.need_sum_sq else None
-                grad_sum = torch.cat([p[3] for p in parts]) if ctx.need_sum_sq else None
+                sums = [p[3] for p in parts]
+                grad_sum = torch.cat(sums) if all(t is not None for t in sums) else None
             out["in_proj_weight"] = ParamStats(
                 dot=dot,
                 sq_norm=sq_norm,

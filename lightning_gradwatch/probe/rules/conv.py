@@ -179,7 +179,7 @@ class ConvRule(LayerRule):
             delta = torch.cat(deltas, 1) if len(deltas) > 1 else deltas[0]
             keep = "weight" in ctx.need_grad_sample
             sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
-                a, delta, ctx.need_sum_sq, keep, ctx.chunk_elements
+                a, delta, ctx.need_sum_sq, keep, ctx.chunk_elements, ctx.need_grad_sum
             )
             out["weight"] = ParamStats(
                 dot=torch.stack(dots).sum(0),
@@ -216,7 +216,8 @@ class ConvRule(LayerRule):
         dot = flat_weight.new_empty(batch)
         sq_norm = flat_weight.new_empty(batch)
         sum_sq = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
-        grad_sum = flat_weight.new_zeros(weight.shape) if ctx.need_sum_sq else None
+        need_sum = ctx.need_sum_sq and ctx.need_grad_sum
+        grad_sum = flat_weight.new_zeros(weight.shape) if need_sum else None
         grad_sample = flat_weight.new_empty(batch, *weight.shape) if keep else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
@@ -227,8 +228,9 @@ class ConvRule(LayerRule):
             sq_norm[lo:hi] = row_sq_norm(g)
             if grad_sample is not None:
                 grad_sample[lo:hi] = g
-            if sum_sq is not None and grad_sum is not None:
+            if grad_sum is not None:
                 grad_sum += g.sum(0)
+            if sum_sq is not None:
                 sum_sq += g.square_().sum(0)  # g is this chunk's own buffer (copied out above)
         return ParamStats(
             dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample, grad_sum=grad_sum

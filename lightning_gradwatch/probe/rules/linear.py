@@ -63,7 +63,12 @@ class LinearRule(LayerRule):
         if "weight" in ctx.want:
             keep = "weight" in ctx.need_grad_sample
             sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
-                a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
+                a.unsqueeze(2),
+                delta.unsqueeze(2),
+                ctx.need_sum_sq,
+                keep,
+                ctx.chunk_elements,
+                need_sum=ctx.need_grad_sum,
             )
             out["weight"] = ParamStats(
                 dot=dot,
@@ -99,13 +104,14 @@ class LinearRule(LayerRule):
                     dot=bias_dot,
                     sq_norm=delta_sq,
                     sum_sq=delta.pow(2).sum(0) if ctx.need_sum_sq else None,
-                    grad_sum=delta.sum(0) if ctx.need_sum_sq else None,
+                    grad_sum=delta.sum(0) if ctx.need_sum_sq and ctx.need_grad_sum else None,
                 )
         if "weight" in ctx.want:
             out["weight"] = ParamStats(
                 dot=dot_z - bias_dot if bias_dot is not None else dot_z,
                 sq_norm=delta_sq * row_sq_norm(a),
                 sum_sq=delta.pow(2).T @ a.pow(2) if ctx.need_sum_sq else None,
-                grad_sum=delta.T @ a if ctx.need_sum_sq else None,
+                # One weight-sized product, skipped when autograd's batch gradient is exact.
+                grad_sum=delta.T @ a if ctx.need_sum_sq and ctx.need_grad_sum else None,
             )
         return out

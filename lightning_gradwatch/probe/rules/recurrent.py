@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .._linalg import outer_product_stats, outer_product_sum, stats_from_grad_sample
+from .._linalg import outer_product_moments, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -95,8 +95,17 @@ class _ReplayRule(LayerRule):
             a = torch.cat(piece.a, 1) if len(piece.a) > 1 else piece.a[0]
             delta = torch.cat(piece.delta, 1) if len(piece.delta) > 1 else piece.delta[0]
             keep = name in ctx.need_grad_sample
-            sq_norm, sum_sq, grad_sample = outer_product_stats(
-                a.unsqueeze(2), delta.unsqueeze(2), ctx.need_sum_sq, keep, ctx.chunk_elements
+            # With sum_sq, sum_i G_i comes from the same per-sample terms (a reduction where
+            # they are materialised anyway), so that the variance sum_sq/B - (grad_sum/B)**2
+            # does not cancel against a 16-bit .grad; not formed when autograd's batch
+            # gradient is exact (ctx.need_grad_sum).
+            sq_norm, sum_sq, grad_sample, grad_sum = outer_product_moments(
+                a.unsqueeze(2),
+                delta.unsqueeze(2),
+                ctx.need_sum_sq,
+                keep,
+                ctx.chunk_elements,
+                need_sum=ctx.need_grad_sum,
             )
             shape = getattr(module, name).shape
             out[name] = ParamStats(
@@ -104,13 +113,7 @@ class _ReplayRule(LayerRule):
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *shape) if grad_sample is not None else None,
-                # The batch gradient from the same per-sample terms as sum_sq, so that the
-                # variance sum_sq/B - (grad_sum/B)**2 does not cancel against a 16-bit .grad.
-                grad_sum=(
-                    outer_product_sum(a.unsqueeze(2), delta.unsqueeze(2)).reshape(shape)
-                    if ctx.need_sum_sq
-                    else None
-                ),
+                grad_sum=grad_sum.reshape(shape) if grad_sum is not None else None,
             )
         for name, grads in bias_pieces.items():
             out[name] = stats_from_grad_sample(

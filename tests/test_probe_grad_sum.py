@@ -1,0 +1,185 @@
+"""``grad_sum`` from autograd's own batch gradient, and where the probe must not take it.
+
+With float32/float64 parameters and backprops and every use of a parameter inside its owning
+modules, the gradient a parameter hook receives in a backward is exactly ``sum_i g_i`` (times
+the loss reduction and scale), so the rules skip forming it again. Everywhere else (a weight
+penalty, ``verify="never"``, autocast) the rules form it from the per-sample terms. Either way
+it must equal the oracle's sum of per-sample gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, assert_matches_oracle, squared_error
+from oracle import per_sample_grads
+from torch import Tensor, nn
+
+from lightning_gradwatch import GradientProbe
+from lightning_gradwatch.probe.registry import RuleContext
+
+
+@pytest.fixture
+def contexts(monkeypatch: pytest.MonkeyPatch) -> list[RuleContext]:
+    """Every ``RuleContext`` the probe passes to a rule, in order."""
+    seen: list[RuleContext] = []
+    from lightning_gradwatch.probe import finalize
+
+    original = finalize.RuleContext
+
+    def spy(*args: Any, **kwargs: Any) -> RuleContext:
+        ctx = original(*args, **kwargs)
+        seen.append(ctx)
+        return ctx
+
+    monkeypatch.setattr(finalize, "RuleContext", spy)
+    return seen
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv = nn.Conv1d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.emb(idx)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        h = torch.tanh(self.conv(h.transpose(1, 2))).mean(-1)
+        return self.head(h)
+
+
+def _models() -> list[tuple[str, nn.Module, Tensor, Tensor]]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    conv2d = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    return [
+        ("mlp", mlp, torch.randn(6, 5), torch.randn(6, 3)),
+        ("seq-linear", nn.Linear(5, 3), torch.randn(6, 4, 5), torch.randn(6, 4, 3)),
+        ("conv2d", conv2d, torch.randn(6, 2, 6, 6), torch.randn(6, 3)),
+        ("attention", _Attention(), torch.randint(0, 7, (6, 5)), torch.randn(6, 3)),
+    ]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", range(4), ids=[m[0] for m in _models()])
+def test_grad_sum_from_autograd_matches_oracle(
+    case: int, reduction: str, contexts: list[RuleContext]
+) -> None:
+    _, model, x, y = _models()[case]
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    assert_matches_oracle(model, x, y.double(), reduction=reduction, loss_scale=1.0)
+    # The rules were told to leave sum_i g_i to autograd (the route under test).
+    assert contexts and not any(c.need_grad_sum for c in contexts)
+
+
+def test_tied_weights(contexts: list[RuleContext]) -> None:
+    torch.manual_seed(1)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.out = nn.Linear(4, 6, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx: Tensor) -> Tensor:
+            return self.out(torch.tanh(self.emb(idx))).mean(1)
+
+    model = Tied().double()
+    assert_matches_oracle(model, torch.randint(0, 6, (5, 3)), torch.randn(5, 6).double())
+
+
+def test_gradient_accumulation_sees_each_backward_alone(contexts: list[RuleContext]) -> None:
+    """With ``.grad`` already holding an earlier micro-batch, ``grad_sum`` is still this
+    backward's sum, scaled back by ``loss_scale``; and the probe leaves ``.grad`` as autograd
+    alone would make it."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    reference = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randn(3, 4).double(), torch.randn(3, 2).double()) for _ in range(3)]
+    probe = GradientProbe(model, sum_grad_squared=True, loss_scale=0.5)
+    names = [n for n, _ in model.named_parameters()]
+    sums = []
+    with probe:
+        for x, y in batches:
+            (squared_error(model(x), y).mean() * 0.5).backward()
+            sums.append(probe.stats.grad_sum)
+    for x, y in batches:
+        (squared_error(reference(x), y).mean() * 0.5).backward()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad), n
+    model.zero_grad(set_to_none=True)
+    for (x, y), got in zip(batches, sums, strict=True):
+        expected = per_sample_grads(model, squared_error, x, y, names)
+        for n in names:
+            assert_close(got[n], expected[n].sum(0), f"grad_sum[{n}]")
+    assert not any(c.need_grad_sum for c in contexts)
+
+
+def test_grad_sum_is_not_the_grad_tensor() -> None:
+    """The hook's tensor can become ``.grad`` itself; later accumulation into ``.grad`` must
+    not change a reported ``grad_sum``."""
+    torch.manual_seed(3)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+    probe = GradientProbe(model, sum_grad_squared=True, loss_reduction="sum")
+    with probe:
+        squared_error(model(x), y).sum().backward()
+    first = {n: t.clone() for n, t in probe.stats.grad_sum.items()}
+    kept = probe.stats
+    squared_error(model(x), y).sum().backward()  # accumulates into .grad, unprobed
+    for n, t in first.items():
+        assert torch.equal(kept.grad_sum[n], t), n
+
+
+def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[RuleContext]) -> None:
+    """A penalty is in autograd's gradient but in no sample's: grad_sum excludes it."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    probe = GradientProbe(model, sum_grad_squared=True)
+    sums = []
+    with pytest.warns(UserWarning, match="outside any module"), probe:
+        for _ in range(2):  # also after the use checker has left
+            contexts.clear()
+            loss = squared_error(model(x), y).mean() + 0.3 * model[0].weight.pow(2).sum()
+            loss.backward()
+            sums.append(probe.stats.grad_sum)
+            # Only the owner of the penalised weight forms the sum itself (backward order).
+            assert [c.need_grad_sum for c in contexts] == [False, True]
+    model.zero_grad(set_to_none=True)
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    for got in sums:
+        for n in names:
+            assert_close(got[n], expected[n].sum(0), f"grad_sum[{n}]")
+
+
+def test_without_use_check_the_rules_form_the_sum(contexts: list[RuleContext]) -> None:
+    torch.manual_seed(5)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+    assert_matches_oracle(model, x, y, verify="never")
+    assert contexts and all(c.need_grad_sum for c in contexts)
+
+
+def test_autocast_keeps_the_per_sample_sum(contexts: list[RuleContext]) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    probe = GradientProbe(model, sum_grad_squared=True)
+    with probe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    assert contexts and all(c.need_grad_sum for c in contexts)
+    assert set(probe.stats.grad_sum) == {n for n, _ in model.named_parameters()}
