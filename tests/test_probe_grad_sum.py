@@ -9,6 +9,7 @@ it must equal the oracle's sum of per-sample gradients.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,23 +20,27 @@ from oracle import per_sample_grads
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientProbe
-from lightning_gradwatch.probe.registry import RuleContext
+from lightning_gradwatch.probe.finalize import _Finalize
+
+
+@dataclass
+class _Seen:
+    need_grad_sum: bool
 
 
 @pytest.fixture
-def contexts(monkeypatch: pytest.MonkeyPatch) -> list[RuleContext]:
-    """Every ``RuleContext`` the probe passes to a rule, in order."""
-    seen: list[RuleContext] = []
-    from lightning_gradwatch.probe import finalize
+def contexts(monkeypatch: pytest.MonkeyPatch) -> list[_Seen]:
+    """For every rule call of a probe with ``sum_grad_squared``, whether the rule was asked
+    to form ``sum_i g_i`` itself, in order."""
+    seen: list[_Seen] = []
+    original = _Finalize._autograd_sum_exact
 
-    original = finalize.RuleContext
+    def spy(self: Any, owner: Any, calls: Any) -> bool:
+        exact = original(self, owner, calls)
+        seen.append(_Seen(need_grad_sum=not exact))
+        return exact
 
-    def spy(*args: Any, **kwargs: Any) -> RuleContext:
-        ctx = original(*args, **kwargs)
-        seen.append(ctx)
-        return ctx
-
-    monkeypatch.setattr(finalize, "RuleContext", spy)
+    monkeypatch.setattr(_Finalize, "_autograd_sum_exact", spy)
     return seen
 
 
@@ -69,7 +74,7 @@ def _models() -> list[tuple[str, nn.Module, Tensor, Tensor]]:
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case", range(4), ids=[m[0] for m in _models()])
 def test_grad_sum_from_autograd_matches_oracle(
-    case: int, reduction: str, contexts: list[RuleContext]
+    case: int, reduction: str, contexts: list[_Seen]
 ) -> None:
     _, model, x, y = _models()[case]
     model = model.double()
@@ -79,7 +84,7 @@ def test_grad_sum_from_autograd_matches_oracle(
     assert contexts and not any(c.need_grad_sum for c in contexts)
 
 
-def test_tied_weights(contexts: list[RuleContext]) -> None:
+def test_tied_weights(contexts: list[_Seen]) -> None:
     torch.manual_seed(1)
 
     class Tied(nn.Module):
@@ -96,7 +101,7 @@ def test_tied_weights(contexts: list[RuleContext]) -> None:
     assert_matches_oracle(model, torch.randint(0, 6, (5, 3)), torch.randn(5, 6).double())
 
 
-def test_gradient_accumulation_sees_each_backward_alone(contexts: list[RuleContext]) -> None:
+def test_gradient_accumulation_sees_each_backward_alone(contexts: list[_Seen]) -> None:
     """With ``.grad`` already holding an earlier micro-batch, ``grad_sum`` is still this
     backward's sum, scaled back by ``loss_scale``; and the probe leaves ``.grad`` as autograd
     alone would make it."""
@@ -141,7 +146,7 @@ def test_grad_sum_is_not_the_grad_tensor() -> None:
         assert torch.equal(kept.grad_sum[n], t), n
 
 
-def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[RuleContext]) -> None:
+def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) -> None:
     """A penalty is in autograd's gradient but in no sample's: grad_sum excludes it."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -164,7 +169,7 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[RuleCont
             assert_close(got[n], expected[n].sum(0), f"grad_sum[{n}]")
 
 
-def test_without_use_check_the_rules_form_the_sum(contexts: list[RuleContext]) -> None:
+def test_without_use_check_the_rules_form_the_sum(contexts: list[_Seen]) -> None:
     torch.manual_seed(5)
     model = nn.Linear(3, 2).double()
     x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
@@ -172,7 +177,7 @@ def test_without_use_check_the_rules_form_the_sum(contexts: list[RuleContext]) -
     assert contexts and all(c.need_grad_sum for c in contexts)
 
 
-def test_autocast_keeps_the_per_sample_sum(contexts: list[RuleContext]) -> None:
+def test_autocast_keeps_the_per_sample_sum(contexts: list[_Seen]) -> None:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))

@@ -46,6 +46,7 @@ class _Finalize:
     _uses_known: bool
     _outside_uses: set[str]
     _autocast_seen: bool
+    _from_autograd: set[str]  # names whose grad_sum is autograd's, already rescaled
     _checker: object
     _view_outputs: dict[int, set[int]]
     _warned: set[str]
@@ -121,15 +122,19 @@ class _Finalize:
                     kind="sample dim",
                 )
                 return
-        ctx = RuleContext(
-            dtype=torch.promote_types(sample.dtype, torch.float32),
-            want=owner.want,
-            need_sum_sq=self.sum_grad_squared,
-            need_grad_sample=owner.need_grad_sample,
-            chunk_elements=self.chunk_elements,
-            batch_dim=batch_dim,
-            need_grad_sum=not (self.sum_grad_squared and self._autograd_sum_exact(owner, calls)),
-        )
+        need_grad_sum = not (self.sum_grad_squared and self._autograd_sum_exact(owner, calls))
+        key = (sample.dtype, batch_dim, need_grad_sum, self.sum_grad_squared, self.chunk_elements)
+        ctx = owner.contexts.get(key)
+        if ctx is None:  # the same on most steps: built once (a frozen dataclass costs)
+            ctx = owner.contexts[key] = RuleContext(
+                dtype=torch.promote_types(sample.dtype, torch.float32),
+                want=owner.want,
+                need_sum_sq=self.sum_grad_squared,
+                need_grad_sample=owner.need_grad_sample,
+                chunk_elements=self.chunk_elements,
+                batch_dim=batch_dim,
+                need_grad_sum=need_grad_sum,
+            )
         self._replaying = True
         try:
             result = owner.rule.compute(owner.module, calls, ctx)
@@ -161,7 +166,8 @@ class _Finalize:
                 f"with params=[...]",
             )
             return
-        owner.result = {owner.local_to_name[local]: self._unscale(s) for local, s in result.items()}
+        # Still in autograd's scale: _assemble rescales every parameter's statistics at once.
+        owner.result = {owner.local_to_name[local]: s for local, s in result.items()}
 
     def _autograd_sum_exact(self, owner: _Owner, calls: list[Call]) -> bool:
         """Whether autograd's own gradient of each of ``owner``'s parameters in this backward
@@ -191,20 +197,29 @@ class _Finalize:
                 return False
         return True
 
-    def _unscale(self, s: ParamStats) -> ParamStats:
-        """Rescale a rule's result from autograd's backprops to unscaled per-sample losses."""
-        factor = self._grad_factor(s.dot.shape[0])
+    def _unscale(self, stats: ProbeStats, batch: int) -> None:
+        """Rescale the rules' results in ``stats`` from autograd's backprops to unscaled
+        per-sample losses: ``dot`` and ``grad_sum`` by the factor, squares by its square, in
+        one fused kernel per kind (a Python float factor) rather than one per parameter."""
+        factor = self._grad_factor(batch)
         if isinstance(factor, float) and factor == 1.0:
-            return s
-        s.dot.mul_(factor)
-        s.sq_norm.mul_(factor * factor)
-        if s.sum_sq is not None:
-            s.sum_sq.mul_(factor * factor)
-        if s.grad_sample is not None:
-            s.grad_sample.mul_(factor)
-        if s.grad_sum is not None:
-            s.grad_sum.mul_(factor)
-        return s
+            return
+        scaled = [
+            (list(stats.dot.values()), factor),
+            (list(stats.sq_norm.values()), factor * factor),
+            (list(stats.sum_sq.values()), factor * factor),
+        ]
+        # Autograd's own batch gradient (see _autograd_sum_exact) is already rescaled.
+        sums = [t for n, t in stats.grad_sum.items() if n not in self._from_autograd]
+        scaled.append((sums, factor))
+        for tensors, f in scaled:
+            if not tensors:
+                continue
+            if isinstance(f, float):
+                torch._foreach_mul_(tensors, f)
+            else:  # a () tensor on the loss scale's device: one kernel each, as before
+                for t in tensors:
+                    t.mul_(f)
 
     def _tensor(self, name: str) -> Tensor:
         """The tracked tensor's current value: a parameter, or a reparametrized tensor
@@ -290,6 +305,7 @@ class _Finalize:
         if batch is None:
             batch = 0
         stats = ProbeStats(batch_size=batch, excluded=excluded)
+        self._from_autograd = set()
         for name in self.param_names:
             if name in excluded:
                 continue
@@ -332,10 +348,12 @@ class _Finalize:
                     # which later accumulation modifies in place.
                     grad = self._grad_sum[name]
                     stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
+                    self._from_autograd.add(name)
                 else:
                     stats.grad_sum[name] = torch.zeros_like(s.sum_sq)
         for name in self._unowned:
             excluded.setdefault(name, "no module owns it as a direct parameter")
+        self._unscale(stats, batch)
         return stats
 
     def _clear_captures(self) -> None:

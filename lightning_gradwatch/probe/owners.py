@@ -10,10 +10,11 @@ descendant that uses it; one shared by two unrelated modules is owned by both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
-from .registry import Call, LayerRule, ParamStats, registered_base, rule_for
+from .registry import Call, LayerRule, ParamStats, RuleContext, registered_base, rule_for
 from .rules.fallback import FallbackRule
 from .rules.parametrized import parametrized_rule
 
@@ -45,6 +46,8 @@ class _Owner:
     native_dim: int | None = None
     want: frozenset[str] = frozenset()  # RuleContext.want
     need_grad_sample: frozenset[str] = frozenset()  # RuleContext.need_grad_sample
+    # The RuleContexts built so far, by what varies between steps (see _compute_calls).
+    contexts: dict[tuple[Any, ...], RuleContext] = field(default_factory=dict)
 
 
 def resolve_owners(

@@ -23,6 +23,10 @@ class LinearRule(LayerRule):
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
         assert isinstance(module, nn.Linear)
+        if len(calls) == 1 and not ctx.need_grad_sample:
+            fast = self._one_2d_call(module, calls[0], ctx)
+            if fast is not None:
+                return fast
         weight = module.weight.detach()
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         inputs, deltas, dots = [], [], []
@@ -83,6 +87,21 @@ class LinearRule(LayerRule):
             )
         return out
 
+    def _one_2d_call(
+        self, module: nn.Linear, call: Call, ctx: RuleContext
+    ) -> dict[str, ParamStats] | None:
+        """The most common case, one call on a ``(B, in)`` input, with as little Python per
+        step as possible (the general path below handles it too); ``None`` otherwise."""
+        x, grad = call.args[0], call.grads[0]
+        if grad is None or x.dim() != 2 or not call.output_intact():
+            return None
+        a = x if x.dtype == ctx.dtype else x.to(ctx.dtype)
+        delta = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
+        z = call.outputs[0]
+        z = z if z.dtype == ctx.dtype else z.to(ctx.dtype)
+        # <G_i, W> = delta_i . (z_i - b): see compute.
+        return self._single_position(module, a, delta, torch.linalg.vecdot(delta, z), ctx)
+
     @staticmethod
     def _single_position(
         module: nn.Linear, a: Tensor, delta: Tensor, dot_z: Tensor, ctx: RuleContext
@@ -97,8 +116,8 @@ class LinearRule(LayerRule):
         out: dict[str, ParamStats] = {}
         bias_dot = None
         if module.bias is not None:
-            bias = module.bias.detach().to(ctx.dtype)
-            bias_dot = delta @ bias
+            bias = module.bias.detach()
+            bias_dot = delta @ (bias if bias.dtype == ctx.dtype else bias.to(ctx.dtype))
             if "bias" in ctx.want:
                 out["bias"] = ParamStats(
                     dot=bias_dot,
