@@ -139,7 +139,10 @@ class _Capture:
     def _make_param_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self._start_backward()
-            self._grad_sum[name] = grad
+            # A copy, made now: holding autograd's tensor past this hook would make autograd
+            # copy it when accumulating into `.grad` (it takes the tensor itself otherwise),
+            # and `.grad` may later be modified in place (accumulation, zero_grad).
+            self._grad_sum[name] = grad.clone()
 
         return hook
 

@@ -46,7 +46,6 @@ class _Finalize:
     _uses_known: bool
     _outside_uses: set[str]
     _autocast_seen: bool
-    _from_autograd: set[str]  # names whose grad_sum is autograd's, already rescaled
     _checker: object
     _view_outputs: dict[int, set[int]]
     _warned: set[str]
@@ -208,10 +207,8 @@ class _Finalize:
             (list(stats.dot.values()), factor),
             (list(stats.sq_norm.values()), factor * factor),
             (list(stats.sum_sq.values()), factor * factor),
+            (list(stats.grad_sum.values()), factor),
         ]
-        # Autograd's own batch gradient (see _autograd_sum_exact) is already rescaled.
-        sums = [t for n, t in stats.grad_sum.items() if n not in self._from_autograd]
-        scaled.append((sums, factor))
         for tensors, f in scaled:
             if not tensors:
                 continue
@@ -305,7 +302,6 @@ class _Finalize:
         if batch is None:
             batch = 0
         stats = ProbeStats(batch_size=batch, excluded=excluded)
-        self._from_autograd = set()
         for name in self.param_names:
             if name in excluded:
                 continue
@@ -343,12 +339,9 @@ class _Finalize:
                     # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
                     stats.grad_sum[name] = s.grad_sum
                 elif name in self._grad_sum:
-                    # Autograd's own gradient of this backward (see _autograd_sum_exact). The
-                    # product is a new tensor: the hook's tensor may become `.grad` itself,
-                    # which later accumulation modifies in place.
-                    grad = self._grad_sum[name]
-                    stats.grad_sum[name] = grad.to(s.sum_sq.dtype) * self._grad_factor(batch)
-                    self._from_autograd.add(name)
+                    # Autograd's own gradient of this backward (see _autograd_sum_exact), a
+                    # copy the probe owns; _unscale rescales it with the rules' sums.
+                    stats.grad_sum[name] = self._grad_sum[name].to(s.sum_sq.dtype)
                 else:
                     stats.grad_sum[name] = torch.zeros_like(s.sum_sq)
         for name in self._unowned:
