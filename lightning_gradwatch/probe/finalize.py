@@ -58,6 +58,10 @@ class _Finalize:
             return
         self._finalize_queued = True
         self._verified = True
+        # The previous backward's statistics are superseded: dropping them now (rather than
+        # when the new ones are assembled) keeps their parameter-sized sums (sum_grad_squared)
+        # from adding to this backward's peak memory, unless a caller still holds them.
+        self._stats = None
         if self._checker is not None:  # it watched this backward's whole forward
             self._uses_known = True
         scale = self.loss_scale() if callable(self.loss_scale) else self.loss_scale

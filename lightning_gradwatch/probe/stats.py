@@ -88,11 +88,15 @@ class ProbeStats:
             else:
                 # A NaN or Inf anywhere makes the total non-finite, and finite float32 values
                 # summed in float64 cannot overflow. The (B,) vectors are summed as one (a
-                # few kernels per step rather than two per parameter); the parameter-shaped
-                # sums of squares each on their own, without a copy.
+                # few kernels per step rather than two per parameter). A sum of squares has
+                # no negative entry, so its largest entry is finite exactly when all are
+                # (amax propagates NaN); that is one float32 pass, without a float64 one.
                 rows = torch.cat([*self.dot.values(), *self.sq_norm.values()])
                 totals = [rows.sum(dtype=torch.float64)]
-                totals += [t.sum(dtype=torch.float64) for t in self.sum_sq.values()]
+                totals += [
+                    t.amax().to(torch.float64) if t.numel() else t.sum(dtype=torch.float64)
+                    for t in self.sum_sq.values()
+                ]
                 total = totals[0] if len(totals) == 1 else torch.stack(totals).sum()
                 self._finite_tensor = total.isfinite()
         return self._finite_tensor
