@@ -61,9 +61,11 @@ class ParamStats:
             (only for parameters shared between modules, whose contributions must be summed
             before taking norms).
         grad_sum: ``param.shape``, ``sum_i g_i`` formed from the same per-sample values as
-            ``sum_sq`` (in ``ctx.dtype``); set whenever ``sum_sq`` is. Autograd's own batch
-            gradient is not a substitute under 16-bit precision: it is rounded to 16 bits, and
-            the variance ``sum_sq/B - (grad_sum/B)**2`` cancels to that rounding error.
+            ``sum_sq`` (in ``ctx.dtype``); set whenever ``sum_sq`` is, unless
+            ``ctx.need_grad_sum`` is ``False`` (the probe then uses autograd's own batch
+            gradient, which is exact there). Autograd's gradient is not a substitute under
+            16-bit precision: it is rounded to 16 bits, and the variance
+            ``sum_sq/B - (grad_sum/B)**2`` cancels to that rounding error.
     """
 
     dot: Tensor

@@ -24,8 +24,10 @@ class ProbeStats:
         dot: name to ``(B,)`` ``<g_i, theta>``.
         sq_norm: name to ``(B,)`` ``|g_i|^2``.
         sum_sq: name to ``param.shape`` ``sum_i g_i**2`` (only with ``sum_grad_squared``).
-        grad_sum: name to ``param.shape`` ``sum_i g_i``, formed from the same per-sample
-            values as ``sum_sq`` (only with ``sum_grad_squared``).
+        grad_sum: name to ``param.shape`` ``sum_i g_i`` over the probed samples (only with
+            ``sum_grad_squared``): autograd's own gradient of the backward where that is
+            exactly this sum (float32/float64, every use inside the owning modules), else
+            formed from the same per-sample values as ``sum_sq``.
         param_sq_norm: name to ``()`` ``|theta|^2`` at the time of the backward.
         excluded: name to the reason it has no statistics this step (e.g. BatchNorm in
             training mode).
