@@ -387,6 +387,9 @@ class ParametrizedRule(LayerRule):
                 sq_norm=row_sq_norm(flat),
                 sum_sq=grad_sample.pow(2).sum(0) if ctx.need_sum_sq else None,
                 grad_sample=grad_sample if name in ctx.need_grad_sample else None,
+                # From the same per-sample terms (see ParamStats.grad_sum), unless the probe
+                # takes autograd's exact batch gradient.
+                grad_sum=grad_sample.sum(0) if ctx.need_sum_sq and ctx.need_grad_sum else None,
             )
         return out
 
