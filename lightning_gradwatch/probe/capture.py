@@ -62,7 +62,7 @@ class _Capture:
             live = [k for k, o in enumerate(outputs) if o.requires_grad]
             if not live:
                 return
-            if self.sum_grad_squared and torch.is_autocast_enabled(outputs[live[0]].device.type):
+            if self.sum_grad_squared and _autocast_on(outputs[live[0]].device.type):
                 # Autograd's weight gradients are then rounded to 16 bits: not the exact sum.
                 self._autocast_seen = True
             if all(outputs[k].numel() == 0 for k in live):
@@ -178,6 +178,15 @@ def _reshaped_base(output: Tensor, exposed: set[int]) -> Tensor | None:
     ):
         return None
     return base
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type``; ``True`` for a device type autocast
+    does not know (e.g. ``meta``), so that nothing is assumed about its precision."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return True
 
 
 def _is_leaf(x: Any) -> bool:
