@@ -5,7 +5,7 @@ per-sample losses and assembled into :class:`ProbeStats` at the end of the backw
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -46,7 +46,7 @@ class _Finalize:
     _uses_known: bool
     _outside_uses: set[str]
     _autocast_seen: bool
-    _checker: object
+    _checker: Any
     _view_outputs: dict[int, set[int]]
     _warned: set[str]
     _stats: ProbeStats | None
