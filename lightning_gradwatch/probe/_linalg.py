@@ -146,15 +146,25 @@ def outer_product_moments(
             sq_norm[lo : lo + step] = rowdot(gram_a, gram_d)
         return sq_norm, None, None, None
 
+    # The products run faster with the shorter side as their rows (measured on a CPU: up to
+    # 5x for a 1-D convolution's (B, 40, 5) patches), so G_i^T = a_i^T d_i is formed when
+    # k_in < k_out, unless the per-sample gradients themselves are kept (in G_i's layout).
+    transpose = k_in < k_out and not need_grad_sample
+    shape = (groups, k_in, k_out) if transpose else (groups, k_out, k_in)
     sq_norm = a.new_empty(batch)
-    sum_sq = a.new_zeros(groups, k_out, k_in) if need_sum_sq else None
-    grad_sum = a.new_zeros(groups, k_out, k_in) if need_sum else None
+    sum_sq = a.new_zeros(shape) if need_sum_sq else None
+    grad_sum = a.new_zeros(shape) if need_sum else None
     grad_sample = a.new_empty(batch, groups, k_out, k_in) if need_grad_sample else None
     step = chunk_size(batch, groups * k_out * k_in, budget)
     for lo in range(0, batch, step):
-        ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
-        dc = delta[lo : lo + step].transpose(1, 2)  # (n, G, T, O)
-        g = dc.transpose(-1, -2) @ ac  # (n, G, O, K)
+        if groups == 1:  # (n, T, K): no group axis to move, so a plain batched product
+            ac, dc = a[lo : lo + step, :, 0], delta[lo : lo + step, :, 0]
+        else:
+            ac = a[lo : lo + step].transpose(1, 2)  # (n, G, T, K)
+            dc = delta[lo : lo + step].transpose(1, 2)  # (n, G, T, O)
+        g = ac.transpose(-1, -2) @ dc if transpose else dc.transpose(-1, -2) @ ac
+        if groups == 1:
+            g = g.unsqueeze(1)  # (n, 1, K, O) or (n, 1, O, K)
         sq_norm[lo : lo + step] = row_sq_norm(g)
         if grad_sum is not None:
             grad_sum += g.sum(0)
@@ -162,6 +172,9 @@ def outer_product_moments(
             grad_sample[lo : lo + step] = g
         if sum_sq is not None:  # g is the product's own fresh buffer (copied out above)
             sum_sq += g.square_().sum(0)
+    if transpose:  # back to the weight's (G, O, K) layout
+        sum_sq = sum_sq.transpose(-1, -2).contiguous() if sum_sq is not None else None
+        grad_sum = grad_sum.transpose(-1, -2).contiguous() if grad_sum is not None else None
     return sq_norm, sum_sq, grad_sample, grad_sum
 
 
