@@ -169,6 +169,29 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) 
             assert_close(got[n], expected[n].sum(0), f"grad_sum[{n}]")
 
 
+def test_penalty_switched_on_later_is_seen(contexts: list[_Seen]) -> None:
+    """A use outside the modules that starts after the first step (a penalty from a later
+    epoch on) must not reach grad_sum: with sum_grad_squared the use check watches every
+    forward, so that step already forms the sum from the per-sample terms."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    probe = GradientProbe(model, sum_grad_squared=True)  # verify="first", the default
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    with pytest.warns(UserWarning, match="outside any module"), probe:
+        for step in range(3):
+            contexts.clear()
+            loss = squared_error(model(x), y).mean()
+            if step == 2:
+                loss = loss + 0.3 * model[0].weight.pow(2).sum()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            for n in names:
+                assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
+    assert [c.need_grad_sum for c in contexts] == [False, True]
+
+
 def test_without_use_check_the_rules_form_the_sum(contexts: list[_Seen]) -> None:
     torch.manual_seed(5)
     model = nn.Linear(3, 2).double()

@@ -62,8 +62,8 @@ class _Finalize:
         # when the new ones are assembled) keeps their parameter-sized sums (sum_grad_squared)
         # from adding to this backward's peak memory, unless a caller still holds them.
         self._stats = None
-        if self._checker is not None:  # it watched this backward's whole forward
-            self._uses_known = True
+        # Known only when the checker watched this backward's own forward.
+        self._uses_known = self._checker is not None
         scale = self.loss_scale() if callable(self.loss_scale) else self.loss_scale
         # A tensor (a GradScaler's scale) stays on its device: reading it would synchronise.
         self._grad_scale = scale if isinstance(scale, Tensor) else float(scale)
