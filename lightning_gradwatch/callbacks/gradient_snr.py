@@ -347,7 +347,8 @@ class GradientSNR(ProbeCallback):
             self.sums = GradientNoiseSums(self._layer_sizes, dtype=dtype)
         else:
             self.sums.zero_()
-        self.sums.to(pl_module.device)
+        if self.sums.device != pl_module.device:
+            self.sums.to(pl_module.device)
 
     @override
     def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
