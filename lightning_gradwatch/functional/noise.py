@@ -245,8 +245,11 @@ def noise_statistics(
         zero = torch.zeros((), dtype=grad_sum.dtype, device=grad_sum.device)
         if eps > 0:
             # Every entry counts in the eps > 0 means, so the left-out layers are zeroed.
+            # output_size: no device-to-host read of the total on an accelerator.
             keep = torch.repeat_interleave(
-                complete, torch.tensor(layer_sizes, device=complete.device)
+                complete,
+                torch.tensor(layer_sizes, device=complete.device),
+                output_size=sum(layer_sizes),
             )
             grad_sum = torch.where(keep, grad_sum, zero)
             grad_sq_sum = torch.where(keep, grad_sq_sum, zero)
@@ -272,10 +275,11 @@ def noise_statistics(
         variance -= mean_sq
         torch.le(variance, ratio, out=excluded)
         torch.div(mean_sq, variance, out=ratio).masked_fill_(excluded, 0.0)
-        sizes = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
-        included = sizes - torch.stack([part.sum() for part in excluded.split(layer_sizes)]).to(
-            grad_sum.dtype
-        )
+        # Kept entries per layer, counted exactly (the sizes stay Python ints: no host-to-device
+        # copy per call).
+        included = torch.stack(
+            [part.numel() - part.sum() for part in excluded.split(layer_sizes)]
+        ).to(grad_sum.dtype)
     layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
     layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
     if complete is not None and eps == 0:
