@@ -68,8 +68,16 @@ def log_headline_step(
     """
     if not metrics or not is_logging_step(pl_module.trainer):
         return
-    for name, value in metrics.items():
-        if not bool(torch.isnan(value)):
+    # One host read for the whole set rather than one per value.
+    values = list(metrics.values())
+    devices = {value.device for value in values}
+    if len(devices) == 1:
+        nan = torch.stack([value.detach().reshape(()).double() for value in values]).isnan()
+        skip = nan.tolist()
+    else:
+        skip = [bool(torch.isnan(value)) for value in values]
+    for (name, value), is_nan in zip(metrics.items(), skip, strict=True):
+        if not is_nan:
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
 
 

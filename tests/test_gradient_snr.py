@@ -343,6 +343,38 @@ def test_functional_from_sums_matches_definitions(
     )
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_noise_statistics_left_out_layers_and_workspace(eps: float) -> None:
+    """``complete=`` leaves a layer out exactly as zeroing its sums does, and a reused
+    ``workspace`` (stale contents from an earlier call) changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [6, 4, 5]
+    grads = torch.randn(7, sum(sizes), generator=gen, dtype=torch.float64)
+    grads[:, 0] = 0.0  # a dead entry in a kept layer
+    s, q = grads.sum(0), grads.pow(2).sum(0)
+    norms = torch.stack([g.pow(2).sum() for g in grads.split(sizes, 1)])
+    complete = torch.tensor([True, False, True])
+    keep = torch.repeat_interleave(complete, torch.tensor(sizes))
+    zeroed = fn.noise_statistics(
+        torch.where(keep, s, 0.0),
+        torch.where(keep, q, 0.0),
+        torch.where(complete, norms, 0.0),
+        7,
+        sizes,
+        eps=eps,
+    )
+    workspace: list[Tensor] = []
+    fn.noise_statistics(s * 3, q * 5, norms, 7, sizes, eps=eps, workspace=workspace)
+    for _ in range(2):
+        masked = fn.noise_statistics(
+            s, q, norms, 7, sizes, eps=eps, complete=complete, workspace=workspace
+        )
+        for key, want in zeroed.items():
+            torch.testing.assert_close(masked[key], want, rtol=1e-12, atol=0.0, equal_nan=True)
+    # eps == 0: every entry of the left-out layer is excluded, so its mean is 0/0.
+    assert bool(torch.isnan(masked["layer_gsnr"][1])) == (eps == 0.0)
+
+
 def test_zero_variance_entries_left_out_or_eps() -> None:
     grads = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2.0, 0.0, 2.0]], dtype=torch.float64)
     s, q = grads.sum(0), grads.pow(2).sum(0)

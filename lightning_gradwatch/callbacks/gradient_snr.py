@@ -205,7 +205,8 @@ class GradientSNR(ProbeCallback):
         #: model to its precision) in the parameters' dtype, at least float32.
         self.sums: GradientNoiseSums | None = None
         self._layer_sizes: dict[str, int] = {}
-        self._entry_layer: Tensor | None = None  # (D,) layer index of each flat entry
+        # (D,) scratch tensors of noise_statistics, kept between steps (no per-step allocation)
+        self._workspace: list[Tensor] = []
         self._last_computed: ComputedStep | None = None
         self._last_vector: Tensor | None = None
         # Resolved on the host by _resolve(): the last valid step's values and step.
@@ -289,7 +290,7 @@ class GradientSNR(ProbeCallback):
             )
         self._layer_sizes = {n: named[n].numel() for n in names}
         self.sums = None
-        self._entry_layer = None
+        self._workspace = []
         warn_if_no_logger(trainer, "GradientSNR")
 
     @override
@@ -345,8 +346,9 @@ class GradientSNR(ProbeCallback):
         if self.sums is None or self.sums.grad_sum.dtype != dtype:
             self.sums = GradientNoiseSums(self._layer_sizes, dtype=dtype)
         else:
-            self.sums.reset()
-        self.sums.to(pl_module.device)
+            self.sums.zero_()
+        if self.sums.device != pl_module.device:
+            self.sums.to(pl_module.device)
 
     @override
     def on_probe_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -421,7 +423,6 @@ class GradientSNR(ProbeCallback):
         assert self.sums is not None
         # Collective on every rank (all ranks share the schedule): one all-reduce per state.
         sums = self.sums.compute()
-        self.sums.reset()
         device = sums.grad_sum.device
         finite = sums.nonfinite.reshape(()).to(device) == 0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -440,6 +441,8 @@ class GradientSNR(ProbeCallback):
             if grads:
                 finite = finite & torch.stack([g.isfinite().all() for g in grads]).all().to(device)
         vector, complete, enough, count = self._statistics(sums)
+        # Consumed: zero the sums in place (on one process they are the ``sums`` read above).
+        self.sums.zero_()
         valid = finite & enough & complete.any()
         self._update_ema_and_state(vector, complete, valid, finite, count, step)
         return True
@@ -457,22 +460,17 @@ class GradientSNR(ProbeCallback):
         count = sums.count.reshape(()).to(dtype)
         # torchmetrics squeezes one-element results: one tracked layer gives a 0-dim count
         complete = sums.layer_count.reshape(-1).to(dtype) == count
-        if self._entry_layer is None or self._entry_layer.device != complete.device:
-            sizes = torch.tensor(self.sums.layer_sizes, device=complete.device)
-            self._entry_layer = torch.repeat_interleave(
-                torch.arange(len(sizes), device=complete.device), sizes
-            )
         all_complete = complete.all()
-        keep = complete[self._entry_layer]
-        zero = torch.zeros((), dtype=dtype, device=complete.device)
         stats = F.noise_statistics(
-            torch.where(keep, sums.grad_sum, zero),
-            torch.where(keep, sums.grad_sq_sum, zero),
-            torch.where(complete, sums.sample_sq_norm_sum.reshape(-1), zero),
-            count,  # type: ignore[arg-type]
+            sums.grad_sum,
+            sums.grad_sq_sum,
+            sums.sample_sq_norm_sum.reshape(-1),
+            count,
             self.sums.layer_sizes,
             eps=self.eps,
             zero_variance_rtol=self.zero_variance_rtol,
+            complete=complete,
+            workspace=self._workspace,
         )
         gsnr, eb = stats["gsnr_mean"], stats["eb_criterion"]
         if self.eps > 0:

@@ -423,9 +423,10 @@ class GradientWeightAlignment(ProbeCallback):
         scores = self._aggregate.update(stats, names, self.multi_layer)
         # Lightning writes on-step metrics only on its log_every_n_steps schedule; the helper
         # skips the call (and its synchronisation) on the other steps.
-        log_headline_step(
-            pl_module, {keys.GWA_STEP_MEAN: scores.mean().float()}, batch_size=len(scores)
-        )
+        if is_logging_step(trainer):
+            log_headline_step(
+                pl_module, {keys.GWA_STEP_MEAN: scores.mean().float()}, batch_size=len(scores)
+            )
         indices = batch_indices(batch, self.indices, stats.batch_size)
         if indices is None:
             if self.indices is not None and not self._warned_no_indices:

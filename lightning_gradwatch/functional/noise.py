@@ -208,10 +208,13 @@ def noise_statistics(
     grad_sum: Tensor,
     grad_sq_sum: Tensor,
     sample_sq_norm_sum: Tensor,
-    count: int,
+    count: int | Tensor,
     layer_sizes: list[int],
     eps: float = 0.0,
     zero_variance_rtol: float | None = None,
+    *,
+    complete: Tensor | None = None,
+    workspace: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Every quantity at once, in a few passes over the ``(D,)`` sums (what the callback uses).
 
@@ -225,6 +228,11 @@ def noise_statistics(
         sample_sq_norm_sum: ``(L,)`` per layer ``sum_i |g_i|^2``.
         count: ``B >= 2``.
         layer_sizes: the ``L`` layer sizes, summing to ``D``.
+        complete: optional ``(L,)`` bool; a layer marked False is left out exactly as if its
+            entries of ``S`` and ``Q`` and its ``N`` were zero (every entry zero-variance, no
+            share of ``N`` or ``|gbar|^2``), without a ``(D,)`` pass to zero them.
+        workspace: optional list that keeps ``(D,)`` scratch tensors between calls (empty on
+            the first call), so a caller computing every step does not allocate them anew.
 
     Returns:
         ``()`` tensors: ``gsnr_mean``, ``noise_scale``, ``trace_sigma``, ``grad_sq_norm``,
@@ -233,23 +241,53 @@ def noise_statistics(
     """
     if zero_variance_rtol is None:
         zero_variance_rtol = default_zero_variance_rtol(grad_sum.dtype)
-    mean = grad_sum / count
-    mean_sq = mean * mean
-    variance = grad_sq_sum / count
-    mean_square = variance if eps > 0 else variance.clone()
-    variance -= mean_sq
+    if complete is not None:
+        zero = torch.zeros((), dtype=grad_sum.dtype, device=grad_sum.device)
+        if eps > 0:
+            # Every entry counts in the eps > 0 means, so the left-out layers are zeroed.
+            # output_size: no device-to-host read of the total on an accelerator.
+            keep = torch.repeat_interleave(
+                complete,
+                torch.tensor(layer_sizes, device=complete.device),
+                output_size=sum(layer_sizes),
+            )
+            grad_sum = torch.where(keep, grad_sum, zero)
+            grad_sq_sum = torch.where(keep, grad_sq_sum, zero)
+        sample_sq_norm_sum = torch.where(complete, sample_sq_norm_sum, zero)
     if eps > 0:
+        mean = grad_sum / count
+        mean_sq = mean * mean
+        variance = grad_sq_sum / count
+        variance -= mean_sq
         ratio = mean_sq / (variance + eps)
         unbiased = variance.mul_(count / (count - 1)).add_(eps)
         eb_ratio_mean = (mean_sq / unbiased).mean()
         included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
     else:
-        excluded = variance <= mean_square.mul_(zero_variance_rtol)
-        ratio = (mean_sq / variance).masked_fill_(excluded, 0.0)
-        kept = (~excluded).to(grad_sum.dtype)
-        included = torch.stack([part.sum() for part in kept.split(layer_sizes)])
+        # The same arithmetic as gsnr_per_entry, in place in three (D,) scratch tensors: at
+        # this size every fresh allocation and every extra pass costs about as much as the
+        # arithmetic itself.
+        mean_sq, variance, ratio, excluded = _scratch(workspace, grad_sum)
+        torch.div(grad_sum, count, out=mean_sq)
+        mean_sq.mul_(mean_sq)
+        torch.div(grad_sq_sum, count, out=variance)
+        torch.mul(variance, zero_variance_rtol, out=ratio)  # the threshold, for now
+        variance -= mean_sq
+        torch.le(variance, ratio, out=excluded)
+        torch.div(mean_sq, variance, out=ratio).masked_fill_(excluded, 0.0)
+        # Kept entries per layer, counted exactly (the sizes stay Python ints: no host-to-device
+        # copy per call).
+        included = torch.stack(
+            [part.numel() - part.sum() for part in excluded.split(layer_sizes)]
+        ).to(grad_sum.dtype)
     layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
     layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
+    if complete is not None and eps == 0:
+        # A left-out layer: every entry excluded, nothing summed.
+        zero = torch.zeros((), dtype=grad_sum.dtype, device=grad_sum.device)
+        included = torch.where(complete, included, zero)
+        layer_ratio_sum = torch.where(complete, layer_ratio_sum, zero)
+        layer_mean_sq = torch.where(complete, layer_mean_sq, zero)
     gsnr = layer_ratio_sum.sum() / included.sum()
     if eps == 0:
         eb_ratio_mean = _unbiased_from_biased_ratio(gsnr, count)
@@ -267,3 +305,17 @@ def noise_statistics(
         "layer_gsnr": layer_ratio_sum / included,
         "layer_coherence": _coherence(layer_mean_sq, sample_sq_norm_sum, count),
     }
+
+
+def _scratch(workspace: list[Tensor] | None, like: Tensor) -> list[Tensor]:
+    """Three ``(D,)`` tensors like ``like`` and one ``(D,)`` bool, reused from ``workspace``
+    when their shape, dtype and device still match."""
+    if workspace and all(
+        getattr(workspace[0], attr) == getattr(like, attr) for attr in ("shape", "dtype", "device")
+    ):
+        return workspace
+    tensors = [torch.empty_like(like) for _ in range(3)]
+    tensors.append(torch.empty_like(like, dtype=torch.bool))
+    if workspace is not None:
+        workspace[:] = tensors
+    return tensors

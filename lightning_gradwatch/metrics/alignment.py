@@ -93,12 +93,17 @@ class AlignmentMoments(Metric):
             x = torch.where(valid, x, torch.zeros_like(x))
         count, power_sums = _moments_update(x, self.shift)
         counts = torch.histc(x.clamp(-1.0, 1.0), bins=self.histogram_bins, min=-1.0, max=1.0)
-        if valid is not None:
-            weight = valid.to(torch.float64)
-            count, power_sums, counts = count * weight, power_sums * weight, counts * weight
-        self.count += count
-        self.power_sums += power_sums
-        self.histogram_counts += counts
+        if valid is None:
+            self.count += count
+            self.power_sums += power_sums
+            self.histogram_counts += counts
+            return
+        # state += value * weight in one kernel per state (the product by 0 or 1 is exact, so
+        # this is the same sum as weighting first).
+        weight = valid.to(torch.float64)
+        self.count.addcmul_(count, weight)
+        self.power_sums.addcmul_(power_sums, weight)
+        self.histogram_counts.addcmul_(counts, weight)
 
     def compute(self) -> dict[str, Tensor]:
         """``count``, ``mean``, ``kurtosis``, ``gwa``, ``sum_squares`` (float64 scalars) and

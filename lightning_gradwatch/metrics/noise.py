@@ -144,6 +144,23 @@ class GradientNoiseSums(Metric):
             self.sample_sq_norm_sum[k] += sample_sq_norm[name].sum().to(self.grad_sum.dtype)
             self.layer_count[k] += batch_size
 
+    def zero_(self) -> None:
+        """:meth:`reset`, but zeroing the states in place instead of allocating fresh copies of
+        them (two ``(D,)`` tensors per optimizer step for a callback that resets every step).
+
+        Tensors returned by an earlier :meth:`compute` on a single process are the states
+        themselves, so they read zero afterwards: consume them before calling this.
+        """
+        states = [getattr(self, name) for name in self._defaults]
+        defaults = self._defaults
+        self._defaults = {}  # the base class then resets only its bookkeeping
+        try:
+            self.reset()
+        finally:
+            self._defaults = defaults
+        for state in states:
+            state.zero_()  # every default is zero
+
     def compute(self) -> NoiseSums:
         """The sums (over all ranks when distributed)."""
         return NoiseSums(
