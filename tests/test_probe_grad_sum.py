@@ -110,7 +110,7 @@ def test_gradient_accumulation_sees_each_backward_alone(contexts: list[_Seen]) -
     reference = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     reference.load_state_dict(model.state_dict())
     batches = [(torch.randn(3, 4).double(), torch.randn(3, 2).double()) for _ in range(3)]
-    probe = GradientProbe(model, sum_grad_squared=True, loss_scale=0.5)
+    probe = GradientProbe(model, sum_grad_squared=True, loss_scale=0.5, verify="always")
     names = [n for n, _ in model.named_parameters()]
     sums = []
     with probe:
@@ -155,13 +155,15 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) 
     probe = GradientProbe(model, sum_grad_squared=True)
     sums = []
     with pytest.warns(UserWarning, match="outside any module"), probe:
-        for _ in range(2):  # also after the use checker has left
+        for step in range(2):  # also after the use checker has left
             contexts.clear()
             loss = squared_error(model(x), y).mean() + 0.3 * model[0].weight.pow(2).sum()
             loss.backward()
             sums.append(probe.stats.grad_sum)
-            # Only the owner of the penalised weight forms the sum itself (backward order).
-            assert [c.need_grad_sum for c in contexts] == [False, True]
+            # Only the owner of the penalised weight forms the sum itself (backward order);
+            # once the checker has left, every module forms it.
+            expected_need = [False, True] if step == 0 else [True, True]
+            assert [c.need_grad_sum for c in contexts] == expected_need
     model.zero_grad(set_to_none=True)
     expected = per_sample_grads(model, squared_error, x, y, names)
     for got in sums:
@@ -171,15 +173,15 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) 
 
 def test_penalty_switched_on_later_is_seen(contexts: list[_Seen]) -> None:
     """A use outside the modules that starts after the first step (a penalty from a later
-    epoch on) must not reach grad_sum: with sum_grad_squared the use check watches every
-    forward, so that step already forms the sum from the per-sample terms."""
+    epoch on) must not reach grad_sum: autograd's gradient stands in only for a forward the
+    use checker watched, so later steps form the sum from the per-sample terms."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
     names = [n for n, _ in model.named_parameters()]
     probe = GradientProbe(model, sum_grad_squared=True)  # verify="first", the default
     expected = per_sample_grads(model, squared_error, x, y, names)
-    with pytest.warns(UserWarning, match="outside any module"), probe:
+    with probe:  # the checker has left by step 2, so no warning: the sum stays exact
         for step in range(3):
             contexts.clear()
             loss = squared_error(model(x), y).mean()
@@ -189,7 +191,23 @@ def test_penalty_switched_on_later_is_seen(contexts: list[_Seen]) -> None:
             model.zero_grad(set_to_none=True)
             for n in names:
                 assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
-    assert [c.need_grad_sum for c in contexts] == [False, True]
+    assert [c.need_grad_sum for c in contexts] == [True, True]
+
+
+def test_verify_always_uses_autograd_every_step(contexts: list[_Seen]) -> None:
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    with GradientProbe(model, sum_grad_squared=True, verify="always") as probe:
+        for _ in range(3):
+            contexts.clear()
+            squared_error(model(x), y).mean().backward()
+            model.zero_grad(set_to_none=True)
+            assert [c.need_grad_sum for c in contexts] == [False, False]
+            for n in names:
+                assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
 
 
 def test_without_use_check_the_rules_form_the_sum(contexts: list[_Seen]) -> None:

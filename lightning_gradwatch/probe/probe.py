@@ -307,12 +307,7 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         if self.sum_grad_squared:
             for name, param in self._params.items():
                 self._handles.append(param.register_hook(self._make_param_hook(name)))
-        # With sum_grad_squared the checker stays on every forward: autograd's own gradient
-        # stands in for sum_i g_i only where this very forward used each parameter inside its
-        # modules alone (a penalty switched on later would otherwise enter grad_sum unseen).
-        if self.verify == "always" or (
-            self.verify == "first" and (not self._verified or self.sum_grad_squared)
-        ):
+        if self.verify == "always" or (self.verify == "first" and not self._verified):
             self._checker = _UseChecker(self)
             self._handles.append(self._checker)
         if self.verify != "never" and not self._dims_checked:
@@ -335,12 +330,7 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         for them: the use checker (a mode seen by every torch call) after the first probed
         backward with ``verify="first"``, and the sample-dim check after its replay."""
         checker = self._checker
-        if (
-            checker is not None
-            and self.verify == "first"
-            and self._verified
-            and not self.sum_grad_squared
-        ):
+        if checker is not None and self.verify == "first" and self._verified:
             # A mode can only leave the top of the stack; one entered after it (by the
             # user, inside the block) keeps it until detach, where it returns at once.
             current = getattr(torch.overrides, "_get_current_function_mode", lambda: None)
