@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +21,18 @@ from lightning_gradwatch import EBEarlyStopping, GradientSNR, SpectralNorms
 from lightning_gradwatch.loggers import is_logging_step
 
 sys.path.insert(0, str(Path(__file__).parent))
+from host_syncs import count_host_syncs, in_files
 from test_gradient_snr import assert_close, expected_quantities, make_model
 
-#: Tensor methods that wait for the device (on an accelerator) to hand a value to Python.
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 #: Files whose per-step code must not synchronise off logging steps.
-WATCHED = ("gradient_snr.py", "eb_early_stopping.py", "spectral")
+WATCHED = in_files("gradient_snr.py", "eb_early_stopping.py", "spectral")
 
 
 class SyncCounter:
-    """Counts syncing Tensor calls made from :data:`WATCHED` files while ``counting``."""
+    """Whether the current batch's calls are counted (see :class:`Window`)."""
 
     def __init__(self) -> None:
         self.counting = False
-        self.calls: list[str] = []
-
-    @contextmanager
-    def patched(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-        for name in SYNCING:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
-        yield
-        monkeypatch.undo()
-
-    def _wrap(self, name: str, original: Any) -> Any:
-        counter = self
-
-        def wrapper(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-            if counter.counting:
-                caller = sys._getframe(1).f_code
-                path = caller.co_filename
-                if "lightning_gradwatch" in path and any(w in path for w in WATCHED):
-                    counter.calls.append(f"{name} in {caller.co_name} ({Path(path).name})")
-            return original(tensor, *args, **kwargs)
-
-        return wrapper
 
 
 class Window(pl.Callback):
@@ -90,9 +65,7 @@ class Classifier(pl.LightningModule):
 
 
 @pytest.mark.parametrize("every_n_steps", [1, None])
-def test_no_host_sync_on_non_logging_steps(
-    every_n_steps: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_host_sync_on_non_logging_steps(every_n_steps: int | None) -> None:
     net, inputs = make_model("mlp")
     counter = SyncCounter()
     gsnr = GradientSNR(every_n_steps=every_n_steps)
@@ -112,11 +85,14 @@ def test_no_host_sync_on_non_logging_steps(
         enable_model_summary=False,
         accelerator="cpu",
     )
-    with warnings.catch_warnings(), counter.patched(monkeypatch):
+    with (
+        warnings.catch_warnings(),
+        count_host_syncs(WATCHED, enabled=lambda: counter.counting) as calls,
+    ):
         warnings.filterwarnings("ignore", message=".*has no logger.*")
         trainer.fit(Classifier(net), DataLoader(TensorDataset(inputs, torch.arange(16) % 3), 2))
     assert trainer.global_step == 8
-    assert counter.calls == []
+    assert not calls, dict(calls)
     # The statistics were computed (every step, or on the logging steps) all the same.
     assert int(gsnr.noise_scale_ema.updates) == (8 if every_n_steps == 1 else 2)
     assert gsnr.latest_step == 7

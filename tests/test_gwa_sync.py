@@ -3,14 +3,13 @@ by patching the synchronising ``Tensor`` methods during a real fit."""
 
 from __future__ import annotations
 
-import sys
 import warnings
-from collections import Counter
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from host_syncs import count_host_syncs, in_files
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from test_gwa_callback import Classifier, make_data
@@ -25,10 +24,8 @@ from lightning_gradwatch import (
 from lightning_gradwatch.data import check_indices
 from lightning_gradwatch.loggers import is_logging_step
 
-#: The methods that read a tensor's value back to the host.
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 #: The files of the GWA family: a synchronising call with one of them on the stack counts.
-OWN_FILES = (
+OWN_FILES = in_files(
     "gradient_weight_alignment.py",
     "_gwa_head.py",
     "_gwa_aggregate.py",
@@ -37,7 +34,7 @@ OWN_FILES = (
     "_gwa_checks.py",
     "gwa_early_stopping.py",
     "gwa_reweighting.py",
-    f"lightning_gradwatch{'/'}data.py",
+    "lightning_gradwatch/data.py",
 )
 
 
@@ -47,7 +44,6 @@ class Window:
     def __init__(self) -> None:
         self.open = False
         self.counted_batches = 0
-        self.calls: Counter[str] = Counter()
 
 
 class Opens(Callback):
@@ -72,28 +68,8 @@ class Closes(Callback):
         self.window.open = False
 
 
-def _patch(monkeypatch: pytest.MonkeyPatch, window: Window) -> None:
-    for name in SYNCING:
-        original = getattr(torch.Tensor, name)
-
-        def counting(self: torch.Tensor, *args: Any, _original: Any = original, _name: str = name):
-            if window.open:
-                frame = sys._getframe(1)
-                while frame is not None:
-                    path = frame.f_code.co_filename.replace("\\", "/")
-                    if path.endswith(OWN_FILES):
-                        window.calls[f"{_name} in {path.rsplit('/', 1)[-1]}:{frame.f_lineno}"] += 1
-                        break
-                    frame = frame.f_back
-            return _original(self, *args)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-
-
 @pytest.mark.parametrize("params", ["head", "all"])
-def test_no_synchronisation_on_non_logging_steps(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, params: str
-) -> None:
+def test_no_synchronisation_on_non_logging_steps(tmp_path: Any, params: str) -> None:
     torch.manual_seed(0)
     window = Window()
     callbacks = [
@@ -116,21 +92,19 @@ def test_no_synchronisation_on_non_logging_steps(
         callbacks=callbacks,
     )
     loader = DataLoader(IndexedDataset(TensorDataset(*make_data())), batch_size=8)
-    _patch(monkeypatch, window)
-    with warnings.catch_warnings():
+    with (
+        warnings.catch_warnings(),
+        count_host_syncs(OWN_FILES, whole_stack=True, enabled=lambda: window.open) as calls,
+    ):
         warnings.simplefilter("ignore")  # e.g. GWAEarlyStopping beside GWAReweighting
         trainer.fit(Classifier().double(), loader)
-    monkeypatch.undo()
     assert window.counted_batches >= 10  # a real window: most steps are non-logging steps
-    assert not window.calls, dict(window.calls)
+    assert not calls, dict(calls)
 
 
-def test_the_count_sees_a_synchronisation_in_the_family(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_count_sees_a_synchronisation_in_the_family() -> None:
     """The counter itself: the immediate index check reads its values back, and is counted."""
-    window = Window()
-    _patch(monkeypatch, window)
-    window.open = True
-    assert check_indices(torch.tensor([3, 1, 2]), "index", None) == 4
-    window.open = False
-    monkeypatch.undo()
-    assert sum(window.calls.values()) == 1 and "tolist in data.py" in next(iter(window.calls))
+    with count_host_syncs(OWN_FILES, whole_stack=True) as calls:
+        assert check_indices(torch.tensor([3, 1, 2]), "index", None) == 4
+    ((where, n),) = calls.items()
+    assert n == 1 and "/data.py:" in where and where.endswith(" tolist")

@@ -1,26 +1,21 @@
 """No host-device synchronisation from this package on non-logging training steps.
 
-On an accelerator, reading a tensor's value on the host (``.item()``, ``bool(t)``, ``float(t)``,
-``.tolist()``, ``.cpu()``, ...) waits for every queued kernel, which serialises the step. The
-callbacks keep finiteness checks, skip counts and loss-scale reads on the device until a logging
-step. On the CPU nothing waits, so this test counts the *calls* instead: it patches the
-converting ``Tensor`` methods, attributes each call to the innermost frame outside ``torch``,
-and counts those made from ``lightning_gradwatch`` (Lightning's own reads are not ours).
+The callbacks keep finiteness checks, skip counts and loss-scale reads on the device until a
+logging step. :func:`host_syncs.count_host_syncs` counts the converting ``Tensor`` calls whose
+innermost frame outside ``torch`` is in ``lightning_gradwatch`` (Lightning's own reads are not
+ours).
 """
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from host_syncs import count_host_syncs
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,49 +27,6 @@ from lightning_gradwatch import (
     IndexedDataset,
     SpectralNorms,
 )
-
-#: ``Tensor`` methods that move a tensor's value to the host. ``__index__``/``__int__`` are
-#: included: a shape is a Python int and never reaches them, only a tensor does.
-SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-PACKAGE = "lightning_gradwatch"
-
-
-def _caller(frame: FrameType | None) -> FrameType | None:
-    """The innermost frame not in ``torch`` itself (nor in this module's wrapper)."""
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module != __name__ and module != "torch" and not module.startswith("torch."):
-            return frame
-        frame = frame.f_back
-    return None
-
-
-@contextmanager
-def count_host_syncs() -> Iterator[Counter[str]]:
-    """Patch :data:`SYNCING` on ``torch.Tensor``; yield a counter of ``"file:line method"`` for
-    calls whose caller is in this package."""
-    found: Counter[str] = Counter()
-    originals: dict[str, Callable[..., Any]] = {}
-
-    def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-            caller = _caller(sys._getframe(1))
-            if caller is not None and caller.f_globals.get("__name__", "").startswith(PACKAGE):
-                where = caller.f_code.co_filename.split(PACKAGE, 1)[-1].lstrip("/")
-                found[f"{PACKAGE}/{where}:{caller.f_lineno} {name}"] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in SYNCING:
-        originals[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, wrap(name, originals[name]))
-    try:
-        yield found
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 class _Classifier(pl.LightningModule):
