@@ -1,10 +1,10 @@
-"""The one door to Lightning's internals.
+"""The one door to Lightning's internals (Lightning and torchmetrics).
 
-Every use of a Lightning attribute or function that is not public API goes through this
-module, so that a Lightning release that moves one touches one file, and
+Every use of a Lightning or torchmetrics attribute or function that is not public API goes
+through this module, so that a Lightning release that moves one touches one file, and
 ``tests/test_lightning_internals.py`` checks each of them on the installed version (CI runs
-the suite on the oldest supported Lightning, 2.5, and on the current one). Everything else in
-the package uses public API only.
+the suite on the oldest supported versions, Lightning 2.5 and torchmetrics 1.3.1, and on the
+current ones). Everything else in the package uses public API only.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ __all__ = [
     "epoch_end_flag",
     "hide_step_values",
     "logger_connector_logs_this_step",
+    "mark_metric_loaded",
     "overrides",
+    "reset_metric_in_place",
     "update_callback_metrics",
 ]
 
@@ -106,3 +108,28 @@ def epoch_end_flag(callback: Any) -> bool | None:
     if isinstance(callback, ModelCheckpoint):
         return callback._save_on_train_epoch_end
     raise TypeError(f"epoch_end_flag: expected EarlyStopping or ModelCheckpoint, got {callback!r}")
+
+
+def reset_metric_in_place(metric: Any) -> None:
+    """``metric.reset()``, but zeroing its tensor states in place instead of allocating fresh
+    copies of their defaults (every default must be zero). For a metric reset every step with
+    parameter-sized states; tensors returned by an earlier ``compute`` on one process are the
+    states themselves and read zero afterwards."""
+    defaults = metric._defaults
+    states = [getattr(metric, name) for name in defaults]
+    metric._defaults = {}  # the base reset then clears only its bookkeeping
+    try:
+        metric.reset()
+    finally:
+        metric._defaults = defaults
+    for state in states:
+        state.zero_()
+
+
+def mark_metric_loaded(metric: Any, updated: bool) -> None:
+    """After states were assigned directly (from a checkpoint): drop any cached ``compute``
+    result and, when the states hold data (``updated``), record an update so that ``compute``
+    does not warn that it ran before ``update``."""
+    if updated:
+        metric._update_count = max(metric._update_count, 1)
+    metric._computed = None

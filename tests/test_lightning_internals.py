@@ -190,3 +190,34 @@ def test_epoch_end_flag_reads_what_the_user_passed() -> None:
     )
     with pytest.raises(TypeError, match="EarlyStopping or ModelCheckpoint"):
         internals.epoch_end_flag(object())
+
+
+def test_reset_metric_in_place_zeroes_the_same_storage() -> None:
+    from lightning_gradwatch.metrics import GradientNoiseSums
+
+    sums = GradientNoiseSums({"w": 3})
+    g = torch.randn(4, 3)
+    sums.update({"w": g.sum(0)}, {"w": g.pow(2).sum(0)}, {"w": g.pow(2).sum(1)}, 4)
+    storage = sums.grad_sum.data_ptr()
+    internals.reset_metric_in_place(sums)
+    assert sums.grad_sum.data_ptr() == storage and not sums.grad_sum.any()
+    assert int(sums.count) == 0
+    # The metric works as after reset(): a new update is counted from zero.
+    sums.update({"w": g.sum(0)}, {"w": g.pow(2).sum(0)}, {"w": g.pow(2).sum(1)}, 4)
+    assert int(sums.compute().count) == 4
+
+
+def test_mark_metric_loaded_lets_compute_run_without_a_warning() -> None:
+    import warnings
+
+    from lightning_gradwatch.metrics import AlignmentMoments
+
+    source = AlignmentMoments()
+    source.update(torch.tensor([0.1, 0.5, -0.2, 0.9]))
+    loaded = AlignmentMoments()
+    loaded.count, loaded.power_sums = source.count.clone(), source.power_sums.clone()
+    internals.mark_metric_loaded(loaded, updated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "compute called before update" would raise
+        result = loaded.compute()
+    assert float(result["mean"]) == pytest.approx(0.325)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from .._lightning import mark_metric_loaded
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
 
@@ -147,6 +148,4 @@ def load_metric_state(
     for key, value in state.items():
         current = getattr(metric, key)
         setattr(metric, key, value.to(device=current.device, dtype=current.dtype))
-    if float(state.get("count", torch.zeros(()))) > 0:
-        metric._update_count = max(metric._update_count, 1)
-    metric._computed = None
+    mark_metric_loaded(metric, updated=float(state.get("count", torch.zeros(()))) > 0)

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
+from .._lightning import reset_metric_in_place
+
 
 def all_reduce_sum(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
     """A torchmetrics ``dist_sync_fn`` that sums with one ``all_reduce`` per state.
@@ -151,15 +153,7 @@ class GradientNoiseSums(Metric):
         Tensors returned by an earlier :meth:`compute` on a single process are the states
         themselves, so they read zero afterwards: consume them before calling this.
         """
-        states = [getattr(self, name) for name in self._defaults]
-        defaults = self._defaults
-        self._defaults = {}  # the base class then resets only its bookkeeping
-        try:
-            self.reset()
-        finally:
-            self._defaults = defaults
-        for state in states:
-            state.zero_()  # every default is zero
+        reset_metric_in_place(self)
 
     def compute(self) -> NoiseSums:
         """The sums (over all ranks when distributed)."""
