@@ -60,11 +60,6 @@ HEADLINE_KEYS: tuple[str, ...] = (
 LAYER_QUANTITIES: tuple[str, ...] = ("gsnr", "coherence")
 
 
-def layers_histogram_tag(quantity: str) -> str:
-    """The histogram across layers of one per-layer quantity."""
-    return keys.layers_histogram_key(keys.GSNR_FAMILY, quantity)
-
-
 class ComputedStep(NamedTuple):
     """The statistics of one computed optimizer step, as :class:`GradientSNR` left them on the
     device (nothing here has been read by the host).
@@ -410,7 +405,12 @@ class GradientSNR(ProbeCallback):
         for quantity in LAYER_QUANTITIES:
             prefix = keys.layer_key(keys.GSNR_FAMILY, quantity, "")
             values = torch.stack([v for k, v in per_layer.items() if k.startswith(prefix)])
-            log_histogram(trainer, layers_histogram_tag(quantity), values[values.isfinite()], step)
+            log_histogram(
+                trainer,
+                keys.layers_histogram_key(keys.GSNR_FAMILY, quantity),
+                values[values.isfinite()],
+                step,
+            )
 
     # -- computation -----------------------------------------------------------------
     def _compute_step(self, trainer: pl.Trainer, optimizer: Any, step: int) -> bool:

@@ -46,11 +46,6 @@ def layer_key(quantity: str, name: str) -> str:
     return keys.layer_key(FAMILY, quantity, name)
 
 
-def layers_histogram_tag(quantity: str) -> str:
-    """The histogram across layers of one per-layer quantity."""
-    return keys.layers_histogram_key(FAMILY, quantity)
-
-
 class SpectralNorms(Callback):
     """Per-layer spectral norms of the weights and, on a schedule, spectra of the gradients.
 
@@ -390,9 +385,9 @@ class SpectralNorms(Callback):
             headline[keys.SPECTRAL_LOG_LIPSCHITZ] = float(log_lipschitz_upper_bound(s))
             if len(self._tracked) > 1:
                 at = batches_that_stepped(trainer)
-                log_histogram(trainer, layers_histogram_tag("sigma_max"), s, at)
+                log_histogram(trainer, keys.layers_histogram_key(FAMILY, "sigma_max"), s, at)
                 ranks = torch.tensor(stable_ranks, dtype=torch.float64)
-                log_histogram(trainer, layers_histogram_tag("stable_rank"), ranks, at)
+                log_histogram(trainer, keys.layers_histogram_key(FAMILY, "stable_rank"), ranks, at)
         if self.growth_alarm is not None:
             alarmed = self.growth_alarm.check(step, column, self.tracked_names)
             headline[keys.SPECTRAL_GROWTH_ALARM] = float(alarmed)
