@@ -139,6 +139,10 @@ class _Capture:
     def _make_param_hook(self, name: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             self._start_backward()
+            # Only a backward whose forward the use checker watched may use autograd's
+            # gradient as grad_sum (see _Finalize._autograd_sum_exact); others skip the copy.
+            if not self._uses_known or self._autocast_seen:
+                return
             # A copy, made now: holding autograd's tensor past this hook would make autograd
             # copy it when accumulating into `.grad` (it takes the tensor itself otherwise),
             # and `.grad` may later be modified in place (accumulation, zero_grad).
