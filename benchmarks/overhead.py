@@ -28,7 +28,9 @@ See ``benchmarks/README.md`` for how to read the tables and the measured numbers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import importlib
 import json
 import os
@@ -222,6 +224,7 @@ class ProbeRow:
     target: float | None
     repeats: int = 0
     peak_mb: float | None = None
+    steady_peak_mb: float | None = None
     base_mb: float | None = None
     excluded: dict[str, str] = field(default_factory=dict)
     setting: str = ""
@@ -320,37 +323,52 @@ def _reset_peak_rss() -> None:
         warnings.warn("cannot reset the peak RSS; memory figures may be too low", stacklevel=2)
 
 
+def _release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the OS (glibc ``malloc_trim``), so that the
+    resident set is the live memory again before a measurement; a no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measure_memory_child(
     key: str, config: str, device: str, batch_size: int | None
-) -> tuple[float, float]:
-    """Peak memory (MB) a configuration's steps add over the state right before the first, and
-    that state's tensor memory (MB).
+) -> tuple[float, float, float]:
+    """Peak memory (MB) a configuration's steps add over the state right before them: over the
+    first three steps (one-time checks included), then over three later steps (the steady
+    state); and that state's tensor memory (MB).
 
-    CPU: peak resident set (``VmHWM``) minus the resident set after building the model, the
-    batch and the configuration (run in a fresh process, so the high-water mark is this
-    configuration's own); the state is the bytes of the parameters and the batch (the process's
-    libraries are not training memory). CUDA: ``torch.cuda.max_memory_allocated`` over
-    ``torch.cuda.memory_allocated`` at that state.
+    CPU: peak resident set (``VmHWM``) minus the resident set right before the steps (run in a
+    fresh process, so the high-water mark is this configuration's own; before the later steps
+    the allocator's free pages are handed back and the mark is reset); the state is the bytes
+    of the parameters and the batch (the process's libraries are not training memory). CUDA:
+    ``torch.cuda.max_memory_allocated`` over ``torch.cuda.memory_allocated`` at that state.
     """
     dev = torch.device(device)
     model, x, y = make_model(key, batch_size=batch_size)
     model, x, y = model.to(dev), x.to(dev), y.to(dev)
     step, _ = build_step(config, model, x, y)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, base / 2**20
+        peaks = []
+        for _ in range(2):
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize(dev)
+            peaks.append((torch.cuda.max_memory_allocated(dev) - base) / 2**20)
+        return peaks[0], peaks[1], base / 2**20
     tensors = [*model.parameters(), x, y]
     state_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-    _reset_peak_rss()
-    base = _rss_mb("VmRSS")
-    for _ in range(3):
-        step()
-    return _rss_mb("VmHWM") - base, state_mb
+    peaks = []
+    for _ in range(2):
+        _release_free_memory()
+        _reset_peak_rss()
+        base = _rss_mb("VmRSS")
+        for _ in range(3):
+            step()
+        peaks.append(_rss_mb("VmHWM") - base)
+    return peaks[0], peaks[1], state_mb
 
 
 def measure_memory(
@@ -376,35 +394,42 @@ def measure_memory(
             failure = done.stderr[-500:]
             print(f"  memory {row.model}/{row.config} failed: {failure}", file=sys.stderr)
             return
-        row.peak_mb, row.base_mb = json.loads(done.stdout.strip().splitlines()[-1])
+        row.peak_mb, row.steady_peak_mb, row.base_mb = json.loads(
+            done.stdout.strip().splitlines()[-1]
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(run, rows))
 
 
-def memory_ratio(row: ProbeRow, plain: ProbeRow | None) -> float | None:
+def memory_ratio(row: ProbeRow, plain: ProbeRow | None, steady: bool = False) -> float | None:
     """Peak training memory of ``row`` over the plain step's: (state + extra peak) / (state +
-    plain extra peak), both measured the same way (see :func:`measure_memory_child`)."""
-    if plain is None or None in (row.peak_mb, row.base_mb, plain.peak_mb, plain.base_mb):
+    plain extra peak), both measured the same way (see :func:`measure_memory_child`), over the
+    first steps or, with ``steady``, over the later ones."""
+    if plain is None:
         return None
-    assert row.peak_mb is not None and row.base_mb is not None
-    assert plain.peak_mb is not None and plain.base_mb is not None
-    return (row.base_mb + max(row.peak_mb, 0.0)) / (plain.base_mb + max(plain.peak_mb, 0.0))
+    row_peak = row.steady_peak_mb if steady else row.peak_mb
+    plain_peak = plain.steady_peak_mb if steady else plain.peak_mb
+    if row_peak is None or plain_peak is None or row.base_mb is None or plain.base_mb is None:
+        return None
+    return (row.base_mb + max(row_peak, 0.0)) / (plain.base_mb + max(plain_peak, 0.0))
 
 
 def probe_table(rows: list[ProbeRow], unit: str) -> str:
     lines = [
         f"| model | configuration | step (ms) | ratio to plain | target | met | peak {unit} (MB) "
-        f"| peak memory ratio (<= {MEMORY_TARGET}) | reps |",
+        f"| peak memory ratio, first steps / later steps (<= {MEMORY_TARGET}) | reps |",
         "|---|---|---:|---:|---:|:-:|---:|---:|---:|",
     ]
     plains = {(r.model, r.setting): r for r in rows if r.config == "plain"}
     for r in rows:
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         met = "" if r.target is None else ("yes" if r.ratio <= r.target else "**no**")
-        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "n/a"
-        mem = memory_ratio(r, plains.get((r.model, r.setting)))
-        mem_text = f"{mem:.2f}x" if mem is not None else "n/a"
+        peaks = [p for p in (r.peak_mb, r.steady_peak_mb) if p is not None]
+        peak = " / ".join(f"{p:.0f}" for p in peaks) if peaks else "n/a"
+        plain = plains.get((r.model, r.setting))
+        mems = [memory_ratio(r, plain), memory_ratio(r, plain, steady=True)]
+        mem_text = " / ".join(f"{m:.2f}x" for m in mems if m is not None) or "n/a"
         note = f" (excluded: {', '.join(r.excluded)})" if r.excluded else ""
         lines.append(
             f"| {r.model} | {r.config}{note} | {r.median_ms:.1f} | {r.ratio:.2f}x | {target} "
