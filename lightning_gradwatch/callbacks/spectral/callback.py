@@ -184,7 +184,7 @@ class SpectralNorms(Callback):
         )
         _require(
             exact_every_n_steps is None or exact_every_n_steps >= 1,
-            f"exact_every_n_steps must be a positive int or None (at epoch ends), "
+            f"exact_every_n_steps must be a positive int or None (the default back-off), "
             f"got {exact_every_n_steps}",
         )
         _require(exact_rtol > 0, f"exact_rtol must be > 0, got {exact_rtol}")
