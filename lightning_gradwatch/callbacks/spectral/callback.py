@@ -101,7 +101,7 @@ class SpectralNorms(Callback):
       ``spectral/stable_rank_layers`` (with two or more layers).
 
     At epoch ends two layers x steps heatmaps go to TensorBoard as images (with matplotlib:
-    labelled axes and a colour bar), as long as rendering them has taken at most 2% of the time
+    labelled axes and a colour bar), as long as rendering them has taken at most 0.5% of the time
     since the fit started (an epoch end that would exceed it skips them); the end of training
     always writes the latest.
 
