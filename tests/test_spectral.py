@@ -415,6 +415,42 @@ def test_exact_check_reports_unconverged_error_then_refines():
     assert rel_err(list(sig.values())[-1], exact) <= 1e-3
 
 
+def test_default_schedule_rechecks_a_layer_after_a_non_finite_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Intervals longer than the run: the only checks are a layer's first read and the first
+    # read after its vectors were restarted.
+    monkeypatch.setattr(spectral_callback, "EXACT_INTERVAL_STEPS", 1000)
+    torch.manual_seed(3)
+    model = MLP(lr=0.0)
+    kept: dict[str, torch.Tensor] = {}
+
+    class Poison(pl.Callback):  # runs before SpectralNorms: only its read sees the NaN
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                kept["w"] = pl_module.net[3].weight.detach().clone()
+                with torch.no_grad():
+                    pl_module.net[3].weight.fill_(math.nan)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "w" in kept:
+                with torch.no_grad():
+                    pl_module.net[3].weight.copy_(kept.pop("w"))
+
+    logger = RecordingLogger()
+    cb = SpectralNorms(params=["net.3.weight"], grad_every_n_steps=None)
+    fit(model, [Poison(), cb], logger=logger, max_epochs=1)  # 4 reads, logged at steps 0 to 3
+    assert cb.skipped_weight_reads == 1
+    checks = logger.series("spectral_layers/power_iter_rel_err/net.3.weight")
+    sigmas = dict(logger.series("spectral_layers/sigma_max/net.3.weight"))
+    assert [step for step, _ in checks] == [0, 2]  # the first read, the first one after the NaN
+    assert 1 not in sigmas  # the NaN read logged nothing
+    exact = float(torch.linalg.matrix_norm(model.net[3].weight.detach(), ord=2))
+    # Restarted from random vectors and warmed before its value was logged: converged.
+    assert checks[1][1] <= 1e-3
+    assert rel_err(sigmas[2], exact) <= 1e-3
+
+
 def test_respects_log_every_n_steps():
     logger = RecordingLogger()
     cb = SpectralNorms(grad_every_n_steps=3)

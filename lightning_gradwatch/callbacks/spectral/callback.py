@@ -359,13 +359,12 @@ class SpectralNorms(Callback):
         # logged, from the exact value the check below computes anyway.
         exact = self._warm_fresh(due)
         self._read_weights(trainer, pl_module, step)
-        if not due:
-            return
-        passed = self._exact_check(trainer, due, exact)
+        passed = self._exact_check(trainer, due, exact) if due else {}
         if self.exact_every_n_steps is not None:
-            self._next_exact_step = (step // self.exact_every_n_steps + 1) * (
-                self.exact_every_n_steps
-            )
+            if due:
+                self._next_exact_step = (step // self.exact_every_n_steps + 1) * (
+                    self.exact_every_n_steps
+                )
             return
         for t in due:
             last = self._exact_interval.get(t.name)
@@ -375,6 +374,11 @@ class SpectralNorms(Callback):
                 interval = EXACT_INTERVAL_STEPS
             self._exact_interval[t.name] = interval
             self._next_exact_due[t.name] = step + interval
+        for name in self.vectors.fresh:
+            # Vectors restarted at this read (a non-finite or zero weight): due, and warmed
+            # first, at the next read.
+            self._next_exact_due.pop(name, None)
+            self._exact_interval.pop(name, None)
 
     def _warm_fresh(self, due: list[TrackedWeight]) -> dict[str, float]:
         """Refine the still-random vectors of the layers due for a check to ``exact_rtol``;
@@ -411,11 +415,9 @@ class SpectralNorms(Callback):
             if not (torch.isfinite(sigma) and torch.isfinite(fro)):
                 self.skipped_weight_reads += 1
                 self.vectors.reinit(t)  # a NaN weight poisons the vectors; restart on recovery
-                self._next_exact_due.pop(t.name, None)  # due (and warmed) at the next read
                 continue
             if sigma == 0:
                 self.vectors.reinit(t)  # u collapsed to 0 and would stay there
-                self._next_exact_due.pop(t.name, None)
             per_layer[layer_key("sigma_max", t.name)] = float(sigma)
             rank = float(stable_rank(fro, sigma))
             per_layer[layer_key("stable_rank", t.name)] = rank
