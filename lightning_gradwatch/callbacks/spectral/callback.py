@@ -608,9 +608,13 @@ class SpectralNorms(Callback):
             self.growth_alarm.recent.extend(state_dict.get("recent", []))
         self.skipped_grad_steps = int(state_dict.get("skipped_grad_steps", 0))
         self.skipped_weight_reads = int(state_dict.get("skipped_weight_reads", 0))
-        # A checkpoint of another model: re-initialise the vectors whose shapes do not fit.
+        # A checkpoint of another model: re-initialise the vectors whose shapes do not fit (due,
+        # and warmed first, at their next read).
         for t in self._tracked:
             self.vectors.ensure(t)
+        for name in self.vectors.fresh:
+            self._next_exact_due.pop(name, None)
+            self._exact_interval.pop(name, None)
 
 
 def _require(condition: bool, message: str) -> None:
