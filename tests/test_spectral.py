@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_gradwatch import SpectralNorms
+from lightning_gradwatch.callbacks.spectral import callback as spectral_callback
 from lightning_gradwatch.functional.spectral import (
     as_matrix,
     conv_operator_norm_fft,
@@ -328,7 +329,11 @@ def test_training_is_bitwise_unchanged():
         assert torch.equal(plain[k], monitored[k]), k
 
 
-def test_logged_values_against_exact_references():
+def test_logged_values_against_exact_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default exact schedule, scaled down to this 12-step run: checks at a layer's first
+    # read, then 4 steps later, doubling after each pass (up to 16), back to 4 after a failure.
+    monkeypatch.setattr(spectral_callback, "EXACT_INTERVAL_STEPS", 4)
+    monkeypatch.setattr(spectral_callback, "MAX_EXACT_INTERVAL_STEPS", 16)
     torch.manual_seed(1)
     model = MLP()
     seen_grads: dict[str, torch.Tensor] = {}
@@ -356,12 +361,13 @@ def test_logged_values_against_exact_references():
         stable = logger.series(f"spectral_layers/stable_rank/{n}")[-1][1]
         assert stable == pytest.approx(float(w.pow(2).sum()) / sigma**2, rel=1e-9)
         sigmas.append(sigma)
-        # Epoch ends are steps 4, 8, 12. After a passing check the next is two epochs later;
-        # after a failing one (a cold start, refined on the spot) it is at the next epoch end.
         checks = logger.series(f"spectral_layers/power_iter_rel_err/{n}")
-        assert checks[0][0] == 4
+        # The first read is checked, its random start vectors refined first: converged.
+        assert checks[0][0] == 0 and checks[0][1] <= 1e-3
+        interval = None
         for (before, error), (after, _) in itertools.pairwise(checks):
-            assert after - before == (4 if error > 1e-3 else 8)
+            interval = 4 if interval is None or error > 1e-3 else min(2 * interval, 16)
+            assert after - before == interval
         check_counts.append(len(checks))
     assert min(check_counts) < 3  # some layer's checks backed off
     last = {k: v for _, m in logger.calls for k, v in m.items()}
@@ -407,6 +413,42 @@ def test_exact_check_reports_unconverged_error_then_refines():
     assert cb.vectors.iterations["net.3.weight"] == 2
     assert err[-1][1] <= 1e-3
     assert rel_err(list(sig.values())[-1], exact) <= 1e-3
+
+
+def test_default_schedule_rechecks_a_layer_after_a_non_finite_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Intervals longer than the run: the only checks are a layer's first read and the first
+    # read after its vectors were restarted.
+    monkeypatch.setattr(spectral_callback, "EXACT_INTERVAL_STEPS", 1000)
+    torch.manual_seed(3)
+    model = MLP(lr=0.0)
+    kept: dict[str, torch.Tensor] = {}
+
+    class Poison(pl.Callback):  # runs before SpectralNorms: only its read sees the NaN
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                kept["w"] = pl_module.net[3].weight.detach().clone()
+                with torch.no_grad():
+                    pl_module.net[3].weight.fill_(math.nan)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if "w" in kept:
+                with torch.no_grad():
+                    pl_module.net[3].weight.copy_(kept.pop("w"))
+
+    logger = RecordingLogger()
+    cb = SpectralNorms(params=["net.3.weight"], grad_every_n_steps=None)
+    fit(model, [Poison(), cb], logger=logger, max_epochs=1)  # 4 reads, logged at steps 0 to 3
+    assert cb.skipped_weight_reads == 1
+    checks = logger.series("spectral_layers/power_iter_rel_err/net.3.weight")
+    sigmas = dict(logger.series("spectral_layers/sigma_max/net.3.weight"))
+    assert [step for step, _ in checks] == [0, 2]  # the first read, the first one after the NaN
+    assert 1 not in sigmas  # the NaN read logged nothing
+    exact = float(torch.linalg.matrix_norm(model.net[3].weight.detach(), ord=2))
+    # Restarted from random vectors and warmed before its value was logged: converged.
+    assert checks[1][1] <= 1e-3
+    assert rel_err(sigmas[2], exact) <= 1e-3
 
 
 def test_respects_log_every_n_steps():

@@ -36,9 +36,15 @@ from .power import PowerIterations, exact_sigma_max, rel_err
 from .selection import DEFAULT_MODULE_TYPES, TrackedWeight, conv_grid_recorder, select_weights
 
 FAMILY = keys.SPECTRAL_FAMILY
-#: Epoch-end exact checks back off per layer: after a passing check the next one is twice as
-#: many epochs later, up to this many; a failing check brings it back to every epoch.
-MAX_EXACT_INTERVAL_EPOCHS = 8
+#: Default exact schedule, per layer: a check at the layer's first weight read, then after this
+#: many optimizer steps, twice as many after each passing check (up to
+#: :data:`MAX_EXACT_INTERVAL_STEPS`), back to this many after a failing one. A check costs a Gram
+#: product and a symmetric eigendecomposition, about as much as a few training steps of the
+#: layer, so counting in steps (not epochs, which range from tens to thousands of steps) keeps
+#: its share of training small whatever the dataset size.
+EXACT_INTERVAL_STEPS = 500
+#: The longest interval the default schedule backs off to.
+MAX_EXACT_INTERVAL_STEPS = 4000
 
 
 def layer_key(quantity: str, name: str) -> str:
@@ -58,11 +64,14 @@ class SpectralNorms(Callback):
     **Exact checks.** The estimate is compared with the exact ``sigma_max`` (the top eigenvalue
     of the smaller Gram matrix in float64, which equals ``matrix_norm(W, ord=2)`` to float64
     rounding); the relative error is logged, and a layer whose error exceeds ``exact_rtol`` is
-    refined on the spot and gets twice the iterations per call from then on. With
-    ``exact_every_n_steps`` the check runs on that schedule. By default it runs at epoch ends
-    and backs off per layer: after a passing check the next is twice as many epochs later (at
-    most every :data:`MAX_EXACT_INTERVAL_EPOCHS` epochs), after a failing one it is at the next
-    epoch end, so a well-converged layer costs one exact check per 8 epochs.
+    refined on the spot and gets twice the iterations per call from then on. Checks run at
+    logging steps, on the estimate logged there. With ``exact_every_n_steps`` every layer is
+    checked on that schedule. By default each layer is checked at its first read (its random
+    start vectors are first refined to ``exact_rtol``, so the first logged value is converged
+    too) and then backs off: the next check is :data:`EXACT_INTERVAL_STEPS` optimizer steps
+    later, twice as many after each passing check (at most
+    :data:`MAX_EXACT_INTERVAL_STEPS`), and back to :data:`EXACT_INTERVAL_STEPS` after a failing
+    one, so a well-converged layer costs one exact check per 4000 steps.
 
     **Gradients**, every ``grad_every_n_steps`` optimizer steps (at the first logging step at or
     after each multiple): a full SVD of each layer's batch gradient matrix, read in
@@ -92,7 +101,7 @@ class SpectralNorms(Callback):
       ``spectral/stable_rank_layers`` (with two or more layers).
 
     At epoch ends two layers x steps heatmaps go to TensorBoard as images (with matplotlib:
-    labelled axes and a colour bar), as long as rendering them has taken at most 2% of the time
+    labelled axes and a colour bar), as long as rendering them has taken at most 0.5% of the time
     since the fit started (an epoch end that would exceed it skips them); the end of training
     always writes the latest.
 
@@ -103,8 +112,8 @@ class SpectralNorms(Callback):
             Default (when ``params`` is also ``None``): :data:`DEFAULT_MODULE_TYPES`. When both
             are given, a parameter must satisfy both.
         power_iterations: power-iteration steps per logging step (>= 1).
-        exact_every_n_steps: optimizer steps between exact checks; ``None``: at epoch ends,
-            backing off per layer (see above).
+        exact_every_n_steps: optimizer steps between exact checks of every layer; ``None``:
+            each layer at its first read, then backing off per layer (see above).
         exact_rtol: relative error above which a layer is refined and its iterations doubled.
         max_refine_iterations: cap on the extra iterations one exact check may spend per layer.
         max_power_iterations: cap on a layer's per-call iterations after doubling.
@@ -175,7 +184,7 @@ class SpectralNorms(Callback):
         )
         _require(
             exact_every_n_steps is None or exact_every_n_steps >= 1,
-            f"exact_every_n_steps must be a positive int or None (at epoch ends), "
+            f"exact_every_n_steps must be a positive int or None (the default back-off), "
             f"got {exact_every_n_steps}",
         )
         _require(exact_rtol > 0, f"exact_rtol must be > 0, got {exact_rtol}")
@@ -228,9 +237,10 @@ class SpectralNorms(Callback):
         self._last_read_step = -1
         self._next_grad_step = 0
         self._next_exact_step = exact_every_n_steps or 0
-        #: Default exact schedule, per layer: epochs between checks and the next epoch due.
+        #: Default exact schedule, per layer: optimizer steps between checks and the next step
+        #: due (a layer not listed is due at its next read).
         self._exact_interval: dict[str, int] = {}
-        self._next_exact_epoch: dict[str, int] = {}
+        self._next_exact_due: dict[str, int] = {}
         self._unconverged_warned: set[str] = set()
         self._conv_grid: dict[str, tuple[int, ...]] = {}
         self._hooks: list[Any] = []
@@ -341,12 +351,49 @@ class SpectralNorms(Callback):
         step = trainer.global_step
         if not stepped or step == self._last_read_step or not is_logging_step(trainer):
             return  # weights unchanged (an accumulation micro-batch), or a step not logged
+        if self.exact_every_n_steps is not None:
+            due = self._tracked if step >= self._next_exact_step else []
+        else:
+            due = [t for t in self._tracked if self._next_exact_due.get(t.name, 0) <= step]
+        # Fresh (random) vectors are brought to the exact value before their first estimate is
+        # logged, from the exact value the check below computes anyway.
+        exact = self._warm_fresh(due)
         self._read_weights(trainer, pl_module, step)
-        if self.exact_every_n_steps is not None and step >= self._next_exact_step:
-            self._exact_check(trainer, self._tracked)
-            self._next_exact_step = (step // self.exact_every_n_steps + 1) * (
-                self.exact_every_n_steps
-            )
+        passed = self._exact_check(trainer, due, exact) if due else {}
+        if self.exact_every_n_steps is not None:
+            if due:
+                self._next_exact_step = (step // self.exact_every_n_steps + 1) * (
+                    self.exact_every_n_steps
+                )
+            return
+        for t in due:
+            last = self._exact_interval.get(t.name)
+            if passed[t.name] and last is not None:
+                interval = min(2 * last, MAX_EXACT_INTERVAL_STEPS)
+            else:
+                interval = EXACT_INTERVAL_STEPS
+            self._exact_interval[t.name] = interval
+            self._next_exact_due[t.name] = step + interval
+        for name in self.vectors.fresh:
+            # Vectors restarted at this read (a non-finite or zero weight): due, and warmed
+            # first, at the next read.
+            self._next_exact_due.pop(name, None)
+            self._exact_interval.pop(name, None)
+
+    def _warm_fresh(self, due: list[TrackedWeight]) -> dict[str, float]:
+        """Refine the still-random vectors of the layers due for a check to ``exact_rtol``;
+        returns the exact values computed for them, by name, for the check to reuse."""
+        exact: dict[str, float] = {}
+        with torch.no_grad():
+            for t in due:
+                if t.name not in self.vectors.fresh:
+                    continue
+                matrix = t.matrix()
+                if not bool(torch.isfinite(matrix).all()):
+                    continue
+                exact[t.name] = exact_sigma_max(matrix)
+                self._refine(t, matrix, exact[t.name], more=False)
+        return exact
 
     def _read_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         with torch.no_grad():
@@ -399,22 +446,20 @@ class SpectralNorms(Callback):
     # -- exact checks -------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.exact_every_n_steps is None:
-            epoch = trainer.current_epoch
-            due = [t for t in self._tracked if self._next_exact_epoch.get(t.name, 0) <= epoch]
-            passed = self._exact_check(trainer, due)
-            for t in due:
-                interval = self._exact_interval.get(t.name, 1)
-                interval = min(2 * interval, MAX_EXACT_INTERVAL_EPOCHS) if passed[t.name] else 1
-                self._exact_interval[t.name] = interval
-                self._next_exact_epoch[t.name] = epoch + interval
         if self.heatmap:
             self.history.log_images(trainer)
 
-    def _exact_check(self, trainer: pl.Trainer, layers: list[TrackedWeight]) -> dict[str, bool]:
-        """Compare the current estimate of each layer with the exact ``sigma_max``; refine
-        where it is off. Returns, per checked layer, whether the estimate was within
-        ``exact_rtol`` (a layer with a non-finite weight counts as passed: nothing to check)."""
+    def _exact_check(
+        self,
+        trainer: pl.Trainer,
+        layers: list[TrackedWeight],
+        known: dict[str, float] | None = None,
+    ) -> dict[str, bool]:
+        """Compare the current estimate of each layer with the exact ``sigma_max`` (taken from
+        ``known`` where given, for the current weights); refine where it is off. Returns, per
+        checked layer, whether the estimate was within ``exact_rtol`` (a layer with a
+        non-finite weight counts as passed: nothing to check)."""
+        known = known or {}
         step = trainer.global_step
         logged: dict[str, float] = {}
         passed: dict[str, bool] = {}
@@ -428,7 +473,7 @@ class SpectralNorms(Callback):
                     estimate = self._last_sigma[t.name]  # what was logged for these weights
                 else:
                     estimate = self._iterate(t, matrix, self.vectors.iterations[t.name])
-                exact = exact_sigma_max(matrix)
+                exact = known[t.name] if t.name in known else exact_sigma_max(matrix)
                 error = rel_err(float(estimate), exact)
                 logged[layer_key("power_iter_rel_err", t.name)] = error
                 if error > self.exact_rtol:
@@ -447,9 +492,10 @@ class SpectralNorms(Callback):
         self._log_per_layer(trainer, logged)
         return passed
 
-    def _refine(self, t: TrackedWeight, matrix: Tensor, exact: float) -> None:
-        """Extra iterations until the estimate is within ``exact_rtol``, and more per call."""
-        error = self.vectors.refine(t, matrix, exact, self._iterate)
+    def _refine(self, t: TrackedWeight, matrix: Tensor, exact: float, more: bool = True) -> None:
+        """Extra iterations until the estimate is within ``exact_rtol`` and, with ``more``,
+        more per call from now on."""
+        error = self.vectors.refine(t, matrix, exact, self._iterate, more=more)
         if error > self.exact_rtol and t.name not in self._unconverged_warned:
             self._unconverged_warned.add(t.name)
             rank_zero_warn(
@@ -538,7 +584,7 @@ class SpectralNorms(Callback):
             "next_grad_step": self._next_grad_step,
             "next_exact_step": self._next_exact_step,
             "exact_interval": dict(self._exact_interval),
-            "next_exact_epoch": dict(self._next_exact_epoch),
+            "next_exact_due": dict(self._next_exact_due),
             "recent": list(self.growth_alarm.recent) if self.growth_alarm is not None else [],
             "skipped_grad_steps": self.skipped_grad_steps,
             "skipped_weight_reads": self.skipped_weight_reads,
@@ -550,16 +596,25 @@ class SpectralNorms(Callback):
         self.history.load_state_dict(state_dict)
         self._next_grad_step = int(state_dict.get("next_grad_step", 0))
         self._next_exact_step = int(state_dict.get("next_exact_step", self._next_exact_step))
-        self._exact_interval = dict(state_dict.get("exact_interval", {}))
-        self._next_exact_epoch = dict(state_dict.get("next_exact_epoch", {}))
+        if "next_exact_due" in state_dict:
+            self._exact_interval = dict(state_dict.get("exact_interval", {}))
+            self._next_exact_due = dict(state_dict["next_exact_due"])
+        else:
+            # A checkpoint of the former epoch-end schedule (its intervals count epochs): check
+            # every layer at the next read and start the step schedule from there.
+            self._exact_interval, self._next_exact_due = {}, {}
         if self.growth_alarm is not None:
             self.growth_alarm.recent.clear()
             self.growth_alarm.recent.extend(state_dict.get("recent", []))
         self.skipped_grad_steps = int(state_dict.get("skipped_grad_steps", 0))
         self.skipped_weight_reads = int(state_dict.get("skipped_weight_reads", 0))
-        # A checkpoint of another model: re-initialise the vectors whose shapes do not fit.
+        # A checkpoint of another model: re-initialise the vectors whose shapes do not fit (due,
+        # and warmed first, at their next read).
         for t in self._tracked:
             self.vectors.ensure(t)
+        for name in self.vectors.fresh:
+            self._next_exact_due.pop(name, None)
+            self._exact_interval.pop(name, None)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -22,8 +22,10 @@ HEATMAP_ROWS = keys.SPECTRAL_HEATMAP_ROWS
 #: Epoch-end heatmap images may take at most 1/HEATMAP_TIME_RATIO of the time since the fit
 #: started: an epoch end renders only if the rendering time spent so far plus the expected cost
 #: of this rendering (the last one's, or FIRST_RENDER_SECONDS before any) fits. The end of
-#: training always writes the latest columns.
-HEATMAP_TIME_RATIO = 50.0
+#: training always writes the latest columns. 1/200: the images are a view, and a labelled pair
+#: costs about 0.2 s of CPU (mostly matplotlib's text rendering), so they should cost the run
+#: less than the monitoring itself.
+HEATMAP_TIME_RATIO = 200.0
 #: Expected cost of the first pair of images: matplotlib takes about 0.1 s per image.
 FIRST_RENDER_SECONDS = 0.2
 

@@ -44,6 +44,9 @@ class PowerIterations:
         self.v: dict[str, Tensor] = {}
         #: name -> iterations per read (doubled by a refinement, up to the cap).
         self.iterations: dict[str, int] = {}
+        #: Layers whose vectors are still the random start (never iterated): an exact check
+        #: warms them before their first estimate is logged.
+        self.fresh: set[str] = set()
 
     def ensure(self, t: TrackedWeight) -> None:
         """Start vectors for ``t`` unless it has some of the right shape (e.g. from a
@@ -61,6 +64,7 @@ class PowerIterations:
         self.u[t.name], self.v[t.name] = init_power_iteration_vectors(
             rows, cols, generator=self.generator, device=t.param.device, dtype=dtype
         )
+        self.fresh.add(t.name)
 
     def iterate(self, t: TrackedWeight, matrix: Tensor, n: int) -> Tensor:
         """``n`` warm-started iterations on ``matrix``; returns the ``()`` estimate."""
@@ -68,13 +72,18 @@ class PowerIterations:
         if u.device != matrix.device or u.dtype != matrix.dtype:
             u, v = u.to(matrix.device, matrix.dtype), v.to(matrix.device, matrix.dtype)
         sigma, self.u[t.name], self.v[t.name] = power_iteration(matrix, u, v, n)
+        self.fresh.discard(t.name)
         return sigma
 
-    def refine(self, t: TrackedWeight, matrix: Tensor, exact: float, iterate: Any) -> float:
+    def refine(
+        self, t: TrackedWeight, matrix: Tensor, exact: float, iterate: Any, more: bool = True
+    ) -> float:
         """Iterate (``iterate(t, matrix, n)``) until the estimate is within ``exact_rtol`` of
-        ``exact``, and give the layer twice the iterations per read from now on. Returns the
-        remaining relative error (above ``exact_rtol`` when the cap was reached)."""
-        self.iterations[t.name] = min(2 * self.iterations[t.name], self.max_power_iterations)
+        ``exact`` and, with ``more`` (after a failing check; not for warming fresh vectors),
+        give the layer twice the iterations per read from now on. Returns the remaining
+        relative error (above ``exact_rtol`` when the cap was reached)."""
+        if more:
+            self.iterations[t.name] = min(2 * self.iterations[t.name], self.max_power_iterations)
         spent, error = 0, math.inf
         while spent < self.max_refine_iterations:
             chunk = min(8, self.max_refine_iterations - spent)
@@ -89,6 +98,7 @@ class PowerIterations:
             "u": {k: v.detach().cpu() for k, v in self.u.items()},
             "v": {k: v.detach().cpu() for k, v in self.v.items()},
             "iterations": dict(self.iterations),
+            "fresh": sorted(self.fresh),
             "generator": self.generator.get_state(),
         }
 
@@ -97,6 +107,7 @@ class PowerIterations:
         self.u = dict(state.get("u", {}))
         self.v = dict(state.get("v", {}))
         self.iterations = dict(state.get("iterations", {}))
+        self.fresh = set(state.get("fresh", []))
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
