@@ -137,14 +137,33 @@ class GradientNoiseSums(Metric):
             self.nonfinite += 1
             return
         self.count += batch_size
-        for name, k in self._index.items():
-            if name not in grad_sum or name not in grad_sq_sum or name not in sample_sq_norm:
-                continue  # left out of this pass: its layer_count falls short of count
+        dtype = self.grad_sum.dtype
+        present = [
+            (name, k)
+            for name, k in self._index.items()
+            # A layer left out of this pass: its layer_count falls short of count.
+            if name in grad_sum and name in grad_sq_sum and name in sample_sq_norm
+        ]
+        if not present:
+            return
+        # One fused add per state over every layer, rather than a few kernels per layer.
+        targets, sources = [], []
+        for name, _ in present:
             where = self.layer_slice(name)
-            self.grad_sum[where] += grad_sum[name].reshape(-1).to(self.grad_sum.dtype)
-            self.grad_sq_sum[where] += grad_sq_sum[name].reshape(-1).to(self.grad_sum.dtype)
-            self.sample_sq_norm_sum[k] += sample_sq_norm[name].sum().to(self.grad_sum.dtype)
-            self.layer_count[k] += batch_size
+            targets += [self.grad_sum[where], self.grad_sq_sum[where]]
+            sources += [
+                grad_sum[name].reshape(-1).to(dtype),
+                grad_sq_sum[name].reshape(-1).to(dtype),
+            ]
+        torch._foreach_add_(targets, sources)
+        norms = torch.stack([sample_sq_norm[name].sum().to(dtype) for name, _ in present])
+        if len(present) == len(self._index):
+            self.sample_sq_norm_sum += norms
+            self.layer_count += batch_size
+        else:  # rare: indexed one by one (an index tensor would be a host-to-device copy)
+            for j, (_, k) in enumerate(present):
+                self.sample_sq_norm_sum[k] += norms[j]
+                self.layer_count[k] += batch_size
 
     def zero_(self) -> None:
         """:meth:`reset`, but zeroing the states in place instead of allocating fresh copies of
@@ -157,6 +176,19 @@ class GradientNoiseSums(Metric):
 
     def compute(self) -> NoiseSums:
         """The sums (over all ranks when distributed)."""
+        return self._states()
+
+    def synced(self) -> NoiseSums:
+        """What :meth:`compute` gives, without torchmetrics' wrapper around it, which copies
+        every state (two ``(D,)`` copies and their allocation per optimizer step, several
+        times the arithmetic that reads them). Synced across ranks the same way (every state
+        all-reduced with ``dist_sync_fn``), after which the states hold the local sums
+        again; on one process the returned tensors are the states themselves, so consume them
+        before :meth:`zero_`."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            return self._states()
+
+    def _states(self) -> NoiseSums:
         return NoiseSums(
             self.grad_sum,
             self.grad_sq_sum,
