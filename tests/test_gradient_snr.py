@@ -683,3 +683,33 @@ def test_layer_histogram_bins(values: list[float]) -> None:
         k = int(torch.searchsorted(edges, torch.tensor(x, dtype=torch.float64), right=True)) - 1
         k = min(max(k, 0), v.numel() - 1)
         assert edges[k] <= x <= edges[k + 1] and counts[k] >= 1
+
+
+def test_restart_reads_zero_and_overwrites() -> None:
+    """After ``restart`` the sums read zero until the next update, which overwrites the stale
+    values when it has every layer and zeroes them first when it does not."""
+    sizes = {"a": 2, "b": 3}
+    sums = GradientNoiseSums(sizes, dtype=torch.float64)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    full = (
+        {"a": g[:, :2].sum(0), "b": g[:, 2:].sum(0)},
+        {"a": g[:, :2].pow(2).sum(0), "b": g[:, 2:].pow(2).sum(0)},
+        {"a": g[:, :2].pow(2).sum(1), "b": g[:, 2:].pow(2).sum(1)},
+    )
+    sums.update(*full, 4)
+    sums.restart()
+    assert not sums.synced().grad_sum.any() and int(sums.compute().count) == 0
+    sums.update(*full, 4)
+    sums.restart()
+    sums.update(*full, 4)  # overwrites
+    reference = GradientNoiseSums(sizes, dtype=torch.float64)
+    reference.update(*full, 4)
+    for got, want in zip(sums.synced(), reference.synced(), strict=True):
+        assert torch.equal(got, want)
+    sums.restart()
+    only_a = tuple({"a": part["a"]} for part in full)
+    sums.update(*only_a, 4)  # "b" left out: its stale slice must not survive
+    out = sums.synced()
+    assert not out.grad_sum[sums.layer_slice("b")].any()
+    assert torch.equal(out.grad_sum[sums.layer_slice("a")], full[0]["a"])
+    assert out.layer_count.tolist() == [4, 0]

@@ -340,7 +340,7 @@ class GradientSNR(ProbeCallback):
         if self.sums is None or self.sums.grad_sum.dtype != dtype:
             self.sums = GradientNoiseSums(self._layer_sizes, dtype=dtype)
         else:
-            self.sums.zero_()
+            self.sums.restart()  # the step's first update overwrites the stale sums
         if self.sums.device != pl_module.device:
             self.sums.to(pl_module.device)
 

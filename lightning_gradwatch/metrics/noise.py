@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from .._lightning import reset_metric_in_place
+from .._lightning import mark_metric_loaded, reset_metric_in_place
 
 
 def all_reduce_sum(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
@@ -104,6 +104,9 @@ class GradientNoiseSums(Metric):
         self.add_state("layer_count", torch.zeros(layers, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("nonfinite", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        # Set by restart(): the (D,) states hold stale values that count as zero, and the next
+        # update overwrites them.
+        self._restarted = False
 
     def layer_slice(self, name: str) -> slice:
         """Where parameter ``name`` lives in the flat ``(D,)`` states."""
@@ -138,15 +141,21 @@ class GradientNoiseSums(Metric):
             return
         self.count += batch_size
         dtype = self.grad_sum.dtype
+        overwrite, self._restarted = self._restarted, False
         present = [
             (name, k)
             for name, k in self._index.items()
             # A layer left out of this pass: its layer_count falls short of count.
             if name in grad_sum and name in grad_sq_sum and name in sample_sq_norm
         ]
+        if overwrite and len(present) < len(self._index):
+            overwrite = False  # some slices would stay stale: zero everything, then add
+            self.grad_sum.zero_()
+            self.grad_sq_sum.zero_()
         if not present:
             return
-        # One fused add per state over every layer, rather than a few kernels per layer.
+        # One fused add (or copy, after restart) per state over every layer, rather than a
+        # few kernels per layer.
         targets, sources = [], []
         for name, _ in present:
             where = self.layer_slice(name)
@@ -155,7 +164,10 @@ class GradientNoiseSums(Metric):
                 grad_sum[name].reshape(-1).to(dtype),
                 grad_sq_sum[name].reshape(-1).to(dtype),
             ]
-        torch._foreach_add_(targets, sources)
+        if overwrite:
+            torch._foreach_copy_(targets, sources)
+        else:
+            torch._foreach_add_(targets, sources)
         norms = torch.stack([sample_sq_norm[name].sum().to(dtype) for name, _ in present])
         if len(present) == len(self._index):
             self.sample_sq_norm_sum += norms
@@ -172,10 +184,33 @@ class GradientNoiseSums(Metric):
         Tensors returned by an earlier :meth:`compute` on a single process are the states
         themselves, so they read zero afterwards: consume them before calling this.
         """
+        self._restarted = False
         reset_metric_in_place(self)
+
+    def restart(self) -> None:
+        """:meth:`zero_` for the start of a step, without a pass over the two ``(D,)`` states:
+        the next :meth:`update` that has every layer copies into them instead of adding (one
+        pass where zeroing and adding take two). Until then they read as zero to
+        :meth:`compute` and :meth:`synced`.
+
+        Tensors returned by an earlier :meth:`compute` or :meth:`synced` on a single process
+        are the states themselves: consume them before the next update.
+        """
+        mark_metric_loaded(self, updated=False)  # drop a cached compute() result
+        for state in (self.sample_sq_norm_sum, self.layer_count, self.count, self.nonfinite):
+            state.zero_()
+        self._restarted = True
+
+    def _settle(self) -> None:
+        """Zero the ``(D,)`` states if :meth:`restart` left them stale (no update since)."""
+        if self._restarted:
+            self._restarted = False
+            self.grad_sum.zero_()
+            self.grad_sq_sum.zero_()
 
     def compute(self) -> NoiseSums:
         """The sums (over all ranks when distributed)."""
+        self._settle()
         return self._states()
 
     def synced(self) -> NoiseSums:
@@ -185,6 +220,7 @@ class GradientNoiseSums(Metric):
         all-reduced with ``dist_sync_fn``), after which the states hold the local sums
         again; on one process the returned tensors are the states themselves, so consume them
         before :meth:`zero_`."""
+        self._settle()
         with self.sync_context(dist_sync_fn=self.dist_sync_fn):
             return self._states()
 
