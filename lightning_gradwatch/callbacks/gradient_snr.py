@@ -112,9 +112,9 @@ class GradientSNR(ProbeCallback):
     - TensorBoard histograms ``gsnr/gsnr_layers`` and ``gsnr/coherence_layers``: the per-layer
       values of the step in one chart each (with two or more layers).
 
-    Model-level values go through ``pl_module.log`` (monitorable by ``EarlyStopping`` and
-    ``ModelCheckpoint``); per-layer values go to the loggers in one batch and into
-    ``trainer.callback_metrics``. Steps computed off Lightning's logging steps (``every_n_steps``
+    A step's values (model-level and per-layer) go to every logger in one batch and into
+    ``trainer.callback_metrics`` (monitorable by ``EarlyStopping`` and ``ModelCheckpoint``);
+    non-finite values are left out of the write. Steps computed off Lightning's logging steps (``every_n_steps``
     smaller than ``log_every_n_steps``) update the smoothed noise scale and feed
     :class:`EBEarlyStopping` through :attr:`last_computed`, without any host-device
     synchronisation; they are not written.
