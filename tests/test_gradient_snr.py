@@ -713,3 +713,22 @@ def test_restart_reads_zero_and_overwrites() -> None:
     assert not out.grad_sum[sums.layer_slice("b")].any()
     assert torch.equal(out.grad_sum[sums.layer_slice("a")], full[0]["a"])
     assert out.layer_count.tolist() == [4, 0]
+
+
+def test_noise_statistics_counts_beyond_float32_exactness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers too large for an exact float32 count of their kept entries are counted in
+    float64; both routes give the same statistics (the limit lowered to exercise it)."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(5, 9, generator=gen, dtype=torch.float32)
+    g[:, 0] = 0.0  # a dead entry, left out
+    s, q = g.sum(0), g.pow(2).sum(0)
+    sizes = [6, 3]
+    norms = torch.stack([p.pow(2).sum() for p in g.split(sizes, 1)])
+    fast = fn.noise_statistics(s, q, norms, 5, sizes)
+    monkeypatch.setattr(fn, "_EXACT_FLOAT32_COUNT", 4)
+    wide = fn.noise_statistics(s, q, norms, 5, sizes)
+    for key, value in fast.items():
+        torch.testing.assert_close(wide[key], value, rtol=0, atol=0, equal_nan=True)
+    assert float(fast["layer_gsnr"][0]) == pytest.approx(
+        float(fn.gsnr_mean(s[:6], q[:6], 5)), rel=1e-6
+    )

@@ -114,9 +114,9 @@ class GradientSNR(ProbeCallback):
 
     A step's values (model-level and per-layer) go to every logger in one batch and into
     ``trainer.callback_metrics`` (monitorable by ``EarlyStopping`` and ``ModelCheckpoint``);
-    non-finite values are left out of the write. Steps computed off Lightning's logging steps (``every_n_steps``
-    smaller than ``log_every_n_steps``) update the smoothed noise scale and feed
-    :class:`EBEarlyStopping` through :attr:`last_computed`, without any host-device
+    non-finite values are left out of the write. Steps computed off Lightning's logging steps
+    (``every_n_steps`` smaller than ``log_every_n_steps``) update the smoothed noise scale and
+    feed :class:`EBEarlyStopping` through :attr:`last_computed`, without any host-device
     synchronisation; they are not written.
 
     Example::

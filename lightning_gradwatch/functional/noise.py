@@ -25,6 +25,8 @@ from torch import Tensor
 #: Default ``zero_variance_rtol`` in units of the dtype's machine epsilon: variances below
 #: this fraction of the mean square are within the cancellation error of ``Q/B - (S/B)**2``.
 ZERO_VARIANCE_EPS_FACTOR = 64.0
+#: Up to this many 0/1 values, their float32 sum is an exact count.
+_EXACT_FLOAT32_COUNT = 2**24
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -280,10 +282,15 @@ def noise_statistics(
         torch.maximum(variance, ratio, out=variance).add_(excluded)
         torch.div(mean_sq, variance, out=ratio)
         torch.addcmul(ratio, ratio, excluded, value=-1.0, out=ratio)
-        # Kept entries per layer, counted exactly (float64 counts are exact to 2**53; the sizes
-        # stay Python ints: no host-to-device copy per call).
+        # Kept entries per layer, counted exactly: a sum of 0/1 values is exact in float32 up
+        # to 2**24 entries (float64 beyond, which would cast the layer's part to a temporary
+        # copy); the sizes stay Python ints: no host-to-device copy per call.
         included = torch.stack(
-            [part.numel() - part.sum(dtype=torch.float64) for part in excluded.split(layer_sizes)]
+            [
+                part.numel()
+                - (part.sum() if part.numel() <= _EXACT_FLOAT32_COUNT else part.double().sum())
+                for part in excluded.split(layer_sizes)
+            ]
         ).to(grad_sum.dtype)
     layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
     layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
