@@ -634,3 +634,101 @@ def test_ddp_statistics_describe_the_global_batch(tmp_path: Path) -> None:
     for step in result:
         assert step["n"] == 8 and step["values"]["gradwatch/batch_size"] == 8
         assert_close(step["values"], step["expected"])
+
+
+def test_synced_sums_are_computes_and_partial_updates_add_up() -> None:
+    """``synced`` (the callback's read, without torchmetrics' copies) gives what ``compute``
+    gives, also after a pass that left a layer out (the per-layer path of ``update``)."""
+    sums = GradientNoiseSums({"a": 2, "b": 3, "c": 1}, dtype=torch.float64)
+    g = torch.randn(6, 6, dtype=torch.float64)
+    parts = {"a": g[:, :2], "b": g[:, 2:5], "c": g[:, 5:]}
+    first = {n: p[:4] for n, p in parts.items()}
+    sums.update(
+        {n: p.sum(0) for n, p in first.items()},
+        {n: p.pow(2).sum(0) for n, p in first.items()},
+        {n: p.pow(2).sum(1) for n, p in first.items()},
+        4,
+    )
+    second = {n: parts[n][4:] for n in ("a", "c")}  # "b" left out of this pass
+    sums.update(
+        {n: p.sum(0) for n, p in second.items()},
+        {n: p.pow(2).sum(0) for n, p in second.items()},
+        {n: p.pow(2).sum(1) for n, p in second.items()},
+        2,
+    )
+    synced, computed = sums.synced(), sums.compute()
+    for got, want in zip(synced, computed, strict=True):
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=0, atol=0)
+    assert synced.layer_count.tolist() == [6, 4, 6] and int(synced.count) == 6
+    torch.testing.assert_close(
+        synced.sample_sq_norm_sum,
+        torch.stack([parts["a"].pow(2).sum(), first["b"].pow(2).sum(), parts["c"].pow(2).sum()]),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "values", [[0.5, 2.0, 1.0, 7.0], [3.0], [2.0, 2.0], [-1.0, 0.0, 4.0, 4.0, 4.0]]
+)
+def test_layer_histogram_bins(values: list[float]) -> None:
+    from lightning_gradwatch.callbacks.gradient_snr import _layer_bins
+
+    v = torch.tensor(values, dtype=torch.float64)
+    edges, counts = _layer_bins(v)
+    assert edges.shape == (v.numel() + 1,) and counts.shape == (v.numel(),)
+    assert bool((edges[1:] > edges[:-1]).all())
+    assert int(counts.sum()) == v.numel()
+    for x in values:  # each value lies in a bin that counts it
+        k = int(torch.searchsorted(edges, torch.tensor(x, dtype=torch.float64), right=True)) - 1
+        k = min(max(k, 0), v.numel() - 1)
+        assert edges[k] <= x <= edges[k + 1] and counts[k] >= 1
+
+
+def test_restart_reads_zero_and_overwrites() -> None:
+    """After ``restart`` the sums read zero until the next update, which overwrites the stale
+    values when it has every layer and zeroes them first when it does not."""
+    sizes = {"a": 2, "b": 3}
+    sums = GradientNoiseSums(sizes, dtype=torch.float64)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    full = (
+        {"a": g[:, :2].sum(0), "b": g[:, 2:].sum(0)},
+        {"a": g[:, :2].pow(2).sum(0), "b": g[:, 2:].pow(2).sum(0)},
+        {"a": g[:, :2].pow(2).sum(1), "b": g[:, 2:].pow(2).sum(1)},
+    )
+    sums.update(*full, 4)
+    sums.restart()
+    assert not sums.synced().grad_sum.any() and int(sums.compute().count) == 0
+    sums.update(*full, 4)
+    sums.restart()
+    sums.update(*full, 4)  # overwrites
+    reference = GradientNoiseSums(sizes, dtype=torch.float64)
+    reference.update(*full, 4)
+    for got, want in zip(sums.synced(), reference.synced(), strict=True):
+        assert torch.equal(got, want)
+    sums.restart()
+    only_a = tuple({"a": part["a"]} for part in full)
+    sums.update(*only_a, 4)  # "b" left out: its stale slice must not survive
+    out = sums.synced()
+    assert not out.grad_sum[sums.layer_slice("b")].any()
+    assert torch.equal(out.grad_sum[sums.layer_slice("a")], full[0]["a"])
+    assert out.layer_count.tolist() == [4, 0]
+
+
+def test_noise_statistics_counts_beyond_float32_exactness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers too large for an exact float32 count of their kept entries are counted in
+    float64; both routes give the same statistics (the limit lowered to exercise it)."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(5, 9, generator=gen, dtype=torch.float32)
+    g[:, 0] = 0.0  # a dead entry, left out
+    s, q = g.sum(0), g.pow(2).sum(0)
+    sizes = [6, 3]
+    norms = torch.stack([p.pow(2).sum() for p in g.split(sizes, 1)])
+    fast = fn.noise_statistics(s, q, norms, 5, sizes)
+    monkeypatch.setattr(fn, "_EXACT_FLOAT32_COUNT", 4)
+    wide = fn.noise_statistics(s, q, norms, 5, sizes)
+    for key, value in fast.items():
+        torch.testing.assert_close(wide[key], value, rtol=0, atol=0, equal_nan=True)
+    assert float(fast["layer_gsnr"][0]) == pytest.approx(
+        float(fn.gsnr_mean(s[:6], q[:6], 5)), rel=1e-6
+    )

@@ -1,10 +1,11 @@
 """``grad_sum`` from autograd's own batch gradient, and where the probe must not take it.
 
-With float32/float64 parameters and backprops and every use of a parameter inside its owning
-modules, the gradient a parameter hook receives in a backward is exactly ``sum_i g_i`` (times
-the loss reduction and scale), so the rules skip forming it again. Everywhere else (a weight
-penalty, ``verify="never"``, autocast) the rules form it from the per-sample terms. Either way
-it must equal the oracle's sum of per-sample gradients.
+With float32/float64 parameters and backprops, autograd's part of a parameter's gradient that
+comes from one linear or convolution call (read from that call's own edge in the graph), or
+the whole gradient on a forward the use checker watched, is exactly ``sum_i g_i`` (times the
+loss reduction and scale), so the rules skip forming it again. Everywhere else (a module called
+twice, a backward that skips a parameter, autocast) the rules form it from the per-sample
+terms. Either way it must equal the oracle's sum of per-sample gradients.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def test_grad_sum_is_not_the_grad_tensor() -> None:
         assert torch.equal(kept.grad_sum[n], t), n
 
 
-def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) -> None:
-    """A penalty is in autograd's gradient but in no sample's: grad_sum excludes it."""
+def test_weight_penalty_stays_out_of_grad_sum(contexts: list[_Seen]) -> None:
+    """A penalty is in autograd's gradient but in no sample's: grad_sum excludes it. Each
+    call's part is read from its own edge, which the penalty's edge does not touch."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
@@ -155,15 +157,12 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) 
     probe = GradientProbe(model, sum_grad_squared=True)
     sums = []
     with pytest.warns(UserWarning, match="outside any module"), probe:
-        for step in range(2):  # also after the use checker has left
+        for _ in range(2):  # also after the use checker has left
             contexts.clear()
             loss = squared_error(model(x), y).mean() + 0.3 * model[0].weight.pow(2).sum()
             loss.backward()
             sums.append(probe.stats.grad_sum)
-            # Only the owner of the penalised weight forms the sum itself (backward order);
-            # once the checker has left, every module forms it.
-            expected_need = [False, True] if step == 0 else [True, True]
-            assert [c.need_grad_sum for c in contexts] == expected_need
+            assert [c.need_grad_sum for c in contexts] == [False, False]
     model.zero_grad(set_to_none=True)
     expected = per_sample_grads(model, squared_error, x, y, names)
     for got in sums:
@@ -173,8 +172,8 @@ def test_weight_penalty_falls_back_to_the_per_sample_sum(contexts: list[_Seen]) 
 
 def test_penalty_switched_on_later_is_seen(contexts: list[_Seen]) -> None:
     """A use outside the modules that starts after the first step (a penalty from a later
-    epoch on) must not reach grad_sum: autograd's gradient stands in only for a forward the
-    use checker watched, so later steps form the sum from the per-sample terms."""
+    epoch on), unseen by the use checker, must not reach grad_sum: it is read from the
+    calls' own edges on every step."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
@@ -191,7 +190,7 @@ def test_penalty_switched_on_later_is_seen(contexts: list[_Seen]) -> None:
             model.zero_grad(set_to_none=True)
             for n in names:
                 assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
-    assert [c.need_grad_sum for c in contexts] == [True, True]
+    assert [c.need_grad_sum for c in contexts] == [False, False]
 
 
 def test_verify_always_uses_autograd_every_step(contexts: list[_Seen]) -> None:
@@ -210,12 +209,12 @@ def test_verify_always_uses_autograd_every_step(contexts: list[_Seen]) -> None:
                 assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
 
 
-def test_without_use_check_the_rules_form_the_sum(contexts: list[_Seen]) -> None:
+def test_without_use_check_the_call_edges_still_give_the_sum(contexts: list[_Seen]) -> None:
     torch.manual_seed(5)
     model = nn.Linear(3, 2).double()
     x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
     assert_matches_oracle(model, x, y, verify="never")
-    assert contexts and all(c.need_grad_sum for c in contexts)
+    assert contexts and not any(c.need_grad_sum for c in contexts)
 
 
 def test_autocast_keeps_the_per_sample_sum(contexts: list[_Seen]) -> None:
@@ -229,3 +228,107 @@ def test_autocast_keeps_the_per_sample_sum(contexts: list[_Seen]) -> None:
         loss.backward()
     assert contexts and all(c.need_grad_sum for c in contexts)
     assert set(probe.stats.grad_sum) == {n for n, _ in model.named_parameters()}
+
+
+def test_module_called_twice_forms_the_sum(contexts: list[_Seen]) -> None:
+    """Two calls of one module have two edges into its weight; only one call's node is at
+    hand when the rule runs, so the rule forms the sum (no use check to lean on either)."""
+    torch.manual_seed(8)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.fc(torch.tanh(self.fc(x))))
+
+    model = Twice().double()
+    x, y = torch.randn(5, 4).double(), torch.randn(5, 2).double()
+    assert_matches_oracle(model, x, y, verify="never")
+    # Backward order: head (from its edge), then fc (formed by the rule).
+    assert [c.need_grad_sum for c in contexts] == [False, True]
+
+
+def test_penalty_on_conv_and_circular_padding(contexts: list[_Seen]) -> None:
+    """A convolution's part is read from its node (a penalty on its weight stays out); with
+    ``padding_mode="circular"`` the node saw a padded copy of the input, not the call's own
+    input, so the rule forms the sum."""
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Conv1d(3, 2, 3),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).double()
+    x, y = torch.randn(4, 2, 6).double(), torch.randn(4, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    probe = GradientProbe(model, sum_grad_squared=True, verify="never")
+    with probe:
+        for _ in range(2):
+            contexts.clear()
+            loss = squared_error(model(x), y).mean() + 0.2 * model[2].weight.pow(2).sum()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            for n in names:
+                assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
+            assert [c.need_grad_sum for c in contexts] == [False, False, True]
+
+
+def test_backward_that_skips_a_parameter_forms_its_sum(contexts: list[_Seen]) -> None:
+    """``backward(inputs=...)`` leaves other parameters' edges unexecuted: their owners form
+    the sum, and every grad_sum is still the oracle's."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    with GradientProbe(model, sum_grad_squared=True, verify="never") as probe:
+        squared_error(model(x), y).mean().backward(inputs=[model[0].weight])
+    assert model[0].bias.grad is None and model[2].weight.grad is None
+    for n in names:
+        assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
+    assert [c.need_grad_sum for c in contexts] == [True, True]
+
+
+def test_training_is_unchanged_with_a_penalty() -> None:
+    """Reading a call's edge leaves ``.grad`` bitwise as autograd alone makes it, and the
+    reported sums stay as they were when ``.grad`` is modified in place afterwards."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+
+    def loss_of(m: nn.Module) -> Tensor:
+        return squared_error(m(x), y).mean() + 0.1 * m[0].weight.pow(2).sum()
+
+    probe = GradientProbe(model, sum_grad_squared=True, verify="never")
+    with probe:
+        loss_of(model).backward()
+    loss_of(reference).backward()
+    kept = {n: t.clone() for n, t in probe.stats.grad_sum.items()}
+    for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad), n
+        p.grad.mul_(0.0)
+        assert torch.equal(probe.stats.grad_sum[n], kept[n]), n
+
+
+def test_autograd_grad_forms_the_sum(contexts: list[_Seen]) -> None:
+    """``torch.autograd.grad`` accumulates into no parameter and cannot be asked which edges
+    it runs: the rules form the sum."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    with GradientProbe(model, sum_grad_squared=True, verify="never") as probe:
+        grads = torch.autograd.grad(squared_error(model(x), y).mean(), list(model.parameters()))
+    for n, g in zip(names, grads, strict=True):
+        assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
+        assert_close(g, expected[n].mean(0), f"autograd's {n}")
+    assert [c.need_grad_sum for c in contexts] == [True, True]

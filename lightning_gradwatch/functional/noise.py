@@ -25,6 +25,8 @@ from torch import Tensor
 #: Default ``zero_variance_rtol`` in units of the dtype's machine epsilon: variances below
 #: this fraction of the mean square are within the cancellation error of ``Q/B - (S/B)**2``.
 ZERO_VARIANCE_EPS_FACTOR = 64.0
+#: Up to this many 0/1 values, their float32 sum is an exact count.
+_EXACT_FLOAT32_COUNT = 2**24
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -264,21 +266,31 @@ def noise_statistics(
         eb_ratio_mean = (mean_sq / unbiased).mean()
         included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
     else:
-        # The same arithmetic as gsnr_per_entry, in place in three (D,) scratch tensors: at
+        # The same arithmetic as gsnr_per_entry, in place in four (D,) scratch tensors: at
         # this size every fresh allocation and every extra pass costs about as much as the
-        # arithmetic itself.
+        # arithmetic itself. The zero-variance mask is a float 0/1 tensor: on a CPU, bool
+        # masks (masked_fill_, summing a bool) cost ten times a float pass.
         mean_sq, variance, ratio, excluded = _scratch(workspace, grad_sum)
         torch.div(grad_sum, count, out=mean_sq)
         mean_sq.mul_(mean_sq)
         torch.div(grad_sq_sum, count, out=variance)
         torch.mul(variance, zero_variance_rtol, out=ratio)  # the threshold, for now
         variance -= mean_sq
-        torch.le(variance, ratio, out=excluded)
-        torch.div(mean_sq, variance, out=ratio).masked_fill_(excluded, 0.0)
-        # Kept entries per layer, counted exactly (the sizes stay Python ints: no host-to-device
-        # copy per call).
+        torch.le(variance, ratio, out=excluded)  # 1.0 where left out
+        # Kept entries divide by their variance (> threshold >= 0) exactly; left-out ones by
+        # max(variance, threshold) + 1 >= 1, a finite quotient that the next line zeroes.
+        torch.maximum(variance, ratio, out=variance).add_(excluded)
+        torch.div(mean_sq, variance, out=ratio)
+        torch.addcmul(ratio, ratio, excluded, value=-1.0, out=ratio)
+        # Kept entries per layer, counted exactly: a sum of 0/1 values is exact in float32 up
+        # to 2**24 entries (float64 beyond, which would cast the layer's part to a temporary
+        # copy); the sizes stay Python ints: no host-to-device copy per call.
         included = torch.stack(
-            [part.numel() - part.sum() for part in excluded.split(layer_sizes)]
+            [
+                part.numel()
+                - (part.sum() if part.numel() <= _EXACT_FLOAT32_COUNT else part.double().sum())
+                for part in excluded.split(layer_sizes)
+            ]
         ).to(grad_sum.dtype)
     layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
     layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
@@ -308,14 +320,19 @@ def noise_statistics(
 
 
 def _scratch(workspace: list[Tensor] | None, like: Tensor) -> list[Tensor]:
-    """Three ``(D,)`` tensors like ``like`` and one ``(D,)`` bool, reused from ``workspace``
-    when their shape, dtype and device still match."""
-    if workspace and all(
-        getattr(workspace[0], attr) == getattr(like, attr) for attr in ("shape", "dtype", "device")
+    """Four ``(D,)`` tensors like ``like``, reused from ``workspace`` when their shape, dtype
+    and device still match."""
+    if (
+        workspace
+        and len(workspace) == 4
+        and all(
+            getattr(workspace[k], attr) == getattr(like, attr)
+            for k in (0, 3)
+            for attr in ("shape", "dtype", "device")
+        )
     ):
         return workspace
-    tensors = [torch.empty_like(like) for _ in range(3)]
-    tensors.append(torch.empty_like(like, dtype=torch.bool))
+    tensors = [torch.empty_like(like) for _ in range(4)]
     if workspace is not None:
         workspace[:] = tensors
     return tensors

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from .._lightning import reset_metric_in_place
+from .._lightning import mark_metric_loaded, reset_metric_in_place
 
 
 def all_reduce_sum(tensor: Tensor, group: Any | None = None) -> list[Tensor]:
@@ -104,6 +104,9 @@ class GradientNoiseSums(Metric):
         self.add_state("layer_count", torch.zeros(layers, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("nonfinite", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        # Set by restart(): the (D,) states hold stale values that count as zero, and the next
+        # update overwrites them.
+        self._restarted = False
 
     def layer_slice(self, name: str) -> slice:
         """Where parameter ``name`` lives in the flat ``(D,)`` states."""
@@ -137,14 +140,42 @@ class GradientNoiseSums(Metric):
             self.nonfinite += 1
             return
         self.count += batch_size
-        for name, k in self._index.items():
-            if name not in grad_sum or name not in grad_sq_sum or name not in sample_sq_norm:
-                continue  # left out of this pass: its layer_count falls short of count
+        dtype = self.grad_sum.dtype
+        overwrite, self._restarted = self._restarted, False
+        present = [
+            (name, k)
+            for name, k in self._index.items()
+            # A layer left out of this pass: its layer_count falls short of count.
+            if name in grad_sum and name in grad_sq_sum and name in sample_sq_norm
+        ]
+        if overwrite and len(present) < len(self._index):
+            overwrite = False  # some slices would stay stale: zero everything, then add
+            self.grad_sum.zero_()
+            self.grad_sq_sum.zero_()
+        if not present:
+            return
+        # One fused add (or copy, after restart) per state over every layer, rather than a
+        # few kernels per layer.
+        targets, sources = [], []
+        for name, _ in present:
             where = self.layer_slice(name)
-            self.grad_sum[where] += grad_sum[name].reshape(-1).to(self.grad_sum.dtype)
-            self.grad_sq_sum[where] += grad_sq_sum[name].reshape(-1).to(self.grad_sum.dtype)
-            self.sample_sq_norm_sum[k] += sample_sq_norm[name].sum().to(self.grad_sum.dtype)
-            self.layer_count[k] += batch_size
+            targets += [self.grad_sum[where], self.grad_sq_sum[where]]
+            sources += [
+                grad_sum[name].reshape(-1).to(dtype),
+                grad_sq_sum[name].reshape(-1).to(dtype),
+            ]
+        if overwrite:
+            torch._foreach_copy_(targets, sources)
+        else:
+            torch._foreach_add_(targets, sources)
+        norms = torch.stack([sample_sq_norm[name].sum().to(dtype) for name, _ in present])
+        if len(present) == len(self._index):
+            self.sample_sq_norm_sum += norms
+            self.layer_count += batch_size
+        else:  # rare: indexed one by one (an index tensor would be a host-to-device copy)
+            for j, (_, k) in enumerate(present):
+                self.sample_sq_norm_sum[k] += norms[j]
+                self.layer_count[k] += batch_size
 
     def zero_(self) -> None:
         """:meth:`reset`, but zeroing the states in place instead of allocating fresh copies of
@@ -153,10 +184,47 @@ class GradientNoiseSums(Metric):
         Tensors returned by an earlier :meth:`compute` on a single process are the states
         themselves, so they read zero afterwards: consume them before calling this.
         """
+        self._restarted = False
         reset_metric_in_place(self)
+
+    def restart(self) -> None:
+        """:meth:`zero_` for the start of a step, without a pass over the two ``(D,)`` states:
+        the next :meth:`update` that has every layer copies into them instead of adding (one
+        pass where zeroing and adding take two). Until then they read as zero to
+        :meth:`compute` and :meth:`synced`.
+
+        Tensors returned by an earlier :meth:`compute` or :meth:`synced` on a single process
+        are the states themselves: consume them before the next update.
+        """
+        mark_metric_loaded(self, updated=False)  # drop a cached compute() result
+        for state in (self.sample_sq_norm_sum, self.layer_count, self.count, self.nonfinite):
+            state.zero_()
+        self._restarted = True
+
+    def _settle(self) -> None:
+        """Zero the ``(D,)`` states if :meth:`restart` left them stale (no update since)."""
+        if self._restarted:
+            self._restarted = False
+            self.grad_sum.zero_()
+            self.grad_sq_sum.zero_()
 
     def compute(self) -> NoiseSums:
         """The sums (over all ranks when distributed)."""
+        self._settle()
+        return self._states()
+
+    def synced(self) -> NoiseSums:
+        """What :meth:`compute` gives, without torchmetrics' wrapper around it, which copies
+        every state (two ``(D,)`` copies and their allocation per optimizer step, several
+        times the arithmetic that reads them). Synced across ranks the same way (every state
+        all-reduced with ``dist_sync_fn``), after which the states hold the local sums
+        again; on one process the returned tensors are the states themselves, so consume them
+        before :meth:`zero_`."""
+        self._settle()
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            return self._states()
+
+    def _states(self) -> NoiseSums:
         return NoiseSums(
             self.grad_sum,
             self.grad_sq_sum,

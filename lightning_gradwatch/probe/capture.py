@@ -141,7 +141,9 @@ class _Capture:
             self._start_backward()
             # Only a backward whose forward the use checker watched may use autograd's
             # gradient as grad_sum (see _Finalize._autograd_sum_exact); others skip the copy.
-            if not self._uses_known or self._autocast_seen:
+            # The owning call's own part, read from its autograd edge, arrived already where
+            # it could be (it runs before this node): it excludes uses outside the modules.
+            if not self._uses_known or self._autocast_seen or name in self._grad_sum:
                 return
             # A copy, made now: holding autograd's tensor past this hook would make autograd
             # copy it when accumulating into `.grad` (it takes the tensor itself otherwise),

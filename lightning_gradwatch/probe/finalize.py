@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from .call_edges import call_edges, current_node, sum_hook, will_run
 from .capture import _release
 from .owners import _Owner
 from .registry import Call, ParamStats, RuleContext, SkipModule
@@ -173,17 +174,25 @@ class _Finalize:
         owner.result = {owner.local_to_name[local]: s for local, s in result.items()}
 
     def _autograd_sum_exact(self, owner: _Owner, calls: list[Call]) -> bool:
-        """Whether autograd's own gradient of each of ``owner``'s parameters in this backward
-        (what the parameter hook received, before accumulation) is exactly the sum of the
-        per-sample gradients the rule forms, so the rule need not form ``sum_i g_i`` again.
+        """Whether autograd's own gradient of each of ``owner``'s parameters from this backward
+        stands in exactly for the sum of the per-sample gradients the rule forms, so the rule
+        need not form ``sum_i g_i`` again. Called while the owner's last output gradient is
+        being delivered; where it answers ``True``, ``self._grad_sum`` receives that gradient
+        before the end of the backward.
 
         That needs parameters and backprops in float32/float64 and no autocast (a 16-bit
-        weight gradient is rounded: see ``ParamStats.grad_sum``), and every use of the
-        parameters inside their owning modules, as the use checker saw it (a weight penalty
-        is in autograd's gradient but in no sample's). Without that knowledge
-        (``verify="never"``), the rule forms the sum.
+        weight gradient is rounded: see ``ParamStats.grad_sum``), and then one of:
+
+        - the module's own part of the gradient, taken from the autograd edges of this very
+          call (:meth:`_capture_call_edges`): exact whatever else uses the parameter, on
+          every step, for the layers whose backward graph has a known shape;
+        - autograd's whole gradient of the parameter, on a backward whose forward the use
+          checker watched and saw no use outside the owning modules (a weight penalty is in
+          autograd's gradient but in no sample's).
+
+        Otherwise the rule forms the sum.
         """
-        if not self._uses_known or self._autocast_seen:
+        if self._autocast_seen:
             return False
         for call in calls:
             for g in call.grads:
@@ -191,14 +200,13 @@ class _Finalize:
                     return False
         for name in owner.local_to_name.values():
             param = self._params.get(name)
-            if (
-                param is None
-                or name in self._outside_uses
-                or not param.is_floating_point()
-                or param.dtype.itemsize < 4
-            ):
+            if param is None or not param.is_floating_point() or param.dtype.itemsize < 4:
                 return False
-        return True
+        if self._capture_call_edges(owner, calls):
+            return True
+        if not self._uses_known:
+            return False
+        return not any(name in self._outside_uses for name in owner.local_to_name.values())
 
     def _unscale(self, stats: ProbeStats, batch: int) -> None:
         """Rescale the rules' results in ``stats`` from autograd's backprops to unscaled
@@ -367,3 +375,31 @@ class _Finalize:
         self._incomplete = False
         self._model_batch = None
         self._finalize_queued = False
+
+    def _capture_call_edges(self, owner: _Owner, calls: list[Call]) -> bool:
+        """Arrange for autograd's own part of ``owner``'s gradient from its one call in this
+        backward to land in ``self._grad_sum`` (see ``call_edges.py``), and say whether it
+        will: every tracked parameter of the owner must be reached from the call's backward
+        node by an edge the running backward executes. Called from the hook delivering the
+        call's output gradient, so the node being run is the call's output's ``grad_fn``.
+        """
+        if len(calls) != 1 or len(calls[0].grads) != 1 or not calls[0].args:
+            return False
+        layer_input = calls[0].args[0]
+        if not isinstance(layer_input, Tensor):
+            return False
+        edges = call_edges(current_node(), layer_input)
+        if edges is None:
+            return False
+        plan = []
+        for name in owner.local_to_name.values():
+            param = self._params.get(name)
+            if param is None or name in self._shared or id(param) not in edges:
+                return False
+            hook_node, slot, accumulate = edges[id(param)]
+            if not will_run(accumulate):
+                return False
+            plan.append((name, hook_node, slot, param))
+        for name, hook_node, slot, param in plan:
+            hook_node.register_hook(sum_hook(self._grad_sum, name, slot, param))
+        return True

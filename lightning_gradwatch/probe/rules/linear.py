@@ -113,6 +113,8 @@ class LinearRule(LayerRule):
             a: ``(B, in)``; delta: ``(B, out)``; dot_z: ``(B,)`` ``delta_i . z_i``.
         """
         delta_sq = row_sq_norm(delta)
+        # delta**2 once, for both sums of squares: a pass over (B, out) saved per step.
+        delta2 = delta.square() if ctx.need_sum_sq else None
         out: dict[str, ParamStats] = {}
         bias_dot = None
         if module.bias is not None:
@@ -122,14 +124,14 @@ class LinearRule(LayerRule):
                 out["bias"] = ParamStats(
                     dot=bias_dot,
                     sq_norm=delta_sq,
-                    sum_sq=delta.pow(2).sum(0) if ctx.need_sum_sq else None,
+                    sum_sq=delta2.sum(0) if delta2 is not None else None,
                     grad_sum=delta.sum(0) if ctx.need_sum_sq and ctx.need_grad_sum else None,
                 )
         if "weight" in ctx.want:
             out["weight"] = ParamStats(
                 dot=dot_z - bias_dot if bias_dot is not None else dot_z,
                 sq_norm=delta_sq * row_sq_norm(a),
-                sum_sq=delta.pow(2).T @ a.pow(2) if ctx.need_sum_sq else None,
+                sum_sq=delta2.T @ a.square() if delta2 is not None else None,
                 # One weight-sized product, skipped when autograd's batch gradient is exact.
                 grad_sum=delta.T @ a if ctx.need_sum_sq and ctx.need_grad_sum else None,
             )
