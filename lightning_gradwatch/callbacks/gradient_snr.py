@@ -25,6 +25,7 @@ from ..functional import noise as F
 from ..loggers import (
     add_custom_scalars,
     is_logging_step,
+    log_headline_step,
     log_histogram_raw,
     log_scalars_batch,
     warn_if_no_logger,
@@ -112,9 +113,9 @@ class GradientSNR(ProbeCallback):
     - TensorBoard histograms ``gsnr/gsnr_layers`` and ``gsnr/coherence_layers``: the per-layer
       values of the step in one chart each (with two or more layers).
 
-    A step's values (model-level and per-layer) go to every logger in one batch and into
-    ``trainer.callback_metrics`` (monitorable by ``EarlyStopping`` and ``ModelCheckpoint``);
-    non-finite values are left out of the write. Steps computed off Lightning's logging steps
+    Model-level values go through ``pl_module.log`` (monitorable by ``EarlyStopping`` and
+    ``ModelCheckpoint``); per-layer values go to the loggers in one batch and into
+    ``trainer.callback_metrics``. Steps computed off Lightning's logging steps
     (``every_n_steps`` smaller than ``log_every_n_steps``) update the smoothed noise scale and
     feed :class:`EBEarlyStopping` through :attr:`last_computed`, without any host-device
     synchronisation; they are not written.
@@ -384,14 +385,18 @@ class GradientSNR(ProbeCallback):
             return  # nothing is read on the host until the next logging step
         self._resolve()
         # On every logging step, computed or not, so a logger shows when steps are skipped.
-        values: dict[str, Tensor | float] = {keys.SKIPPED_STEPS: float(self._skipped_host)}
+        headline: dict[str, Tensor] = {
+            keys.SKIPPED_STEPS: torch.tensor(float(self._skipped_host), dtype=torch.float64)
+        }
         written = computed and self._latest_step == step
         if written:
-            values.update(self._latest)  # headline values, and per layer with per_layer
-        # One batched write for the step (pl_module.log costs about 0.3 ms of Lightning
-        # bookkeeping per key, several times the statistics themselves at every step); the
-        # values are mirrored into trainer.callback_metrics, so they stay monitorable.
-        log_scalars_batch(trainer, values)
+            headline.update({k: self._latest[k] for k in HEADLINE_KEYS})
+            # Per-layer values in one batched write (mirrored into callback_metrics).
+            per_layer = {k: v for k, v in self._latest.items() if k not in HEADLINE_KEYS}
+            if per_layer:
+                log_scalars_batch(trainer, per_layer)  # type: ignore[arg-type]
+        # Model-level values through pl_module.log, monitorable like any logged metric.
+        log_headline_step(pl_module, headline)
         if written:
             self._log_histograms(trainer)
 
