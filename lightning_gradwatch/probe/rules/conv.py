@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._conv_linalg import offset_moments, prefer_offsets
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -137,6 +138,14 @@ class ConvRule(LayerRule):
         c_out = module.out_channels
         grouped_route = nd >= 2
         padding = zero_padding(module) if grouped_route else None
+        # One call of a wide enough 1-D convolution: products per kernel offset on views of
+        # the input (several calls add their gradients before any norm, so they unfold).
+        offset_route = (
+            "weight" in ctx.want
+            and len(calls) == 1
+            and "weight" not in ctx.need_grad_sample
+            and prefer_offsets(module)
+        )
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
         require_one_batch(calls)
@@ -162,6 +171,9 @@ class ConvRule(LayerRule):
             if "weight" in ctx.want and grouped_route:
                 padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
+            elif offset_route:
+                padded_inputs.append(pad_input(x, module))
+                deltas.append(delta)
             elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))
@@ -173,6 +185,18 @@ class ConvRule(LayerRule):
         if "weight" in ctx.want and grouped_route:
             out["weight"] = self._grouped_weight_stats(
                 module, padded_inputs, deltas, ctx, padding or 0
+            )
+        elif offset_route:
+            sq_norm, sum_sq, grad_sum = offset_moments(
+                padded_inputs[0],
+                deltas[0],
+                module,
+                ctx.need_sum_sq,
+                ctx.need_grad_sum,
+                ctx.chunk_elements,
+            )
+            out["weight"] = ParamStats(
+                dot=dots[0], sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum
             )
         elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]
