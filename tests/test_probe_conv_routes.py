@@ -13,17 +13,17 @@ from torch import nn
 from lightning_gradwatch.probe import _conv_linalg
 
 SETTINGS = settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     # The fixture only sets a constant, the same for every generated input.
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
 
-@pytest.fixture
-def offsets_always(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every 1-D convolution takes the per-offset route, whatever its channels."""
-    monkeypatch.setattr(_conv_linalg, "OFFSET_MIN_CHANNELS", 1)
+def _force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Every convolution forms one product per offset (``"offsets"``), or stacks the windows
+    of all offsets first (``"stacked"``), whatever its channels."""
+    monkeypatch.setattr(_conv_linalg, "OFFSET_MIN_CHANNELS", 1 if mode == "offsets" else 10**9)
 
 
 def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -32,18 +32,23 @@ def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 @SETTINGS
 @given(
-    batch=st.integers(1, 4),
+    mode=st.sampled_from(["offsets", "stacked"]),
+    nd=st.integers(1, 3),
+    batch=st.integers(1, 3),
     groups=st.integers(1, 3),
-    in_per_group=st.integers(1, 3),
+    in_per_group=st.integers(1, 2),
     out_per_group=st.integers(1, 3),
-    kernel=st.integers(1, 4),
-    stride=st.integers(1, 3),
-    dilation=st.integers(1, 3),
+    kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    stride=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    dilation=st.lists(st.integers(1, 2), min_size=3, max_size=3),
     padding=st.sampled_from([0, 1, 2, "same", "valid"]),
     padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
-    length=st.integers(1, 12),
+    size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
     bias=st.booleans(),
     reduction=st.sampled_from(["mean", "sum"]),
     sum_grad_squared=st.booleans(),
@@ -51,32 +56,39 @@ def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
     seed=st.integers(0, 2**16),
 )
 def test_offset_route_property(
-    offsets_always: None,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    nd: int,
     batch: int,
     groups: int,
     in_per_group: int,
     out_per_group: int,
-    kernel: int,
-    stride: int,
-    dilation: int,
+    kernel: list[int],
+    stride: list[int],
+    dilation: list[int],
     padding: int | str,
     padding_mode: str,
-    length: int,
+    size: list[int],
     bias: bool,
     reduction: str,
     sum_grad_squared: bool,
     chunk_elements: int,
     seed: int,
 ) -> None:
+    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
+    if nd == 3:
+        size = [min(n, 4) for n in size]
     if padding == "same":
-        stride = 1
-    span = dilation * (kernel - 1) + 1
-    pad = (span - 1) // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
-    assume(length + 2 * pad >= span)
-    assume(padding_mode != "reflect" or pad < length)
-    assume(padding_mode != "circular" or pad <= length)
+        stride = [1] * nd
+    for k, dl, n in zip(kernel, dilation, size, strict=True):
+        span = dl * (k - 1) + 1
+        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+        assume(n + 2 * pad >= span)
+        assume(padding_mode != "reflect" or pad < n)
+        assume(padding_mode != "circular" or pad <= n)
+    _force(monkeypatch, mode)
     torch.manual_seed(seed)
-    conv = nn.Conv1d(
+    conv = _CONV[nd](
         groups * in_per_group,
         groups * out_per_group,
         kernel,
@@ -88,8 +100,7 @@ def test_offset_route_property(
         padding_mode=padding_mode,
     )
     model = nn.Sequential(conv, nn.Tanh()).double()
-    x = torch.randn(batch, groups * in_per_group, length, dtype=torch.float64)
-    assert _conv_linalg.prefer_offsets(conv)
+    x = torch.randn(batch, groups * in_per_group, *size, dtype=torch.float64)
     assert_matches_oracle(
         model,
         x,
@@ -102,7 +113,7 @@ def test_offset_route_property(
 
 @pytest.mark.parametrize("sum_grad_squared", [False, True])
 def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
-    """The route the rule picks by default (16 channels), stride 2, between two other layers."""
+    """Both forms as the rule picks them (2 and 16 input channels), stride 2, in one model."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv1d(2, 16, 3, padding=1),
@@ -112,14 +123,14 @@ def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
         nn.Flatten(),
         nn.Linear(16 * 5, 3),
     ).double()
-    assert _conv_linalg.prefer_offsets(model[2]) and not _conv_linalg.prefer_offsets(model[0])
+    assert model[0].in_channels < _conv_linalg.OFFSET_MIN_CHANNELS <= model[2].in_channels
     x = torch.randn(5, 2, 10, dtype=torch.float64)
     assert_matches_oracle(
         model, x, _target(model, x, 1), sum_grad_squared=sum_grad_squared, chunk_elements=300
     )
 
 
-def test_offset_route_is_not_taken_for_shared_or_kept_gradients(offsets_always: None) -> None:
+def test_two_calls_of_one_convolution() -> None:
     """Two calls of one convolution add their gradients before the norm: the unfolded route
     handles that, and its numbers still match the oracle."""
     torch.manual_seed(0)

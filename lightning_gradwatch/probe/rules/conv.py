@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._conv_linalg import offset_moments, prefer_offsets
+from .._conv_linalg import offset_moments
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -136,16 +136,14 @@ class ConvRule(LayerRule):
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        grouped_route = nd >= 2
-        padding = zero_padding(module) if grouped_route else None
-        # One call of a wide enough 1-D convolution: products per kernel offset on views of
-        # the input (several calls add their gradients before any norm, so they unfold).
+        # One call: products per kernel offset on views of the input (several calls add
+        # their gradients before any norm, and kept per-sample gradients are wanted in the
+        # weight's layout, so those take the routes below).
         offset_route = (
-            "weight" in ctx.want
-            and len(calls) == 1
-            and "weight" not in ctx.need_grad_sample
-            and prefer_offsets(module)
+            "weight" in ctx.want and len(calls) == 1 and "weight" not in ctx.need_grad_sample
         )
+        grouped_route = nd >= 2 and not offset_route
+        padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
         require_one_batch(calls)
