@@ -40,24 +40,51 @@ from ._linalg import chunk_size, row_sq_norm
 OFFSET_MIN_CHANNELS = 8
 
 
-def _phases(x_padded: Tensor, stride: tuple[int, ...]) -> Tensor:
-    """``(B, C, *stride, *P)``: element ``[b, c, *r, *p]`` is ``x_padded[b, c, *(p * s + r)]``,
-    positions past the input's end zero (``P_d = ceil(S_d / s_d)``)."""
-    batch, channels, *size = x_padded.shape
-    nd = len(size)
+def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """The input as the convolution sees it after padding, so that its own padding is zero.
+
+    Handles numeric padding, ``"same"`` (asymmetric for even kernels), ``"valid"`` and the
+    non-zero padding modes.
+    """
+    nd = x.dim() - 2
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    if conv.padding == "same":
+        pads: list[int] = []
+        for d in reversed(range(nd)):
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+    if conv.padding != "valid" and any(conv.padding):
+        return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+    return x
+
+
+def input_phases(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
+    """The padded input split into its stride phases: ``(B, C, *stride, *P)``, element
+    ``[b, c, *r, *p]`` the padded input at position ``p * stride + r`` (zero past its end,
+    ``P_d = ceil(S_d / s_d)`` for padded size ``S_d``).
+
+    (Writing the phases straight from the unpadded input, padding included, was measured
+    slower on a CPU: a copy strided in two dims costs more than these two plain ones.)
+    """
+    stride = conv.stride
+    x = pad_input(x, conv).contiguous()
+    batch, channels, *size = x.shape
     if all(s == 1 for s in stride):
-        return x_padded.contiguous().view(batch, channels, *stride, *size)
+        return x.view(batch, channels, *stride, *size)
     extra = [(-n) % s for n, s in zip(size, stride, strict=True)]
     if any(extra):
-        x_padded = F.pad(x_padded, [p for e in reversed(extra) for p in (0, e)])
+        x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
     phase_size = [(n + e) // s for n, e, s in zip(size, extra, stride, strict=True)]
     split = [v for p, s in zip(phase_size, stride, strict=True) for v in (p, s)]
+    nd = len(size)
     perm = [0, 1, *(3 + 2 * d for d in range(nd)), *(2 + 2 * d for d in range(nd))]
-    return x_padded.reshape(batch, channels, *split).permute(perm).contiguous()
+    return x.reshape(batch, channels, *split).permute(perm).contiguous()
 
 
 def offset_moments(
-    x_padded: Tensor,
+    x: Tensor,
     delta: Tensor,
     conv: nn.modules.conv._ConvNd,
     need_sum_sq: bool,
@@ -68,7 +95,7 @@ def offset_moments(
     weight gradients.
 
     Args:
-        x_padded: ``(B, C_in, *S)`` input after :func:`~.rules.conv.pad_input`.
+        x: ``(B, C_in, *S)`` input of the convolution.
         delta: ``(B, C_out, *L)`` output gradients.
         conv: the convolution (its stride, dilation, groups and kernel size).
         need_sum_sq: also return ``sum_i G_i**2``.
@@ -77,16 +104,16 @@ def offset_moments(
 
     Returns:
         ``sq_norm (B,)``, ``sum_sq | None`` and ``grad_sum | None`` (both ``conv.weight``'s
-        shape ``(C_out, C_in/G, *kernel)``), in ``x_padded``'s dtype.
+        shape ``(C_out, C_in/G, *kernel)``), in ``x``'s dtype.
     """
-    batch, c_in = x_padded.shape[:2]
+    batch, c_in = x.shape[:2]
     c_out, out_size = delta.shape[1], delta.shape[2:]
     nd = len(out_size)
     groups = conv.groups
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     cg, og = c_in // groups, c_out // groups
     need_sum = need_sum and need_sum_sq
-    phases = _phases(x_padded, stride)  # (B, C, *s, *P)
+    phases = input_phases(x, conv)  # (B, C, *s, *P)
     phase_size = phases.shape[2 + nd :]
     flat_phases = phases.view(batch, c_in, *stride, -1)
     # Flat positions of a phase: the strides of its (P_1, ..., P_n) layout.
@@ -101,10 +128,10 @@ def offset_moments(
         delta = F.pad(delta, pads).flatten(2)[:, :, :run]
     # (B*G, run, O/G): the transposed view of delta, a valid operand of the product as it is.
     delta_t = delta.reshape(batch * groups, og, run).transpose(1, 2)
-    sq_norm = x_padded.new_zeros(batch)
+    sq_norm = x.new_zeros(batch)
     k = math.prod(kernel)
-    sum_sq = x_padded.new_zeros(k, groups, cg, og) if need_sum_sq else None
-    grad_sum = x_padded.new_zeros(k, groups, cg, og) if need_sum else None
+    sum_sq = x.new_zeros(k, groups, cg, og) if need_sum_sq else None
+    grad_sum = x.new_zeros(k, groups, cg, og) if need_sum else None
     offsets = []
     for j, index in enumerate(itertools.product(*(range(n) for n in kernel))):
         at = [i * dl for i, dl in zip(index, dilation, strict=True)]
@@ -139,7 +166,7 @@ def offset_moments(
                 sum_sq += g.square_().view(hi - lo, groups, k, cg, og).sum(0).transpose(0, 1)
         return sq_norm, to_weight(sum_sq), to_weight(grad_sum)
     step = chunk_size(batch, groups * cg * og, budget)
-    buffer = x_padded.new_empty(step * groups, cg, og)
+    buffer = x.new_empty(step * groups, cg, og)
     for lo in range(0, batch, step):
         hi = min(batch, lo + step)
         rows = (hi - lo) * groups

@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._conv_linalg import offset_moments
+from .._conv_linalg import offset_moments, pad_input
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -29,27 +28,6 @@ from .._linalg import (
     rowdot,
 )
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
-
-
-def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
-    """The input as the convolution sees it after padding, so that its own padding is zero.
-
-    Handles numeric padding, ``"same"`` (asymmetric for even kernels), ``"valid"`` and the
-    non-zero padding modes.
-    """
-    nd = x.dim() - 2
-    if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-    if conv.padding == "same":
-        pads: list[int] = []
-        for d in reversed(range(nd)):
-            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
-    if conv.padding != "valid" and any(conv.padding):
-        return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
-    return x
-
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 _WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
@@ -170,7 +148,7 @@ class ConvRule(LayerRule):
                 padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
             elif offset_route:
-                padded_inputs.append(pad_input(x, module))
+                padded_inputs.append(x)
                 deltas.append(delta)
             elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
