@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_gradwatch.probe import _conv_linalg
+from lightning_gradwatch.probe.rules import conv as conv_rule
 
 SETTINGS = settings(
     max_examples=40,
@@ -20,10 +21,11 @@ SETTINGS = settings(
 )
 
 
-def _force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """Every convolution forms one product per offset (``"offsets"``), or stacks the windows
-    of all offsets first (``"stacked"``), whatever its channels."""
-    monkeypatch.setattr(_conv_linalg, "OFFSET_MIN_CHANNELS", 1 if mode == "offsets" else 10**9)
+def _force(monkeypatch: pytest.MonkeyPatch, mode: str, nd: int) -> None:
+    """Every convolution takes route ``mode`` (see ``candidate_routes``), whatever the timings;
+    ``"older"`` is the grouped backward (N-d) or the unfolded patches (1-D)."""
+    route = ("grouped" if nd >= 2 else "unfold") if mode == "older" else mode
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", route)
 
 
 def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -37,7 +39,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 @SETTINGS
 @given(
-    mode=st.sampled_from(["offsets", "stacked"]),
+    mode=st.sampled_from(["offsets", "stacked", "older"]),
     nd=st.integers(1, 3),
     batch=st.integers(1, 3),
     groups=st.integers(1, 3),
@@ -55,7 +57,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
     chunk_elements=st.sampled_from([1, 7, 2**24]),
     seed=st.integers(0, 2**16),
 )
-def test_offset_route_property(
+def test_conv_routes_property(
     monkeypatch: pytest.MonkeyPatch,
     mode: str,
     nd: int,
@@ -86,7 +88,7 @@ def test_offset_route_property(
         assume(n + 2 * pad >= span)
         assume(padding_mode != "reflect" or pad < n)
         assume(padding_mode != "circular" or pad <= n)
-    _force(monkeypatch, mode)
+    _force(monkeypatch, mode, nd)
     torch.manual_seed(seed)
     conv = _CONV[nd](
         groups * in_per_group,

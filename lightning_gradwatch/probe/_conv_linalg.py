@@ -32,11 +32,10 @@ from torch import Tensor, nn
 
 from ._linalg import chunk_size, row_sq_norm
 
-#: From this many input channels per group on, each offset gets its own product (written into
-#: one reused buffer); below it those products are too thin for the matrix kernels (one input
-#: channel: a matrix-vector product per sample), so the windows of all offsets are stacked
-#: first (copies of whole runs) and multiplied once. Measured on a CPU: 3 channels 2-D, stacked
-#: 3.8 ms against 5.8 ms for the grouped backward; 32 and 64 channels, per offset.
+#: From this many input channels per group on, one product per offset is the default route
+#: (where routes are not timed, see :mod:`..route_timing`); below it those products are too
+#: thin for the matrix kernels (one input channel: a matrix-vector product per sample), so the
+#: windows of all offsets are stacked first (copies of whole runs) and multiplied once.
 OFFSET_MIN_CHANNELS = 8
 
 
@@ -90,6 +89,7 @@ def offset_moments(
     need_sum_sq: bool,
     need_sum: bool,
     budget: int,
+    stacked: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Squared norms (and optionally sums of squares and sums) of a convolution's per-sample
     weight gradients.
@@ -100,7 +100,9 @@ def offset_moments(
         conv: the convolution (its stride, dilation, groups and kernel size).
         need_sum_sq: also return ``sum_i G_i**2``.
         need_sum: also return ``sum_i G_i`` (only with ``need_sum_sq``).
-        budget: max elements of the per-sample gradient of one offset formed at once.
+        budget: max elements of the per-sample gradients formed at once.
+        stacked: stack the windows of all offsets and form each chunk's per-sample gradients
+            in one product, instead of one product per offset into a reused buffer.
 
     Returns:
         ``sq_norm (B,)``, ``sum_sq | None`` and ``grad_sum | None`` (both ``conv.weight``'s
@@ -145,7 +147,7 @@ def offset_moments(
             return None
         return t.permute(1, 3, 2, 0).reshape(c_out, cg, *kernel)
 
-    if cg < OFFSET_MIN_CHANNELS:
+    if stacked:
         # Thin products: the windows of every offset, stacked into (n*G, k*C/G, run) by
         # copying whole runs (fast, unlike the strided gather of an unfold), then one product.
         step = chunk_size(batch, groups * k * cg * og, budget)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._conv_linalg import offset_moments, pad_input
+from .._conv_linalg import OFFSET_MIN_CHANNELS, offset_moments, pad_input
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -28,6 +28,7 @@ from .._linalg import (
     rowdot,
 )
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
+from ..route_timing import RouteTimer
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 _WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
@@ -103,6 +104,20 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     return x.reshape(batch, -1, channels * math.prod(kernel)).contiguous()
 
 
+#: Times the exact routes of each convolution on its first steps and keeps the fastest.
+ROUTES = RouteTimer()
+
+
+def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
+    """The exact routes for one call without kept per-sample gradients, the default (used
+    where nothing is timed) first: one product per kernel offset (``"offsets"``), the windows
+    of all offsets stacked into one product (``"stacked"``), and the older routes, the grouped
+    convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    wide = conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS
+    first = ("offsets", "stacked") if wide else ("stacked", "offsets")
+    return (*first, "grouped" if len(conv.kernel_size) >= 2 else "unfold")
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     def compute(
@@ -110,17 +125,38 @@ class ConvRule(LayerRule):
     ) -> dict[str, ParamStats]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         nd = len(module.kernel_size)
+        x, grad = calls[0].args[0], calls[0].grads[0] if calls[0].grads else None
+        if (
+            len(calls) != 1
+            or "weight" not in ctx.want
+            or "weight" in ctx.need_grad_sample
+            or grad is None
+            or not isinstance(x, Tensor)
+        ):
+            # Several calls add their gradients before any norm, and kept per-sample
+            # gradients are wanted in the weight's layout: the routes that form them whole.
+            return self._compute(module, calls, ctx, "grouped" if nd >= 2 else "unfold")
+        routes = candidate_routes(module)
+        key = (tuple(x.shape), x.dtype, ctx.dtype, ctx.need_sum_sq, ctx.need_grad_sum)
+        route, timed = ROUTES.choose(module, key, routes, x.device)
+        start = ROUTES.clock() if timed else 0.0
+        out = self._compute(module, calls, ctx, route)
+        if timed:
+            ROUTES.record(module, key, routes, route, ROUTES.clock() - start)
+        return out
+
+    def _compute(
+        self, module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext, route: str
+    ) -> dict[str, ParamStats]:
+        """The statistics by one route (see :func:`candidate_routes`); ``"offsets"`` and
+        ``"stacked"`` take one call."""
+        nd = len(module.kernel_size)
         weight = module.weight.detach().to(ctx.dtype)
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        # One call: products per kernel offset on views of the input (several calls add
-        # their gradients before any norm, and kept per-sample gradients are wanted in the
-        # weight's layout, so those take the routes below).
-        offset_route = (
-            "weight" in ctx.want and len(calls) == 1 and "weight" not in ctx.need_grad_sample
-        )
-        grouped_route = nd >= 2 and not offset_route
+        offset_route = "weight" in ctx.want and route in ("offsets", "stacked")
+        grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
@@ -170,6 +206,7 @@ class ConvRule(LayerRule):
                 ctx.need_sum_sq,
                 ctx.need_grad_sum,
                 ctx.chunk_elements,
+                stacked=route == "stacked",
             )
             out["weight"] = ParamStats(
                 dot=dots[0], sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum
