@@ -1,14 +1,20 @@
 """``nn.Conv1d/2d/3d`` with stride, padding (numeric, ``"same"``, ``"valid"``, any padding
 mode), dilation and groups.
 
-The weight gradient is an outer product over input patches. Two exact routes:
+The weight gradient is an outer product over input patches. Exact routes:
 
-- 1-D convolutions unfold the input to ``(B, L, G, C_in/G * prod(kernel))`` with ``L`` output
-  positions (matching the weight layout ``(C_out, C_in/G, *kernel)``) and use the Linear
-  algebra, which may pick the Gram form of the norm;
-- 2-D and 3-D convolutions form per-sample weight gradients, a chunk of samples at a time, with
-  one grouped convolution backward (``groups = samples * G``), which runs the backend's
-  optimised kernel instead of copying every patch (measured 2-3x faster than unfolding).
+- ``"offsets"`` and ``"stacked"`` (one call of the module, see :mod:`.._conv_linalg`): one
+  batched product per kernel offset on a window of the padded input, or the windows of all
+  offsets stacked into one product (thin layers);
+- ``"grouped"`` (2-D and 3-D): per-sample weight gradients, a chunk of samples at a time, from
+  one grouped convolution backward (``groups = samples * G``);
+- ``"unfold"`` (1-D): the input unfolded to ``(B, L, G, C_in/G * k)`` patches and the Linear
+  algebra, which may pick the Gram form of the norm.
+
+Which is fastest depends on the layer's shape and on the machine, so on the CPU each layer
+times the candidates on its first steps and keeps the fastest (:mod:`..route_timing`). Several
+calls in one forward (their gradients add before any norm) and kept per-sample gradients take
+``"grouped"`` or ``"unfold"``.
 """
 
 from __future__ import annotations
