@@ -4,8 +4,8 @@ Which route is fastest for a layer depends on its shape and on the machine (the 
 kernels' speed for thin or wide products, how fast a strided copy runs), and a cost model
 calibrated on one CPU misjudges another. Every route gives the same statistics up to
 rounding, so a rule may run each candidate a few times for a layer and shape, then keep the
-fastest: the first ``len(routes) * trials`` calls pay for the slower routes, the rest run the
-fastest.
+fastest: after one untimed call (lazy initialisation, first allocations), the next
+``len(routes) * trials`` calls pay for the slower routes, the rest run the fastest.
 
 Only CPU work is timed: on an accelerator the time until a kernel is queued says nothing of
 its cost, and waiting for it would synchronise the host, so there the first route is used.
@@ -28,6 +28,7 @@ class _Trials:
 
     best: dict[str, float] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=dict)
+    warm: bool = False
     chosen: str | None = None
 
 
@@ -35,8 +36,7 @@ class RouteTimer:
     """Per module and shape key, the route to run now; see the module docstring.
 
     Args:
-        trials: runs of each route before choosing (the best of them counts, so a first run
-            that pays for lazy initialisation or a cold cache does not decide).
+        trials: timed runs of each route before choosing (the best of them counts).
         clock: the clock (seconds), ``time.perf_counter`` unless a test passes its own.
     """
 
@@ -44,7 +44,7 @@ class RouteTimer:
     #: route against the oracle). ``None``: choose by timing.
     forced: str | None = None
 
-    def __init__(self, trials: int = 2, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, trials: int = 1, clock: Callable[[], float] = time.perf_counter) -> None:
         self.trials = trials
         self.clock = clock
         self._trials: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Trials]] = (
@@ -63,6 +63,9 @@ class RouteTimer:
         trials = self._trials.setdefault(module, {}).setdefault(key, _Trials())
         if trials.chosen is not None:
             return trials.chosen, False
+        if not trials.warm:  # the first call runs the default route untimed
+            trials.warm = True
+            return routes[0], False
         # The route with the fewest runs so far, in order: each is tried in turn.
         route = min(routes, key=lambda r: trials.runs.get(r, 0))
         return route, True

@@ -115,13 +115,13 @@ ROUTES = RouteTimer()
 
 
 def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
-    """The exact routes for one call without kept per-sample gradients, the default (used
-    where nothing is timed) first: one product per kernel offset (``"offsets"``), the windows
-    of all offsets stacked into one product (``"stacked"``), and the older routes, the grouped
-    convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    """The exact routes timed for one call without kept per-sample gradients, the default
+    (used where nothing is timed) first: one product per kernel offset (``"offsets"``) or, for
+    thin layers, the windows of all offsets stacked into one product (``"stacked"``; each is
+    far slower than the other on the other kind of layer, measured), then the older route, the
+    grouped convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
     wide = conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS
-    first = ("offsets", "stacked") if wide else ("stacked", "offsets")
-    return (*first, "grouped" if len(conv.kernel_size) >= 2 else "unfold")
+    return ("offsets" if wide else "stacked", "grouped" if len(conv.kernel_size) >= 2 else "unfold")
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
