@@ -56,6 +56,15 @@ def test_the_best_run_of_a_route_counts() -> None:
     assert timer.chosen(module, "key") == "a"
 
 
+def test_a_near_tie_keeps_the_default() -> None:
+    clock = _FakeClock()
+    timer = RouteTimer(trials=1, margin=0.85, clock=clock)
+    module = nn.Linear(1, 1)
+    for _ in range(3):
+        _run(timer, clock, module, {"a": 1.0, "b": 0.9})
+    assert timer.chosen(module, "key") == "a"
+
+
 def test_keys_and_modules_are_timed_separately() -> None:
     clock = _FakeClock()
     timer = RouteTimer(trials=1, clock=clock)

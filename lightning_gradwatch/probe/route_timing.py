@@ -36,7 +36,11 @@ class RouteTimer:
     """Per module and shape key, the route to run now; see the module docstring.
 
     Args:
-        trials: timed runs of each route before choosing (the best of them counts).
+        trials: timed runs of each route before choosing (the best of them counts, so one
+            run slowed by the machine's other work does not decide).
+        margin: another route replaces the default (the first) only when its best time is
+            below ``margin`` times the default's: a near tie is noise, and the default is the
+            route measured faster on most layers.
         clock: the clock (seconds), ``time.perf_counter`` unless a test passes its own.
     """
 
@@ -44,8 +48,11 @@ class RouteTimer:
     #: route against the oracle). ``None``: choose by timing.
     forced: str | None = None
 
-    def __init__(self, trials: int = 1, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, trials: int = 2, margin: float = 0.85, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.trials = trials
+        self.margin = margin
         self.clock = clock
         self._trials: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Trials]] = (
             weakref.WeakKeyDictionary()
@@ -83,7 +90,10 @@ class RouteTimer:
         trials.runs[route] = trials.runs.get(route, 0) + 1
         trials.best[route] = min(seconds, trials.best.get(route, float("inf")))
         if all(trials.runs.get(r, 0) >= self.trials for r in routes):
-            trials.chosen = min(routes, key=lambda r: trials.best[r])
+            default = routes[0]
+            fastest = min(routes, key=lambda r: trials.best[r])
+            beats = trials.best[fastest] < self.margin * trials.best[default]
+            trials.chosen = fastest if beats else default
 
     def chosen(self, module: nn.Module, key: Hashable) -> str | None:
         """The route kept for this module and key, ``None`` while still timing."""
