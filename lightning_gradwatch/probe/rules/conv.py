@@ -1,14 +1,20 @@
 """``nn.Conv1d/2d/3d`` with stride, padding (numeric, ``"same"``, ``"valid"``, any padding
 mode), dilation and groups.
 
-The weight gradient is an outer product over input patches. Two exact routes:
+The weight gradient is an outer product over input patches. Exact routes:
 
-- 1-D convolutions unfold the input to ``(B, L, G, C_in/G * prod(kernel))`` with ``L`` output
-  positions (matching the weight layout ``(C_out, C_in/G, *kernel)``) and use the Linear
-  algebra, which may pick the Gram form of the norm;
-- 2-D and 3-D convolutions form per-sample weight gradients, a chunk of samples at a time, with
-  one grouped convolution backward (``groups = samples * G``), which runs the backend's
-  optimised kernel instead of copying every patch (measured 2-3x faster than unfolding).
+- ``"offsets"`` and ``"stacked"`` (one call of the module, see :mod:`.._conv_linalg`): one
+  batched product per kernel offset on a window of the padded input, or the windows of all
+  offsets stacked into one product (thin layers);
+- ``"grouped"`` (2-D and 3-D): per-sample weight gradients, a chunk of samples at a time, from
+  one grouped convolution backward (``groups = samples * G``);
+- ``"unfold"`` (1-D): the input unfolded to ``(B, L, G, C_in/G * k)`` patches and the Linear
+  algebra, which may pick the Gram form of the norm.
+
+Which is fastest depends on the layer's shape and on the machine, so on the CPU each layer
+times the candidates on its first steps and keeps the fastest (:mod:`..route_timing`). Several
+calls in one forward (their gradients add before any norm) and kept per-sample gradients take
+``"grouped"`` or ``"unfold"``.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._conv_linalg import OFFSET_MIN_CHANNELS, offset_moments, pad_input
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -28,27 +34,7 @@ from .._linalg import (
     rowdot,
 )
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
-
-
-def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
-    """The input as the convolution sees it after padding, so that its own padding is zero.
-
-    Handles numeric padding, ``"same"`` (asymmetric for even kernels), ``"valid"`` and the
-    non-zero padding modes.
-    """
-    nd = x.dim() - 2
-    if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-    if conv.padding == "same":
-        pads: list[int] = []
-        for d in reversed(range(nd)):
-            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
-    if conv.padding != "valid" and any(conv.padding):
-        return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
-    return x
-
+from ..route_timing import RouteTimer
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 _WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
@@ -124,6 +110,20 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     return x.reshape(batch, -1, channels * math.prod(kernel)).contiguous()
 
 
+#: Times the exact routes of each convolution on its first steps and keeps the fastest.
+ROUTES = RouteTimer()
+
+
+def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
+    """The exact routes timed for one call without kept per-sample gradients, the default
+    (used where nothing is timed) first: one product per kernel offset (``"offsets"``) or, for
+    thin layers, the windows of all offsets stacked into one product (``"stacked"``; each is
+    far slower than the other on the other kind of layer, measured), then the older route, the
+    grouped convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    wide = conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS
+    return ("offsets" if wide else "stacked", "grouped" if len(conv.kernel_size) >= 2 else "unfold")
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     def compute(
@@ -131,11 +131,38 @@ class ConvRule(LayerRule):
     ) -> dict[str, ParamStats]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         nd = len(module.kernel_size)
+        x, grad = calls[0].args[0], calls[0].grads[0] if calls[0].grads else None
+        if (
+            len(calls) != 1
+            or "weight" not in ctx.want
+            or "weight" in ctx.need_grad_sample
+            or grad is None
+            or not isinstance(x, Tensor)
+        ):
+            # Several calls add their gradients before any norm, and kept per-sample
+            # gradients are wanted in the weight's layout: the routes that form them whole.
+            return self._compute(module, calls, ctx, "grouped" if nd >= 2 else "unfold")
+        routes = candidate_routes(module)
+        key = (tuple(x.shape), x.dtype, ctx.dtype, ctx.need_sum_sq, ctx.need_grad_sum)
+        route, timed = ROUTES.choose(module, key, routes, x.device)
+        start = ROUTES.clock() if timed else 0.0
+        out = self._compute(module, calls, ctx, route)
+        if timed:
+            ROUTES.record(module, key, routes, route, ROUTES.clock() - start)
+        return out
+
+    def _compute(
+        self, module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext, route: str
+    ) -> dict[str, ParamStats]:
+        """The statistics by one route (see :func:`candidate_routes`); ``"offsets"`` and
+        ``"stacked"`` take one call."""
+        nd = len(module.kernel_size)
         weight = module.weight.detach().to(ctx.dtype)
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        grouped_route = nd >= 2
+        offset_route = "weight" in ctx.want and route in ("offsets", "stacked")
+        grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
         padded_inputs: list[Tensor] = []
@@ -162,6 +189,9 @@ class ConvRule(LayerRule):
             if "weight" in ctx.want and grouped_route:
                 padded_inputs.append(x if padding is not None else pad_input(x, module))
                 deltas.append(delta)
+            elif offset_route:
+                padded_inputs.append(x)
+                deltas.append(delta)
             elif "weight" in ctx.want:
                 a = unfold_patches(x, module)  # (B, L, C_in*K)
                 patches.append(a.reshape(batch, a.shape[1], groups, -1))
@@ -173,6 +203,19 @@ class ConvRule(LayerRule):
         if "weight" in ctx.want and grouped_route:
             out["weight"] = self._grouped_weight_stats(
                 module, padded_inputs, deltas, ctx, padding or 0
+            )
+        elif offset_route:
+            sq_norm, sum_sq, grad_sum = offset_moments(
+                padded_inputs[0],
+                deltas[0],
+                module,
+                ctx.need_sum_sq,
+                ctx.need_grad_sum,
+                ctx.chunk_elements,
+                stacked=route == "stacked",
+            )
+            out["weight"] = ParamStats(
+                dot=dots[0], sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum
             )
         elif "weight" in ctx.want:
             a = torch.cat(patches, 1) if len(patches) > 1 else patches[0]

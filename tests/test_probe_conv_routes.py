@@ -1,0 +1,151 @@
+"""The convolution rule's routes against the float64 oracle, each forced where the rule would
+pick another (the benchmark-sized layers that pick them by default are too slow for tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_matches_oracle
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_gradwatch.probe import _conv_linalg
+from lightning_gradwatch.probe.rules import conv as conv_rule
+
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    # The fixture only sets a constant, the same for every generated input.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def _force(monkeypatch: pytest.MonkeyPatch, mode: str, nd: int) -> None:
+    """Every convolution takes route ``mode`` (see ``candidate_routes``), whatever the timings;
+    ``"older"`` is the grouped backward (N-d) or the unfolded patches (1-D)."""
+    route = ("grouped" if nd >= 2 else "unfold") if mode == "older" else mode
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", route)
+
+
+def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@SETTINGS
+@given(
+    mode=st.sampled_from(["offsets", "stacked", "older"]),
+    nd=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    in_per_group=st.integers(1, 2),
+    out_per_group=st.integers(1, 3),
+    kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    stride=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    dilation=st.lists(st.integers(1, 2), min_size=3, max_size=3),
+    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
+    bias=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum"]),
+    sum_grad_squared=st.booleans(),
+    chunk_elements=st.sampled_from([1, 7, 2**24]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_routes_property(
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    nd: int,
+    batch: int,
+    groups: int,
+    in_per_group: int,
+    out_per_group: int,
+    kernel: list[int],
+    stride: list[int],
+    dilation: list[int],
+    padding: int | str,
+    padding_mode: str,
+    size: list[int],
+    bias: bool,
+    reduction: str,
+    sum_grad_squared: bool,
+    chunk_elements: int,
+    seed: int,
+) -> None:
+    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
+    if nd == 3:
+        size = [min(n, 4) for n in size]
+    if padding == "same":
+        stride = [1] * nd
+    for k, dl, n in zip(kernel, dilation, size, strict=True):
+        span = dl * (k - 1) + 1
+        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+        assume(n + 2 * pad >= span)
+        assume(padding_mode != "reflect" or pad < n)
+        assume(padding_mode != "circular" or pad <= n)
+    _force(monkeypatch, mode, nd)
+    torch.manual_seed(seed)
+    conv = _CONV[nd](
+        groups * in_per_group,
+        groups * out_per_group,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+    )
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    x = torch.randn(batch, groups * in_per_group, *size, dtype=torch.float64)
+    assert_matches_oracle(
+        model,
+        x,
+        _target(model, x, seed),
+        reduction=reduction,
+        sum_grad_squared=sum_grad_squared,
+        chunk_elements=chunk_elements,
+    )
+
+
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
+    """Both forms as the rule picks them (2 and 16 input channels), stride 2, in one model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(16, 16, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16 * 5, 3),
+    ).double()
+    assert model[0].in_channels < _conv_linalg.OFFSET_MIN_CHANNELS <= model[2].in_channels
+    x = torch.randn(5, 2, 10, dtype=torch.float64)
+    assert_matches_oracle(
+        model, x, _target(model, x, 1), sum_grad_squared=sum_grad_squared, chunk_elements=300
+    )
+
+
+def test_two_calls_of_one_convolution() -> None:
+    """Two calls of one convolution add their gradients before the norm: the unfolded route
+    handles that, and its numbers still match the oracle."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 3, 3, padding=1).double()
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.tanh(self.conv(x)))
+
+    model = Twice()
+    x = torch.randn(4, 3, 9, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target(model, x, 2))
