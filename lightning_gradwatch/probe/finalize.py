@@ -52,6 +52,8 @@ class _Finalize:
     _stats: ProbeStats | None
     _listeners: list[Callable[[ProbeStats], None]]
     _skipped_pending: Tensor | None
+    _finite_counted: Tensor | None
+    _backwards_counted: int
 
     def _start_backward(self) -> None:
         if self._finalize_queued:
@@ -203,24 +205,25 @@ class _Finalize:
     def _unscale(self, stats: ProbeStats, batch: int) -> None:
         """Rescale the rules' results in ``stats`` from autograd's backprops to unscaled
         per-sample losses: ``dot`` and ``grad_sum`` by the factor, squares by its square, in
-        one fused kernel per kind (a Python float factor) rather than one per parameter."""
+        one fused call (a Python float factor) rather than one kernel per parameter."""
         factor = self._grad_factor(batch)
         if isinstance(factor, float) and factor == 1.0:
             return
-        scaled = [
-            (list(stats.dot.values()), factor),
-            (list(stats.sq_norm.values()), factor * factor),
-            (list(stats.sum_sq.values()), factor * factor),
-            (list(stats.grad_sum.values()), factor),
-        ]
-        for tensors, f in scaled:
-            if not tensors:
-                continue
-            if isinstance(f, float):
-                torch._foreach_mul_(tensors, f)
-            else:  # a () tensor on the loss scale's device: one kernel each, as before
-                for t in tensors:
-                    t.mul_(f)
+        linear = [*stats.dot.values(), *stats.grad_sum.values()]
+        squares = [*stats.sq_norm.values(), *stats.sum_sq.values()]
+        if isinstance(factor, float):
+            # One call with a factor per tensor: each tensor is multiplied exactly as by
+            # its own `mul_`.
+            torch._foreach_mul_(
+                [*linear, *squares], [factor] * len(linear) + [factor * factor] * len(squares)
+            )
+            return
+        # A () tensor on the loss scale's device: one kernel each.
+        squared = factor * factor
+        for t in linear:
+            t.mul_(factor)
+        for t in squares:
+            t.mul_(squared)
 
     def _tensor(self, name: str) -> Tensor:
         """The tracked tensor's current value: a parameter, or a reparametrized tensor
@@ -265,12 +268,31 @@ class _Finalize:
             self._stats = self._assemble()
         finally:
             self._clear_captures()
-        if self._stats._statistic_tensors():
-            nonfinite = (~self._stats.finite).to(torch.int64)
-            pending = self._skipped_pending
-            self._skipped_pending = nonfinite if pending is None else pending + nonfinite
+        stats = self._stats
+        if stats.dot or stats.sum_sq:  # statistics to be finite or not
+            # One in-place kernel: the finite ones are counted, the skipped ones derived.
+            finite = stats.finite
+            counted = self._finite_counted
+            if counted is None or counted.device != finite.device:
+                self._fold_finite_count()
+                counted = self._finite_counted = torch.zeros(
+                    (), dtype=torch.int64, device=finite.device
+                )
+            counted.add_(finite)
+            self._backwards_counted += 1
         for listener in self._listeners:
             listener(self._stats)
+
+    def _fold_finite_count(self) -> None:
+        """Move the device count of finite backward passes into ``_skipped_pending``, the
+        device count of skipped ones (without reading it)."""
+        counted = self._finite_counted
+        if counted is None:
+            return
+        skipped = self._backwards_counted - counted
+        self._finite_counted, self._backwards_counted = None, 0
+        pending = self._skipped_pending
+        self._skipped_pending = skipped if pending is None else pending + skipped
 
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}

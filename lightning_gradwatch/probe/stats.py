@@ -72,6 +72,9 @@ class ProbeStats:
     def alignment(self, names: Iterable[str] | None = None) -> Tensor:
         """``(B,)`` ``cos(-g_i, theta)`` with ``theta`` the concatenation of ``names``."""
         selected = self._select(names)
+        if len(selected) == 1:  # the common case (a head): no stacking
+            (name,) = selected
+            return cosine_alignment(self.dot[name], self.sq_norm[name], self.param_sq_norm[name])
         dot = torch.stack([self.dot[n] for n in selected]).sum(0)
         weight_sq = torch.stack([self.param_sq_norm[n] for n in selected]).sum(0)
         return cosine_alignment(dot, self.grad_sq_norm(selected), weight_sq)
