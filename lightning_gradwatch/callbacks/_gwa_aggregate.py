@@ -14,6 +14,7 @@ from .._lightning import mark_metric_loaded
 from ..functional.alignment import cosine_alignment
 from ..metrics.alignment import AlignmentMoments
 from ..probe import ProbeStats
+from ..probe.stats import finite_flags, flag_holder
 
 #: Bins over ``[-1, 1]`` of the histogram state (width 5e-4). The state is fine and fixed, so
 #: that the ranks' counts add up exactly; the written histogram covers only its filled range,
@@ -48,7 +49,7 @@ class EpochAggregate:
         self.layers: dict[str, AlignmentMoments] = {}
         self._pending: list[_Batch] = []
         self._pending_layers: dict[str, list[_Batch]] = {}
-        self._pending_finite: list[Tensor] = []  # () bool per kept batch
+        self._pending_stats: list[ProbeStats] = []  # for each kept batch's finiteness flag
         self._pending_samples = 0
 
     def add_layers(self, names: list[str]) -> None:
@@ -64,13 +65,13 @@ class EpochAggregate:
     def update(self, stats: ProbeStats, names: list[str], per_layer: bool) -> None:
         """Keep the batch's statistics of ``names`` (together, and per layer with
         ``per_layer``), to be scored by :meth:`flush` exactly as ``stats.alignment(names)``
-        scores them. A non-finite batch (AMP overflow) will add nothing; its flag
-        (``stats.finite``) stays on the device."""
+        scores them. A non-finite batch (AMP overflow) will add nothing: its flag
+        (``stats.finite``) is computed with the others' at the flush, on the device."""
         self._pending.append(_selection(stats, names))
         if per_layer:
             for name in names:
                 self._pending_layers.setdefault(name, []).append(_selection(stats, [name]))
-        self._pending_finite.append(stats.finite)
+        self._pending_stats.append(flag_holder(stats))
         self._pending_samples += stats.batch_size
         if len(self._pending) >= FLUSH_BATCHES or self._pending_samples >= FLUSH_SAMPLES:
             self.flush()
@@ -80,12 +81,13 @@ class EpochAggregate:
         synchronisation)."""
         if not self._pending:
             return
-        pending, layers, finite = self._pending, self._pending_layers, self._pending_finite
-        self._pending, self._pending_layers, self._pending_finite = [], {}, []
+        pending, layers, finite = self._pending, self._pending_layers, self._pending_stats
+        self._pending, self._pending_layers, self._pending_stats = [], {}, []
         self._pending_samples = 0
-        self.epoch.update(*_scores(pending, finite))
+        flags = finite_flags(finite)
+        self.epoch.update(*_scores(pending, flags))
         for name, batches in layers.items():
-            self.layers[name].update(*_scores(batches, finite))
+            self.layers[name].update(*_scores(batches, flags))
 
     def compute(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """The epoch's results over all ranks (a collective), then reset for the next epoch.
@@ -125,7 +127,7 @@ class EpochAggregate:
         self, epoch: dict[str, Tensor] | None, layers: dict[str, dict[str, Tensor]]
     ) -> None:
         # The loaded sums replace the current ones, kept batches included.
-        self._pending, self._pending_layers, self._pending_finite = [], {}, []
+        self._pending, self._pending_layers, self._pending_stats = [], {}, []
         self._pending_samples = 0
         if epoch is not None:
             load_metric_state(self.epoch, epoch, histogram_shown=True)
@@ -147,14 +149,13 @@ def _selection(stats: ProbeStats, names: list[str]) -> _Batch:
     )
 
 
-def _scores(batches: list[_Batch], finite: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _scores(batches: list[_Batch], flags: Tensor) -> tuple[Tensor, Tensor]:
     """The scores of the kept batches, ``(N,)`` over all their samples, and the ``(N,)``
     mask of the samples of finite batches. The cosine is elementwise, so scoring the
     concatenation gives each batch's own scores bit for bit."""
     sizes = [b[0].shape[0] for b in batches]
     dot = torch.cat([b[0] for b in batches])
     sq_norm = torch.cat([b[1] for b in batches])
-    flags = torch.stack(finite)
     if len(set(sizes)) == 1:  # equal batches (the usual case): (K, B) with per-row weights
         rows = (len(sizes), sizes[0])
         weight_sq = torch.stack([b[2] for b in batches]).unsqueeze(1)

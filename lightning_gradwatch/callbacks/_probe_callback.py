@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
+from ..probe.stats import finite_flags, flag_holder
 from ..probe.probe import LossReduction
 from ._loss_reduction import ReductionMeasurement, measure_loss_reduction
 from ._strategies import refuse_sharded_strategy
@@ -21,6 +22,8 @@ LossReductionSetting = Literal["auto", "mean", "sum"]
 _REDUCTION_CODES: tuple[LossReduction | None, ...] = ("mean", "sum", None)
 #: Pending skip counts are summed on the device once this many have come (bounded memory).
 _FOLD_AT = 1024
+#: Statistics kept for their finiteness flags before those are computed together.
+_CHECK_TOGETHER = 64
 
 
 def lightning_loss_scale(trainer: pl.Trainer) -> float | Tensor:
@@ -114,7 +117,7 @@ class ProbeCallback(Callback):
         # flags of the backward passes count_nonfinite saw. Kept as lists, so that a step adds
         # no kernel for its count.
         self._skipped_pending: list[Tensor] = []
-        self._finite_pending: list[Tensor] = []
+        self._finite_pending: list[ProbeStats] = []
         self._batch: Any = None
         self._batch_idx = 0
         self._trainer: pl.Trainer | None = None
@@ -145,7 +148,7 @@ class ProbeCallback(Callback):
         few kernels for up to ``_FOLD_AT`` steps), the only entry left pending."""
         parts = [c.to(torch.int64) for c in self._skipped_pending]
         if self._finite_pending:
-            parts.append(torch.stack(self._finite_pending).logical_not().sum())
+            parts.append(finite_flags(self._finite_pending).logical_not().sum())
         self._finite_pending = []
         if not parts:
             self._skipped_pending = []
@@ -300,8 +303,9 @@ class ProbeCallback(Callback):
         """With :attr:`handles_nonfinite`: called before :meth:`on_probe_stats` on every probed
         backward pass. Adds ``~stats.finite`` to :attr:`skipped_steps` on the device;
         subclasses that count optimizer steps rather than backward passes override this."""
-        self._finite_pending.append(stats.finite)
-        if len(self._finite_pending) >= _FOLD_AT:
+        # The statistics are kept and their flags computed together (see finite_flags).
+        self._finite_pending.append(flag_holder(stats))
+        if len(self._finite_pending) >= _CHECK_TOGETHER:
             self._fold_skipped()
 
     @override

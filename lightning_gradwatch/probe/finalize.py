@@ -17,9 +17,12 @@ from .registry import Call, ParamStats, RuleContext, SkipModule
 from .rules.fallback import FallbackRule
 from .rules.parametrized import effective_tensor
 from .sample_dims import _samples_first
-from .stats import ProbeStats
+from .stats import ProbeStats, finite_flags
 
 LossReduction = Literal["mean", "sum"]
+
+#: Backward passes whose finiteness the probe counts together (statistics held meanwhile).
+_CHECK_TOGETHER = 64
 
 
 class _Finalize:
@@ -53,6 +56,8 @@ class _Finalize:
     _listeners: list[Callable[[ProbeStats], None]]
     _skipped_pending: Tensor | None
     _finite_counted: Tensor | None
+    _unchecked: list[ProbeStats]
+    _unchecked_device: torch.device | None
     _backwards_counted: int
 
     def _start_backward(self) -> None:
@@ -211,14 +216,17 @@ class _Finalize:
             return
         linear = [*stats.dot.values(), *stats.grad_sum.values()]
         squares = [*stats.sq_norm.values(), *stats.sum_sq.values()]
-        if isinstance(factor, float):
-            # One call with a factor per tensor: each tensor is multiplied exactly as by
-            # its own `mul_`.
+        if not linear:
+            return
+        if isinstance(factor, float) and (len(linear) > 1 or linear[0].device.type != "cpu"):
+            # One fused call with a factor per tensor: each tensor is multiplied exactly as by
+            # its own `mul_`. (On the CPU, where a fused call is a loop of `mul_` with more
+            # overhead, a single parameter's two tensors take the loop below.)
             torch._foreach_mul_(
                 [*linear, *squares], [factor] * len(linear) + [factor * factor] * len(squares)
             )
             return
-        # A () tensor on the loss scale's device: one kernel each.
+        # One kernel each (a () tensor factor stays on the loss scale's device).
         squared = factor * factor
         for t in linear:
             t.mul_(factor)
@@ -269,8 +277,19 @@ class _Finalize:
         finally:
             self._clear_captures()
         stats = self._stats
-        if stats.dot or stats.sum_sq:  # statistics to be finite or not
-            # One in-place kernel: the finite ones are counted, the skipped ones derived.
+        if stats.dot and not stats.sum_sq:
+            # Only (B,) vectors: kept, and their flags computed together later (finite_flags),
+            # or taken from whoever computes them first (a consumer reading stats.finite).
+            device = next(iter(stats.dot.values())).device
+            if device != self._unchecked_device:  # counted together on one device only
+                self._fold_unchecked()
+                self._unchecked_device = device
+            self._unchecked.append(stats)
+            if len(self._unchecked) >= _CHECK_TOGETHER:
+                self._fold_unchecked()
+        elif stats.dot or stats.sum_sq:
+            # Parameter-sized sums are not kept: counted now, with one in-place kernel (the
+            # finite ones are counted, the skipped ones derived).
             finite = stats.finite
             counted = self._finite_counted
             if counted is None or counted.device != finite.device:
@@ -282,6 +301,16 @@ class _Finalize:
             self._backwards_counted += 1
         for listener in self._listeners:
             listener(self._stats)
+
+    def _fold_unchecked(self) -> None:
+        """Count the kept statistics' non-finite backward passes into ``_skipped_pending``
+        (on the device) and drop them."""
+        if not self._unchecked:
+            return
+        nonfinite = finite_flags(self._unchecked).logical_not().sum()
+        self._unchecked = []
+        pending = self._skipped_pending
+        self._skipped_pending = nonfinite if pending is None else pending + nonfinite
 
     def _fold_finite_count(self) -> None:
         """Move the device count of finite backward passes into ``_skipped_pending``, the
