@@ -161,8 +161,8 @@ def _scores(batches: list[_Batch], flags: Tensor) -> tuple[Tensor, Tensor]:
         weight_sq = torch.stack([b[2] for b in batches]).unsqueeze(1)
         scores = cosine_alignment(dot.view(rows), sq_norm.view(rows), weight_sq)
         return scores.reshape(-1), flags.unsqueeze(1).expand(rows).reshape(-1)
-    weight_sq = torch.cat([b[2].expand(n) for b, n in zip(batches, sizes)])
-    valid = torch.cat([f.expand(n) for f, n in zip(flags, sizes)])
+    weight_sq = torch.cat([b[2].expand(n) for b, n in zip(batches, sizes, strict=True)])
+    valid = torch.cat([f.expand(n) for f, n in zip(flags, sizes, strict=True)])
     return cosine_alignment(dot, sq_norm, weight_sq), valid
 
 

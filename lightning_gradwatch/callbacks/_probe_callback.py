@@ -12,8 +12,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
-from ..probe.stats import finite_flags, flag_holder
 from ..probe.probe import LossReduction
+from ..probe.stats import finite_flags, flag_holder
 from ._loss_reduction import ReductionMeasurement, measure_loss_reduction
 from ._strategies import refuse_sharded_strategy
 

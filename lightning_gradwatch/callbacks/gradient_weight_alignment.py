@@ -227,7 +227,7 @@ class GradientWeightAlignment(ProbeCallback):
         cached = getattr(self, "_state_key_cache", None)
         if (
             cached is not None
-            and all(a is b for a, b in zip(cached[0], inputs))
+            and all(a is b for a, b in zip(cached[0], inputs, strict=True))
             and cached[1] == self.backward
         ):
             return cached[2]

@@ -131,7 +131,7 @@ def finite_flags(batches: Sequence[ProbeStats]) -> Tensor:
         if len(lengths) == 1:
             rows = torch.cat([v for vs in vectors for v in vs]).view(len(todo), -1)
             flags = rows.sum(1, dtype=torch.float64).isfinite()
-            for s, flag in zip(todo, flags.unbind()):
+            for s, flag in zip(todo, flags.unbind(), strict=True):
                 s._finite_tensor = flag
             if len(todo) == len(batches):
                 return flags
