@@ -140,6 +140,7 @@ def test_finite_flags_are_each_batch_own() -> None:
         ]
     )
     assert [bool(s.finite) for s in batches] == flags.tolist()  # cached in each
+    assert finite_flags([_stats(0, seed=7), _stats(0, seed=8)]).tolist() == [True, True]
 
 
 def test_state_key_follows_its_inputs() -> None:

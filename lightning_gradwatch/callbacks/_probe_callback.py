@@ -303,6 +303,8 @@ class ProbeCallback(Callback):
         """With :attr:`handles_nonfinite`: called before :meth:`on_probe_stats` on every probed
         backward pass. Adds ``~stats.finite`` to :attr:`skipped_steps` on the device;
         subclasses that count optimizer steps rather than backward passes override this."""
+        if not stats.dot and not stats.sum_sq:
+            return  # no statistics: finite (its flag would be a CPU tensor)
         # The statistics are kept and their flags computed together (see finite_flags).
         self._finite_pending.append(flag_holder(stats))
         if len(self._finite_pending) >= _CHECK_TOGETHER:

@@ -427,7 +427,11 @@ class GradientWeightAlignment(ProbeCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        names = [n for n in self.score_names if n in stats.dot]
+        if self._mode == HEAD:
+            head = self.head_name
+            names = [head] if head is not None and head in stats.dot else []
+        else:
+            names = [n for n in self._names if n in stats.dot]
         if not self._warned_excluded:
             self._warn_excluded(names, stats.excluded)
         if not names or stats.batch_size == 0:

@@ -86,7 +86,7 @@ class _Finalize:
 
     # ------------------------------------------------------------------ computation
     def _compute(self, owner: _Owner) -> None:
-        for call in owner.calls:
+        for call in owner.calls if self._view_outputs else ():
             lost = [
                 k
                 for k in self._view_outputs.get(id(call), ())
@@ -110,13 +110,22 @@ class _Finalize:
                 _release(call, consumed=True)
 
     def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
-        calls = [c for c in captured if any(g is not None for g in c.grads)]
-        if not calls or owner.skip_reason is not None:
-            return
-        sample = next(g for c in calls for g in c.grads if g is not None)
-        owner.seen_shape = next(
-            (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
-        )
+        first = captured[0].args[0] if len(captured) == 1 and captured[0].args else None
+        if isinstance(first, Tensor) and len(captured[0].grads) == 1:
+            # One call with one output and a tensor input (most layers): the same as below,
+            # without the generic scans.
+            calls, sample = captured, captured[0].grads[0]
+            if sample is None or owner.skip_reason is not None:
+                return
+            owner.seen_shape = tuple(first.shape)
+        else:
+            calls = [c for c in captured if any(g is not None for g in c.grads)]
+            if not calls or owner.skip_reason is not None:
+                return
+            sample = next(g for c in calls for g in c.grads if g is not None)
+            owner.seen_shape = next(
+                (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
+            )
         batch_dim = owner.batch_dim
         if owner.native_dim is not None:
             batch_dim = 0  # the rule finds the sample dim itself
@@ -386,8 +395,10 @@ class _Finalize:
                 continue
             stats.dot[name] = s.dot
             stats.sq_norm[name] = s.sq_norm
-            flat = param.reshape(-1).to(s.dot.dtype)
-            stats.param_sq_norm[name] = flat @ flat
+            flat = param.reshape(-1)
+            if flat.dtype != s.dot.dtype:
+                flat = flat.to(s.dot.dtype)
+            stats.param_sq_norm[name] = torch.dot(flat, flat)  # what `flat @ flat` runs
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
                 if s.grad_sum is not None:

@@ -116,7 +116,8 @@ class ProbeStats:
 
 def finite_flags(batches: Sequence[ProbeStats]) -> Tensor:
     """``(K,)`` bool: :attr:`ProbeStats.finite` of each of ``K`` backward passes' statistics
-    (same device), computed together where it is not computed yet, and cached in each.
+    (each with statistics, all on one device), computed together where it is not computed
+    yet, and cached in each.
 
     The flags are the same as each one's own :attr:`~ProbeStats.finite`: whether the float64
     sum of its statistics is finite. Statistics that hold only ``(B,)`` vectors (no
@@ -129,7 +130,8 @@ def finite_flags(batches: Sequence[ProbeStats]) -> Tensor:
         vectors = [[*s.dot.values(), *s.sq_norm.values()] for s in todo]
         lengths = {sum(v.shape[0] for v in vs) for vs in vectors}
         if len(lengths) == 1:
-            rows = torch.cat([v for vs in vectors for v in vs]).view(len(todo), -1)
+            (length,) = lengths
+            rows = torch.cat([v for vs in vectors for v in vs]).view(len(todo), length)
             flags = rows.sum(1, dtype=torch.float64).isfinite()
             for s, flag in zip(todo, flags.unbind(), strict=True):
                 s._finite_tensor = flag
