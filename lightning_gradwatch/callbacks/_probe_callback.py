@@ -150,10 +150,10 @@ class ProbeCallback(Callback):
         if self._finite_pending:
             parts.append(finite_flags(self._finite_pending).logical_not().sum())
         self._finite_pending = []
-        if not parts:
-            self._skipped_pending = []
-        else:
-            self._skipped_pending = [parts[0] if len(parts) == 1 else torch.stack(parts).sum()]
+        total = parts[0] if parts else None
+        for part in parts[1:]:  # added one by one: a () CPU count may join a device count
+            total = total + part
+        self._skipped_pending = [] if total is None else [total]
 
     # -- for subclasses --------------------------------------------------------------
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
