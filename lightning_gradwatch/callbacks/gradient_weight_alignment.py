@@ -185,6 +185,7 @@ class GradientWeightAlignment(ProbeCallback):
         self._indices_checked = False
         # Epoch of the unfinished sums restored from a checkpoint (None: none restored).
         self._restored_epoch: int | None = None
+        self._state_key_cache: tuple[tuple[Any, ...], int | None, str] | None = None
 
     # ------------------------------------------------------------------ public contract
     @property
@@ -220,12 +221,24 @@ class GradientWeightAlignment(ProbeCallback):
     @property
     @override
     def state_key(self) -> str:
+        # Lightning reads it around every hook call (profiler labels): built once per value
+        # of what it depends on, which is compared by identity here.
+        inputs = (self._mode, self._names if self._mode == NAMES else None, self.indices)
+        cached = getattr(self, "_state_key_cache", None)
+        if (
+            cached is not None
+            and all(a is b for a, b in zip(cached[0], inputs, strict=True))
+            and cached[1] == self.backward
+        ):
+            return cached[2]
         # Two instances scoring different weights keep separate checkpoint entries.
         params: str | list[str] = self._mode if self._mode in (HEAD, ALL) else self._names
         indices = self.indices
         if callable(indices):  # a function's repr holds its address, which changes per run
             indices = getattr(indices, "__qualname__", type(indices).__qualname__)
-        return self._generate_state_key(params=params, indices=indices, backward=self.backward)
+        key = self._generate_state_key(params=params, indices=indices, backward=self.backward)
+        self._state_key_cache = (inputs, self.backward, key)
+        return key
 
     @override
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
@@ -414,16 +427,25 @@ class GradientWeightAlignment(ProbeCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        names = [n for n in self.score_names if n in stats.dot]
+        if self._mode == HEAD:
+            head = self.head_name
+            names = [head] if head is not None and head in stats.dot else []
+        else:
+            names = [n for n in self._names if n in stats.dot]
         if not self._warned_excluded:
             self._warn_excluded(names, stats.excluded)
         if not names or stats.batch_size == 0:
             return
         self._scored_any_batch = True
-        scores = self._aggregate.update(stats, names, self.multi_layer)
+        # The epoch's aggregate scores its batches together, later (see EpochAggregate); this
+        # batch's own scores are formed only when something here uses them.
+        self._aggregate.update(stats, names, self.multi_layer)
+        scores: Tensor | None = None
         # Lightning writes on-step metrics only on its log_every_n_steps schedule; the helper
         # skips the call (and its synchronisation) on the other steps.
-        if is_logging_step(trainer):
+        logging = is_logging_step(trainer)
+        if logging:
+            scores = stats.alignment(names)
             log_headline_step(
                 pl_module, {keys.GWA_STEP_MEAN: scores.mean().float()}, batch_size=len(scores)
             )
@@ -438,12 +460,14 @@ class GradientWeightAlignment(ProbeCallback):
                     f"`indices` (e.g. -1 for tuple batches), or indices=None to silence this."
                 )
             return
+        if scores is None:
+            scores = stats.alignment(names)
         self._samples.record(
             indices.to(scores.device), scores.detach().to(torch.float64), valid=stats.finite
         )
         # Wrong indices are refused at the first batch (checked now); later batches' checks
         # are read back with the next logging step's values, or at the epoch's end.
-        if not self._indices_checked or is_logging_step(trainer):
+        if not self._indices_checked or logging:
             self._samples.flush()
             self._indices_checked = True
 

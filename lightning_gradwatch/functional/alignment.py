@@ -21,9 +21,12 @@ def cosine_alignment(dot: Tensor, grad_sq_norm: Tensor, weight_sq_norm: Tensor) 
         ``(B,)`` scores in ``[-1, 1]``. A sample with an exactly zero gradient (or zero
         weights) scores 0: it pulls in no direction.
     """
-    denom = (grad_sq_norm.clamp_min(0) * weight_sq_norm.clamp_min(0)).sqrt()
-    score = -dot / denom.clamp_min(torch.finfo(denom.dtype).tiny)
-    return torch.where(denom > 0, score, torch.zeros_like(score)).clamp(-1.0, 1.0)
+    # A product that is negative (a squared norm rounded below zero) or NaN has a NaN root,
+    # which fails `denom > 0` like a zero denominator: the sample scores 0, as if both factors
+    # were clamped to 0 first. Few kernels: this runs on every scored batch.
+    denom = (grad_sq_norm.clamp_min(0) * weight_sq_norm).sqrt_()
+    score = torch.div(dot, denom).neg_()
+    return torch.where(denom > 0, score, 0.0).clamp_(-1.0, 1.0)
 
 
 def _moments_update(scores: Tensor, shift: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:

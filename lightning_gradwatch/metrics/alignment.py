@@ -82,11 +82,15 @@ class AlignmentMoments(Metric):
     def update(self, scores: Tensor, valid: Tensor | None = None) -> None:
         """Add ``(N,)`` scores (any float dtype; accumulated in float64).
 
-        ``valid``: an optional ``()`` bool tensor; when False the batch adds nothing. It lets a
-        caller leave out a non-finite batch without reading the flag to the host.
+        ``valid``: an optional bool tensor, ``()`` (when False the batch adds nothing) or
+        ``(N,)`` (the scores where it is False add nothing). It lets a caller leave out
+        non-finite batches without reading a flag to the host.
         """
         x = scores.detach().reshape(-1).to(torch.float64)
         if x.numel() == 0:
+            return
+        if valid is not None and valid.dim() > 0:
+            self._update_masked(x, valid.reshape(-1))
             return
         if valid is not None:
             # NaN * 0 is NaN: replace the values before weighting the batch by its flag.
@@ -104,6 +108,21 @@ class AlignmentMoments(Metric):
         self.count.addcmul_(count, weight)
         self.power_sums.addcmul_(power_sums, weight)
         self.histogram_counts.addcmul_(counts, weight)
+
+    def _update_masked(self, x: Tensor, valid: Tensor) -> None:
+        """:meth:`update` with a per-score mask: a left-out score adds 0 to every power sum
+        (its shifted value is replaced by 0) and falls outside the histogram (NaN, which
+        ``histc`` ignores)."""
+        if valid.shape != x.shape:
+            raise ValueError(
+                f"valid must be () or have one entry per score ({tuple(x.shape)}), got "
+                f"{tuple(valid.shape)}"
+            )
+        y = torch.where(valid, x - self.shift, 0.0)
+        self.count += valid.sum(dtype=torch.float64)
+        self.power_sums += y.unsqueeze(1).expand(-1, 4).cumprod(1).sum(0)
+        kept = torch.where(valid, x.clamp(-1.0, 1.0), float("nan"))
+        self.histogram_counts += torch.histc(kept, bins=self.histogram_bins, min=-1.0, max=1.0)
 
     def compute(self) -> dict[str, Tensor]:
         """``count``, ``mean``, ``kurtosis``, ``gwa``, ``sum_squares`` (float64 scalars) and

@@ -18,9 +18,12 @@ from .registry import Call, ParamStats, RuleContext, SkipModule
 from .rules.fallback import FallbackRule
 from .rules.parametrized import effective_tensor
 from .sample_dims import _samples_first
-from .stats import ProbeStats
+from .stats import ProbeStats, finite_flags
 
 LossReduction = Literal["mean", "sum"]
+
+#: Backward passes whose finiteness the probe counts together (statistics held meanwhile).
+_CHECK_TOGETHER = 64
 
 
 class _Finalize:
@@ -53,6 +56,10 @@ class _Finalize:
     _stats: ProbeStats | None
     _listeners: list[Callable[[ProbeStats], None]]
     _skipped_pending: Tensor | None
+    _finite_counted: Tensor | None
+    _unchecked: list[ProbeStats]
+    _unchecked_device: torch.device | None
+    _backwards_counted: int
 
     def _start_backward(self) -> None:
         if self._finalize_queued:
@@ -80,7 +87,7 @@ class _Finalize:
 
     # ------------------------------------------------------------------ computation
     def _compute(self, owner: _Owner) -> None:
-        for call in owner.calls:
+        for call in owner.calls if self._view_outputs else ():
             lost = [
                 k
                 for k in self._view_outputs.get(id(call), ())
@@ -104,13 +111,22 @@ class _Finalize:
                 _release(call, consumed=True)
 
     def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
-        calls = [c for c in captured if any(g is not None for g in c.grads)]
-        if not calls or owner.skip_reason is not None:
-            return
-        sample = next(g for c in calls for g in c.grads if g is not None)
-        owner.seen_shape = next(
-            (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
-        )
+        first = captured[0].args[0] if len(captured) == 1 and captured[0].args else None
+        if isinstance(first, Tensor) and len(captured[0].grads) == 1:
+            # One call with one output and a tensor input (most layers): the same as below,
+            # without the generic scans.
+            calls, sample = captured, captured[0].grads[0]
+            if sample is None or owner.skip_reason is not None:
+                return
+            owner.seen_shape = tuple(first.shape)
+        else:
+            calls = [c for c in captured if any(g is not None for g in c.grads)]
+            if not calls or owner.skip_reason is not None:
+                return
+            sample = next(g for c in calls for g in c.grads if g is not None)
+            owner.seen_shape = next(
+                (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
+            )
         batch_dim = owner.batch_dim
         if owner.native_dim is not None:
             batch_dim = 0  # the rule finds the sample dim itself
@@ -211,24 +227,28 @@ class _Finalize:
     def _unscale(self, stats: ProbeStats, batch: int) -> None:
         """Rescale the rules' results in ``stats`` from autograd's backprops to unscaled
         per-sample losses: ``dot`` and ``grad_sum`` by the factor, squares by its square, in
-        one fused kernel per kind (a Python float factor) rather than one per parameter."""
+        one fused call (a Python float factor) rather than one kernel per parameter."""
         factor = self._grad_factor(batch)
         if isinstance(factor, float) and factor == 1.0:
             return
-        scaled = [
-            (list(stats.dot.values()), factor),
-            (list(stats.sq_norm.values()), factor * factor),
-            (list(stats.sum_sq.values()), factor * factor),
-            (list(stats.grad_sum.values()), factor),
-        ]
-        for tensors, f in scaled:
-            if not tensors:
-                continue
-            if isinstance(f, float):
-                torch._foreach_mul_(tensors, f)
-            else:  # a () tensor on the loss scale's device: one kernel each, as before
-                for t in tensors:
-                    t.mul_(f)
+        linear = [*stats.dot.values(), *stats.grad_sum.values()]
+        squares = [*stats.sq_norm.values(), *stats.sum_sq.values()]
+        if not linear:
+            return
+        if isinstance(factor, float) and (len(linear) > 1 or linear[0].device.type != "cpu"):
+            # One fused call with a factor per tensor: each tensor is multiplied exactly as by
+            # its own `mul_`. (On the CPU, where a fused call is a loop of `mul_` with more
+            # overhead, a single parameter's two tensors take the loop below.)
+            torch._foreach_mul_(
+                [*linear, *squares], [factor] * len(linear) + [factor * factor] * len(squares)
+            )
+            return
+        # One kernel each (a () tensor factor stays on the loss scale's device).
+        squared = factor * factor
+        for t in linear:
+            t.mul_(factor)
+        for t in squares:
+            t.mul_(squared)
 
     def _tensor(self, name: str) -> Tensor:
         """The tracked tensor's current value: a parameter, or a reparametrized tensor
@@ -273,12 +293,52 @@ class _Finalize:
             self._stats = self._assemble()
         finally:
             self._clear_captures()
-        if self._stats._statistic_tensors():
-            nonfinite = (~self._stats.finite).to(torch.int64)
-            pending = self._skipped_pending
-            self._skipped_pending = nonfinite if pending is None else pending + nonfinite
+        stats = self._stats
+        if stats.dot and not stats.sum_sq:
+            # Only (B,) vectors: kept, and their flags computed together later (finite_flags),
+            # or taken from whoever computes them first (a consumer reading stats.finite).
+            device = next(iter(stats.dot.values())).device
+            if device != self._unchecked_device:  # counted together on one device only
+                self._fold_unchecked()
+                self._unchecked_device = device
+            self._unchecked.append(stats)
+            if len(self._unchecked) >= _CHECK_TOGETHER:
+                self._fold_unchecked()
+        elif stats.dot or stats.sum_sq:
+            # Parameter-sized sums are not kept: counted now, with one in-place kernel (the
+            # finite ones are counted, the skipped ones derived).
+            finite = stats.finite
+            counted = self._finite_counted
+            if counted is None or counted.device != finite.device:
+                self._fold_finite_count()
+                counted = self._finite_counted = torch.zeros(
+                    (), dtype=torch.int64, device=finite.device
+                )
+            counted.add_(finite)
+            self._backwards_counted += 1
         for listener in self._listeners:
             listener(self._stats)
+
+    def _fold_unchecked(self) -> None:
+        """Count the kept statistics' non-finite backward passes into ``_skipped_pending``
+        (on the device) and drop them."""
+        if not self._unchecked:
+            return
+        nonfinite = finite_flags(self._unchecked).logical_not().sum()
+        self._unchecked = []
+        pending = self._skipped_pending
+        self._skipped_pending = nonfinite if pending is None else pending + nonfinite
+
+    def _fold_finite_count(self) -> None:
+        """Move the device count of finite backward passes into ``_skipped_pending``, the
+        device count of skipped ones (without reading it)."""
+        counted = self._finite_counted
+        if counted is None:
+            return
+        skipped = self._backwards_counted - counted
+        self._finite_counted, self._backwards_counted = None, 0
+        pending = self._skipped_pending
+        self._skipped_pending = skipped if pending is None else pending + skipped
 
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
@@ -343,8 +403,10 @@ class _Finalize:
                 continue
             stats.dot[name] = s.dot
             stats.sq_norm[name] = s.sq_norm
-            flat = param.reshape(-1).to(s.dot.dtype)
-            stats.param_sq_norm[name] = flat @ flat
+            flat = param.reshape(-1)
+            if flat.dtype != s.dot.dtype:
+                flat = flat.to(s.dot.dtype)
+            stats.param_sq_norm[name] = torch.dot(flat, flat)  # what `flat @ flat` runs
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
                 if s.grad_sum is not None:

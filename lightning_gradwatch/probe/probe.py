@@ -210,6 +210,13 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         # that no step waits for the device; read (once) by ``skipped_backwards``.
         self._skipped_counted = 0
         self._skipped_pending: Tensor | None = None
+        # Probed backward passes with statistics since the last fold, and how many of them
+        # were finite (counted on the device).
+        self._backwards_counted = 0
+        self._finite_counted: Tensor | None = None
+        # Statistics of (B,) vectors whose finiteness is not counted yet (see _finalize).
+        self._unchecked: list[ProbeStats] = []
+        self._unchecked_device: torch.device | None = None
 
     # ------------------------------------------------------------------ ownership
 
@@ -259,6 +266,8 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
     def skipped_backwards(self) -> int:
         """Probed backward passes whose statistics were not finite (NaN or Inf). Counted on
         the device; reading it synchronises once."""
+        self._fold_finite_count()
+        self._fold_unchecked()
         if self._skipped_pending is not None:
             self._skipped_counted += int(self._skipped_pending)
             self._skipped_pending = None
@@ -267,6 +276,8 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
     @skipped_backwards.setter
     def skipped_backwards(self, value: int) -> None:
         self._skipped_counted, self._skipped_pending = int(value), None
+        self._finite_counted, self._backwards_counted = None, 0
+        self._unchecked = []
 
     def add_listener(self, listener: Callable[[ProbeStats], None]) -> None:
         """Call ``listener(stats)`` at the end of every probed backward pass."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,9 @@ class ProbeStats:
     def alignment(self, names: Iterable[str] | None = None) -> Tensor:
         """``(B,)`` ``cos(-g_i, theta)`` with ``theta`` the concatenation of ``names``."""
         selected = self._select(names)
+        if len(selected) == 1:  # the common case (a head): no stacking
+            (name,) = selected
+            return cosine_alignment(self.dot[name], self.sq_norm[name], self.param_sq_norm[name])
         dot = torch.stack([self.dot[n] for n in selected]).sum(0)
         weight_sq = torch.stack([self.param_sq_norm[n] for n in selected]).sum(0)
         return cosine_alignment(dot, self.grad_sq_norm(selected), weight_sq)
@@ -109,3 +112,38 @@ class ProbeStats:
         if self._finite is None:
             self._finite = bool(self.finite)
         return self._finite
+
+
+def finite_flags(batches: Sequence[ProbeStats]) -> Tensor:
+    """``(K,)`` bool: :attr:`ProbeStats.finite` of each of ``K`` backward passes' statistics
+    (each with statistics, all on one device), computed together where it is not computed
+    yet, and cached in each.
+
+    The flags are the same as each one's own :attr:`~ProbeStats.finite`: whether the float64
+    sum of its statistics is finite. Statistics that hold only ``(B,)`` vectors (no
+    ``sum_sq``) of one length per pass are summed as the rows of one ``(K, L)`` tensor: a
+    few kernels for all of them, which is why consumers that can wait (the probe's count of
+    skipped passes, the GWA epoch aggregate) keep the statistics and ask for the flags later.
+    """
+    todo = [s for s in batches if s._finite_tensor is None and not s.sum_sq and s.dot]
+    if len(todo) > 1:
+        vectors = [[*s.dot.values(), *s.sq_norm.values()] for s in todo]
+        lengths = {sum(v.shape[0] for v in vs) for vs in vectors}
+        if len(lengths) == 1:
+            (length,) = lengths
+            rows = torch.cat([v for vs in vectors for v in vs]).view(len(todo), length)
+            flags = rows.sum(1, dtype=torch.float64).isfinite()
+            for s, flag in zip(todo, flags.unbind(), strict=True):
+                s._finite_tensor = flag
+            if len(todo) == len(batches):
+                return flags
+    return torch.stack([s.finite for s in batches])
+
+
+def flag_holder(stats: ProbeStats) -> ProbeStats:
+    """What to keep of ``stats`` for :func:`finite_flags`: ``stats`` itself when it holds only
+    ``(B,)`` vectors; with parameter-sized sums (``sum_sq``), which are not to be held, a
+    stand-in with its flag computed now."""
+    if not stats.sum_sq:
+        return stats
+    return ProbeStats(batch_size=stats.batch_size, _finite_tensor=stats.finite)
