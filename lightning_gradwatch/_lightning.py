@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
@@ -26,9 +27,15 @@ if LIGHTNING_GE_2_6:
 else:  # pragma: no cover - exercised by the floor-version CI run
     EarlyStoppingReason = None  # type: ignore[assignment, misc]
 
+# Lightning's own traversal of a batch (tuples, lists, dicts, dataclasses, namedtuples), from
+# its utilities package, which is not part of Lightning's public API: the loss-reduction
+# measurement rebuilds a batch with every per-sample tensor transformed, exactly as Lightning
+# walks batches itself.
+
 __all__ = [
     "LIGHTNING_GE_2_6",
     "EarlyStoppingReason",
+    "apply_to_collection",
     "batches_that_stepped",
     "current_hook_name",
     "early_stopping_log_info",

@@ -221,3 +221,20 @@ def test_mark_metric_loaded_lets_compute_run_without_a_warning() -> None:
         warnings.simplefilter("error")  # "compute called before update" would raise
         result = loaded.compute()
     assert float(result["mean"]) == pytest.approx(0.325)
+
+
+def test_apply_to_collection_rebuilds_nested_batches() -> None:
+    """The batch traversal the loss-reduction measurement uses: every tensor in tuples, lists,
+    dicts and namedtuples transformed, the container types and other leaves kept."""
+    from collections import namedtuple
+
+    from lightning_gradwatch._lightning import apply_to_collection
+
+    Pair = namedtuple("Pair", "x y")
+    batch = {"a": (torch.ones(2), [torch.zeros(3), "label"]), "b": Pair(torch.ones(1), 5)}
+    out = apply_to_collection(batch, torch.Tensor, lambda t: t + 1)
+    assert isinstance(out["a"], tuple) and isinstance(out["a"][1], list)
+    assert isinstance(out["b"], Pair) and out["b"].y == 5 and out["a"][1][1] == "label"
+    assert torch.equal(out["a"][0], torch.full((2,), 2.0))
+    assert torch.equal(out["a"][1][0], torch.ones(3))
+    assert torch.equal(out["b"].x, torch.full((1,), 2.0))

@@ -24,10 +24,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from .._lightning import apply_to_collection
 from ..probe.probe import LossReduction
 
 #: Largest relative tolerance on the ratio at which a decision is still made: above it, the
