@@ -13,17 +13,13 @@ from typing_extensions import override
 
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
-from ..probe.stats import finite_flags, flag_holder
+from ..probe.stats import NonfiniteCount
 from ._loss_reduction import ReductionMeasurement, measure_loss_reduction
 from ._strategies import refuse_sharded_strategy
 
 #: ``"auto"`` measures the reduction on the first training batch (see ``_loss_reduction``).
 LossReductionSetting = Literal["auto", "mean", "sum"]
 _REDUCTION_CODES: tuple[LossReduction | None, ...] = ("mean", "sum", None)
-#: Pending skip counts are summed on the device once this many have come (bounded memory).
-_FOLD_AT = 1024
-#: Statistics kept for their finiteness flags before those are computed together.
-_CHECK_TOGETHER = 64
 
 
 def lightning_loss_scale(trainer: pl.Trainer) -> float | Tensor:
@@ -112,12 +108,9 @@ class ProbeCallback(Callback):
         self._reduction_settled = False
         self.sum_grad_squared = sum_grad_squared
         self.probe: GradientProbe | None = None
-        self._skipped_counted = 0
-        # Not yet read (see _fold_skipped): () counts from add_skipped, and the finiteness
-        # flags of the backward passes count_nonfinite saw. Kept as lists, so that a step adds
-        # no kernel for its count.
-        self._skipped_pending: list[Tensor] = []
-        self._finite_pending: list[ProbeStats] = []
+        # Skipped steps, counted on the device and read only by skipped_steps: the finiteness
+        # of the passes count_nonfinite saw is computed together, so a step adds no kernel.
+        self._finite_pending = NonfiniteCount()
         self._batch: Any = None
         self._batch_idx = 0
         self._trainer: pl.Trainer | None = None
@@ -126,34 +119,16 @@ class ProbeCallback(Callback):
     def skipped_steps(self) -> int:
         """Steps left out because their statistics were not finite (an AMP overflow, a
         non-finite loss). Counts kept on the device are read here (one synchronisation)."""
-        self._fold_skipped()
-        if self._skipped_pending:
-            self._skipped_counted += int(self._skipped_pending.pop())
-        return self._skipped_counted
+        return self._finite_pending.value
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._skipped_counted = int(value)
-        self._skipped_pending, self._finite_pending = [], []
+        self._finite_pending.value = value
 
     def add_skipped(self, count: Tensor) -> None:
         """Add ``count`` (a ``()`` tensor: a bool flag or an integer) to :attr:`skipped_steps`
         without reading it to the host."""
-        self._skipped_pending.append(count.detach())
-        if len(self._skipped_pending) >= _FOLD_AT:
-            self._fold_skipped()
-
-    def _fold_skipped(self) -> None:
-        """Sum the pending counts and flags into one ``()`` int64 count on their device (a
-        few kernels for up to ``_FOLD_AT`` steps), the only entry left pending."""
-        parts = [c.to(torch.int64) for c in self._skipped_pending]
-        if self._finite_pending:
-            parts.append(finite_flags(self._finite_pending).logical_not().sum())
-        self._finite_pending = []
-        total = parts[0] if parts else None
-        for part in parts[1:]:  # added one by one: a () CPU count may join a device count
-            total = total + part
-        self._skipped_pending = [] if total is None else [total]
+        self._finite_pending.add_count(count)
 
     # -- for subclasses --------------------------------------------------------------
     def probe_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
@@ -303,12 +278,7 @@ class ProbeCallback(Callback):
         """With :attr:`handles_nonfinite`: called before :meth:`on_probe_stats` on every probed
         backward pass. Adds ``~stats.finite`` to :attr:`skipped_steps` on the device;
         subclasses that count optimizer steps rather than backward passes override this."""
-        if not stats.dot and not stats.sum_sq:
-            return  # no statistics: finite (its flag would be a CPU tensor)
-        # The statistics are kept and their flags computed together (see finite_flags).
-        self._finite_pending.append(flag_holder(stats))
-        if len(self._finite_pending) >= _CHECK_TOGETHER:
-            self._fold_skipped()
+        self._finite_pending.add(stats)
 
     @override
     def on_train_batch_end(

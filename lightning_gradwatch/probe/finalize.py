@@ -18,12 +18,9 @@ from .registry import Call, ParamStats, RuleContext, SkipModule
 from .rules.fallback import FallbackRule
 from .rules.parametrized import effective_tensor
 from .sample_dims import _samples_first
-from .stats import ProbeStats, finite_flags
+from .stats import NonfiniteCount, ProbeStats
 
 LossReduction = Literal["mean", "sum"]
-
-#: Backward passes whose finiteness the probe counts together (statistics held meanwhile).
-_CHECK_TOGETHER = 64
 
 
 class _Finalize:
@@ -55,11 +52,7 @@ class _Finalize:
     _warned: set[str]
     _stats: ProbeStats | None
     _listeners: list[Callable[[ProbeStats], None]]
-    _skipped_pending: Tensor | None
-    _finite_counted: Tensor | None
-    _unchecked: list[ProbeStats]
-    _unchecked_device: torch.device | None
-    _backwards_counted: int
+    _nonfinite: NonfiniteCount
 
     def _start_backward(self) -> None:
         if self._finalize_queued:
@@ -293,52 +286,10 @@ class _Finalize:
             self._stats = self._assemble()
         finally:
             self._clear_captures()
-        stats = self._stats
-        if stats.dot and not stats.sum_sq:
-            # Only (B,) vectors: kept, and their flags computed together later (finite_flags),
-            # or taken from whoever computes them first (a consumer reading stats.finite).
-            device = next(iter(stats.dot.values())).device
-            if device != self._unchecked_device:  # counted together on one device only
-                self._fold_unchecked()
-                self._unchecked_device = device
-            self._unchecked.append(stats)
-            if len(self._unchecked) >= _CHECK_TOGETHER:
-                self._fold_unchecked()
-        elif stats.dot or stats.sum_sq:
-            # Parameter-sized sums are not kept: counted now, with one in-place kernel (the
-            # finite ones are counted, the skipped ones derived).
-            finite = stats.finite
-            counted = self._finite_counted
-            if counted is None or counted.device != finite.device:
-                self._fold_finite_count()
-                counted = self._finite_counted = torch.zeros(
-                    (), dtype=torch.int64, device=finite.device
-                )
-            counted.add_(finite)
-            self._backwards_counted += 1
+        # Counted on the device, together with later passes (no kernel per step).
+        self._nonfinite.add(self._stats)
         for listener in self._listeners:
             listener(self._stats)
-
-    def _fold_unchecked(self) -> None:
-        """Count the kept statistics' non-finite backward passes into ``_skipped_pending``
-        (on the device) and drop them."""
-        if not self._unchecked:
-            return
-        nonfinite = finite_flags(self._unchecked).logical_not().sum()
-        self._unchecked = []
-        pending = self._skipped_pending
-        self._skipped_pending = nonfinite if pending is None else pending + nonfinite
-
-    def _fold_finite_count(self) -> None:
-        """Move the device count of finite backward passes into ``_skipped_pending``, the
-        device count of skipped ones (without reading it)."""
-        counted = self._finite_counted
-        if counted is None:
-            return
-        skipped = self._backwards_counted - counted
-        self._finite_counted, self._backwards_counted = None, 0
-        pending = self._skipped_pending
-        self._skipped_pending = skipped if pending is None else pending + skipped
 
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}

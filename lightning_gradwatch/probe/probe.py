@@ -20,7 +20,7 @@ from .finalize import LossReduction, _Finalize
 from .owners import _Owner, resolve_owners
 from .rules.parametrized import reparametrized_tensors
 from .sample_dims import _builtin_batch_dims, _SampleDims
-from .stats import ProbeStats
+from .stats import NonfiniteCount, ProbeStats
 from .use_checker import ParameterUseError, _UseChecker
 
 __all__ = ["GradientProbe", "LossReduction", "ParameterUseError"]
@@ -208,15 +208,7 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         self._listeners: list[Callable[[ProbeStats], None]] = []
         # Backward passes with non-finite statistics: counted on the statistics' device, so
         # that no step waits for the device; read (once) by ``skipped_backwards``.
-        self._skipped_counted = 0
-        self._skipped_pending: Tensor | None = None
-        # Probed backward passes with statistics since the last fold, and how many of them
-        # were finite (counted on the device).
-        self._backwards_counted = 0
-        self._finite_counted: Tensor | None = None
-        # Statistics of (B,) vectors whose finiteness is not counted yet (see _finalize).
-        self._unchecked: list[ProbeStats] = []
-        self._unchecked_device: torch.device | None = None
+        self._nonfinite = NonfiniteCount()
 
     # ------------------------------------------------------------------ ownership
 
@@ -266,18 +258,11 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
     def skipped_backwards(self) -> int:
         """Probed backward passes whose statistics were not finite (NaN or Inf). Counted on
         the device; reading it synchronises once."""
-        self._fold_finite_count()
-        self._fold_unchecked()
-        if self._skipped_pending is not None:
-            self._skipped_counted += int(self._skipped_pending)
-            self._skipped_pending = None
-        return self._skipped_counted
+        return self._nonfinite.value
 
     @skipped_backwards.setter
     def skipped_backwards(self, value: int) -> None:
-        self._skipped_counted, self._skipped_pending = int(value), None
-        self._finite_counted, self._backwards_counted = None, 0
-        self._unchecked = []
+        self._nonfinite.value = value
 
     def add_listener(self, listener: Callable[[ProbeStats], None]) -> None:
         """Call ``listener(stats)`` at the end of every probed backward pass."""

@@ -147,3 +147,69 @@ def flag_holder(stats: ProbeStats) -> ProbeStats:
     if not stats.sum_sq:
         return stats
     return ProbeStats(batch_size=stats.batch_size, _finite_tensor=stats.finite)
+
+
+class NonfiniteCount:
+    """How many backward passes had non-finite statistics, counted without waiting for the
+    device: each pass's statistics are held (:func:`flag_holder`) and their flags computed
+    together every ``check_together`` passes (:func:`finite_flags`) into a ``()`` count on
+    their device, which only :attr:`value` reads to the host. ``len()`` is the number of
+    passes held, not yet counted.
+
+    Args:
+        check_together: passes held at most before their flags are computed (bounds memory).
+    """
+
+    def __init__(self, check_together: int = 64) -> None:
+        self.check_together = check_together
+        self._read = 0
+        self._pending: Tensor | None = None  # a device count, not yet read
+        self._held: list[ProbeStats] = []
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, stats: ProbeStats) -> None:
+        """Count ``stats`` if not finite; a pass without statistics counts as finite."""
+        if not stats.dot and not stats.sum_sq:
+            return
+        held = flag_holder(stats)
+        if self._held and _device(held) != _device(self._held[0]):
+            self._fold()  # flags are computed together on one device only
+        self._held.append(held)
+        if len(self._held) >= self.check_together:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._held:
+            return
+        nonfinite = finite_flags(self._held).logical_not().sum()
+        self._held = []
+        self.add_count(nonfinite)
+
+    def add_count(self, count: Tensor) -> None:
+        """Add ``count`` (a ``()`` tensor: a bool flag or an integer) without reading it."""
+        count = count.detach().to(torch.int64)
+        if self._pending is not None and self._pending.device != count.device:
+            self._read += int(self._pending)
+            self._pending = None
+        self._pending = count if self._pending is None else self._pending + count
+
+    @property
+    def value(self) -> int:
+        """The count (one host-device synchronisation when passes are pending)."""
+        self._fold()
+        if self._pending is not None:
+            self._read += int(self._pending)
+            self._pending = None
+        return self._read
+
+    @value.setter
+    def value(self, count: int) -> None:
+        self._read, self._pending, self._held = int(count), None, []
+
+
+def _device(stats: ProbeStats) -> torch.device:
+    if stats._finite_tensor is not None:
+        return stats._finite_tensor.device
+    return next(iter(stats.dot.values())).device
