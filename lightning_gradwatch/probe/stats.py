@@ -151,10 +151,11 @@ def flag_holder(stats: ProbeStats) -> ProbeStats:
 
 class NonfiniteCount:
     """How many backward passes had non-finite statistics, counted without waiting for the
-    device: each pass's statistics are held (:func:`flag_holder`) and their flags computed
-    together every ``check_together`` passes (:func:`finite_flags`) into a ``()`` count on
-    their device, which only :attr:`value` reads to the host. ``len()`` is the number of
-    passes held, not yet counted.
+    device. Statistics of ``(B,)`` vectors only are held and their flags computed together
+    every ``check_together`` passes (:func:`finite_flags`); a pass with parameter-sized sums
+    (``sum_sq``, not to be held) adds its flag to a device count of finite passes with one
+    in-place kernel, the skipped ones derived from the number of passes. Only :attr:`value`
+    reads the count to the host; ``bool()`` says whether anything is not read yet.
 
     Args:
         check_together: passes held at most before their flags are computed (bounds memory).
@@ -165,27 +166,39 @@ class NonfiniteCount:
         self._read = 0
         self._pending: Tensor | None = None  # a device count, not yet read
         self._held: list[ProbeStats] = []
+        self._finite: Tensor | None = None  # finite passes among the last `_passes`
+        self._passes = 0
 
-    def __len__(self) -> int:
-        return len(self._held)
+    def __bool__(self) -> bool:
+        return bool(self._held) or self._finite is not None or self._pending is not None
 
     def add(self, stats: ProbeStats) -> None:
         """Count ``stats`` if not finite; a pass without statistics counts as finite."""
-        if not stats.dot and not stats.sum_sq:
+        if stats.sum_sq:
+            finite = stats.finite
+            if self._finite is None or self._finite.device != finite.device:
+                self._fold()
+                self._finite = torch.zeros((), dtype=torch.int64, device=finite.device)
+            self._finite.add_(finite)
+            self._passes += 1
             return
-        held = flag_holder(stats)
-        if self._held and _device(held) != _device(self._held[0]):
+        if not stats.dot:
+            return
+        if self._held and _device(stats) != _device(self._held[0]):
             self._fold()  # flags are computed together on one device only
-        self._held.append(held)
+        self._held.append(stats)
         if len(self._held) >= self.check_together:
             self._fold()
 
     def _fold(self) -> None:
-        if not self._held:
-            return
-        nonfinite = finite_flags(self._held).logical_not().sum()
-        self._held = []
-        self.add_count(nonfinite)
+        if self._finite is not None:
+            finite, self._finite = self._finite, None
+            self.add_count(self._passes - finite)
+            self._passes = 0
+        if self._held:
+            nonfinite = finite_flags(self._held).logical_not().sum()
+            self._held = []
+            self.add_count(nonfinite)
 
     def add_count(self, count: Tensor) -> None:
         """Add ``count`` (a ``()`` tensor: a bool flag or an integer) without reading it."""
@@ -207,9 +220,8 @@ class NonfiniteCount:
     @value.setter
     def value(self, count: int) -> None:
         self._read, self._pending, self._held = int(count), None, []
+        self._finite, self._passes = None, 0
 
 
 def _device(stats: ProbeStats) -> torch.device:
-    if stats._finite_tensor is not None:
-        return stats._finite_tensor.device
     return next(iter(stats.dot.values())).device
