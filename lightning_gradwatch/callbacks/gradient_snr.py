@@ -9,6 +9,7 @@ ends, or when a user reads :attr:`GradientSNR.latest`. ``EBEarlyStopping`` (in
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -206,6 +207,9 @@ class GradientSNR(ProbeCallback):
         self._last_vector: Tensor | None = None
         # Resolved on the host by _resolve(): the last valid step's values and step.
         self._latest: dict[str, Tensor] = {}
+        # The same step's per-layer values as Python floats, for the loggers and histograms
+        # (read to the host once, in _resolve: no tensor op per value).
+        self._latest_layers: dict[str, float] = {}
         self._latest_step: int | None = None
         self._sums_step: int | None = None
         self._warned_small_batch = False
@@ -392,9 +396,8 @@ class GradientSNR(ProbeCallback):
         if written:
             headline.update({k: self._latest[k] for k in HEADLINE_KEYS})
             # Per-layer values in one batched write (mirrored into callback_metrics).
-            per_layer = {k: v for k, v in self._latest.items() if k not in HEADLINE_KEYS}
-            if per_layer:
-                log_scalars_batch(trainer, per_layer)  # type: ignore[arg-type]
+            if self._latest_layers:
+                log_scalars_batch(trainer, self._latest_layers)  # type: ignore[arg-type]
         # Model-level values through pl_module.log, monitorable like any logged metric.
         log_headline_step(pl_module, headline)
         if written:
@@ -404,13 +407,13 @@ class GradientSNR(ProbeCallback):
         """The resolved step's per-layer values in one histogram per quantity."""
         if not self.per_layer or len(self._layer_sizes) < 2:
             return
-        per_layer = {k: v for k, v in self._latest.items() if k not in HEADLINE_KEYS}
         step = batches_that_stepped(trainer)
         for quantity in LAYER_QUANTITIES:
             prefix = keys.layer_key(keys.GSNR_FAMILY, quantity, "")
-            values = torch.stack([v for k, v in per_layer.items() if k.startswith(prefix)])
-            values = values[values.isfinite()].double()
-            if values.numel() == 0:
+            # Host floats (a handful per step): plain Python costs less than a tensor op each.
+            layers = self._latest_layers.items()
+            values = [v for k, v in layers if k.startswith(prefix) and math.isfinite(v)]
+            if not values:
                 continue
             # Bins formed here, one per layer over the values' range: TensorBoard's own
             # binning of raw values (about 1500 exponential buckets) costs several times more.
@@ -420,8 +423,8 @@ class GradientSNR(ProbeCallback):
                 keys.layers_histogram_key(keys.GSNR_FAMILY, quantity),
                 edges,
                 counts,
-                float(values.sum()),
-                float(values.square().sum()),
+                math.fsum(values),
+                math.fsum(v * v for v in values),
                 step,
             )
 
@@ -601,14 +604,18 @@ class GradientSNR(ProbeCallback):
             return
         self._latest_step = latest_step
         latest = {k: vector[i] for i, k in enumerate(HEADLINE_KEYS)}
+        layer_values: dict[str, float] = {}
         if self.per_layer:
             offset = len(HEADLINE_KEYS)
+            host = vector[offset:].tolist()
             for q, quantity in enumerate(LAYER_QUANTITIES):
                 for k, name in enumerate(layers):
                     if complete[k]:
                         key = keys.layer_key(keys.GSNR_FAMILY, quantity, name)
                         latest[key] = vector[offset + q * n_layers + k]
+                        layer_values[key] = host[q * n_layers + k]
         self._latest = latest
+        self._latest_layers = layer_values
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -637,18 +644,21 @@ class GradientSNR(ProbeCallback):
             ema.updates = torch.tensor(saved["updates"], dtype=torch.long)
 
 
-def _layer_bins(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Equal-width bins for a histogram of ``(n,)`` finite values (``n >= 1``): ``(n+1,)``
-    edges over their range (a unit-wide bin around a single repeated value) and ``(n,)``
-    counts."""
-    n = values.numel()
-    low, high = float(values.min()), float(values.max())
+def _layer_bins(values: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Equal-width bins for a histogram of ``n >= 1`` finite values: ``(n+1,)`` float64 edges
+    over their range (a unit-wide bin around a single repeated value) and ``(n,)`` counts.
+    Formed in Python: there are a handful of values (one per layer)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    low, high = min(values), max(values)
     width = high - low if high > low else max(abs(low), 1.0)
     if high == low:
         low -= width / 2
-    edges = low + width * torch.arange(n + 1, dtype=torch.float64) / n
-    index = ((values - low) * (n / width)).floor().long().clamp_(0, n - 1)
-    return edges, torch.bincount(index, minlength=n).double()
+    edges = torch.tensor([low + width * k / n for k in range(n + 1)], dtype=torch.float64)
+    counts = [0.0] * n
+    for v in values:
+        counts[min(max(math.floor((v - low) * (n / width)), 0), n - 1)] += 1.0
+    return edges, torch.tensor(counts, dtype=torch.float64)
 
 
 # Kept importable from here, where it lived before it got its own module.
