@@ -732,3 +732,44 @@ def test_noise_statistics_counts_beyond_float32_exactness(monkeypatch: pytest.Mo
     assert float(fast["layer_gsnr"][0]) == pytest.approx(
         float(fn.gsnr_mean(s[:6], q[:6], 5)), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_noise_statistics_consuming_the_sums_gives_the_same_values(eps: float) -> None:
+    """``consume=True`` (the callback's call: the sums serve as scratch space) gives exactly
+    the values of a call that leaves the sums alone, also with a reused workspace and a
+    left-out layer."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [6, 4, 5]
+    grads = torch.randn(7, sum(sizes), generator=gen, dtype=torch.float64)
+    grads[:, 1] = 0.0  # a dead entry
+    s, q = grads.sum(0), grads.pow(2).sum(0)
+    norms = torch.stack([g.pow(2).sum() for g in grads.split(sizes, 1)])
+    for complete in (None, torch.tensor([True, False, True])):
+        want = fn.noise_statistics(s, q, norms, 7, sizes, eps=eps, complete=complete)
+        workspace: list[Tensor] = []
+        for _ in range(2):
+            got = fn.noise_statistics(
+                s.clone(),
+                q.clone(),
+                norms,
+                7,
+                sizes,
+                eps=eps,
+                complete=complete,
+                workspace=workspace,
+                consume=True,
+            )
+            for key, value in want.items():
+                torch.testing.assert_close(got[key], value, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sums_read_zero_after_a_computed_step() -> None:
+    """The callback computes a step's statistics in place in its sums; afterwards they read
+    as an empty step (not as the overwritten values) until the next step's update."""
+    gsnr = GradientSNR(every_n_steps=1)
+    fit("mlp", gsnr, max_steps=2, log_every_n_steps=1)
+    assert gsnr.sums is not None
+    out = gsnr.sums.compute()
+    assert int(out.count) == 0 and not out.grad_sum.any() and not out.grad_sq_sum.any()
+    assert gsnr.latest_step == 1 and bool(torch.isfinite(gsnr.latest["gsnr/mean"]))

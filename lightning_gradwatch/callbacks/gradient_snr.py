@@ -457,8 +457,10 @@ class GradientSNR(ProbeCallback):
             if grads:
                 finite = finite & torch.stack([g.isfinite().all() for g in grads]).all().to(device)
         vector, complete, enough, count = self._statistics(sums)
-        # The sums are consumed; _prepare_sums zeroes them at the next computed step (on one
-        # process they are the ``sums`` read above), so no second pass zeroes them here.
+        # The (D,) sums served as scratch space (on one process they are the states
+        # themselves): restart marks them stale, so they read as zero until the next step's
+        # first update overwrites them, and no pass zeroes them here.
+        self.sums.restart()
         valid = finite & enough & complete.any()
         self._update_ema_and_state(vector, complete, valid, finite, count, step)
         return True
@@ -487,6 +489,7 @@ class GradientSNR(ProbeCallback):
             zero_variance_rtol=self.zero_variance_rtol,
             complete=complete,
             workspace=self._workspace,
+            consume=True,  # nothing reads the step's (D,) sums afterwards
         )
         gsnr, eb = stats["gsnr_mean"], stats["eb_criterion"]
         if self.eps > 0:

@@ -217,6 +217,7 @@ def noise_statistics(
     *,
     complete: Tensor | None = None,
     workspace: list[Tensor] | None = None,
+    consume: bool = False,
 ) -> dict[str, Tensor]:
     """Every quantity at once, in a few passes over the ``(D,)`` sums (what the callback uses).
 
@@ -235,6 +236,9 @@ def noise_statistics(
             share of ``N`` or ``|gbar|^2``), without a ``(D,)`` pass to zero them.
         workspace: optional list that keeps ``(D,)`` scratch tensors between calls (empty on
             the first call), so a caller computing every step does not allocate them anew.
+        consume: with ``eps == 0``, ``grad_sum`` and ``grad_sq_sum`` may be overwritten (they
+            serve as two of the scratch tensors; their values are meaningless afterwards).
+            Fewer ``(D,)`` tensors in flight: each pass then touches less memory.
 
     Returns:
         ``()`` tensors: ``gsnr_mean``, ``noise_scale``, ``trace_sigma``, ``grad_sq_norm``,
@@ -270,10 +274,16 @@ def noise_statistics(
         # this size every fresh allocation and every extra pass costs about as much as the
         # arithmetic itself. The zero-variance mask is a float 0/1 tensor: on a CPU, bool
         # masks (masked_fill_, summing a bool) cost ten times a float pass.
-        mean_sq, variance, ratio, excluded = _scratch(workspace, grad_sum)
-        torch.div(grad_sum, count, out=mean_sq)
+        if consume:  # the same arithmetic, in place in the sums themselves
+            mean_sq, variance = grad_sum, grad_sq_sum
+            ratio, excluded = _scratch(workspace, grad_sum, 2)
+            mean_sq.div_(count)
+            variance.div_(count)
+        else:
+            mean_sq, variance, ratio, excluded = _scratch(workspace, grad_sum, 4)
+            torch.div(grad_sum, count, out=mean_sq)
+            torch.div(grad_sq_sum, count, out=variance)
         mean_sq.mul_(mean_sq)
-        torch.div(grad_sq_sum, count, out=variance)
         torch.mul(variance, zero_variance_rtol, out=ratio)  # the threshold, for now
         variance -= mean_sq
         torch.le(variance, ratio, out=excluded)  # 1.0 where left out
@@ -319,20 +329,20 @@ def noise_statistics(
     }
 
 
-def _scratch(workspace: list[Tensor] | None, like: Tensor) -> list[Tensor]:
-    """Four ``(D,)`` tensors like ``like``, reused from ``workspace`` when their shape, dtype
-    and device still match."""
+def _scratch(workspace: list[Tensor] | None, like: Tensor, count: int) -> list[Tensor]:
+    """``count`` ``(D,)`` tensors like ``like``, reused from ``workspace`` when it holds that
+    many whose shape, dtype and device still match."""
     if (
         workspace
-        and len(workspace) == 4
+        and len(workspace) == count
         and all(
-            getattr(workspace[k], attr) == getattr(like, attr)
-            for k in (0, 3)
+            getattr(tensor, attr) == getattr(like, attr)
+            for tensor in workspace
             for attr in ("shape", "dtype", "device")
         )
     ):
         return workspace
-    tensors = [torch.empty_like(like) for _ in range(4)]
+    tensors = [torch.empty_like(like) for _ in range(count)]
     if workspace is not None:
         workspace[:] = tensors
     return tensors
