@@ -773,3 +773,20 @@ def test_sums_read_zero_after_a_computed_step() -> None:
     out = gsnr.sums.compute()
     assert int(out.count) == 0 and not out.grad_sum.any() and not out.grad_sq_sum.any()
     assert gsnr.latest_step == 1 and bool(torch.isfinite(gsnr.latest["gsnr/mean"]))
+
+
+def test_ratio_ema_update_where_is_update_or_nothing() -> None:
+    """``update_where`` gives exactly ``update`` where the flag holds and leaves every state
+    alone where it does not (even with NaN inputs), without reading the flag on the host."""
+    gated, plain = RatioEMA(0.7), RatioEMA(0.7)
+    steps = [(2.0, 1.0, True), (float("nan"), 3.0, False), (4.0, 0.5, True), (5.0, 2.0, True)]
+    for num, den, valid in steps:
+        n = torch.tensor(num, dtype=torch.float64)
+        d = torch.tensor(den, dtype=torch.float64)
+        got = gated.update_where(torch.tensor(valid), n, d)
+        if valid:
+            plain.update(n, d)
+        assert torch.equal(gated.numerator, plain.numerator)
+        assert torch.equal(gated.denominator, plain.denominator)
+        assert torch.equal(gated.updates, plain.updates)
+        assert torch.equal(got, plain.compute())

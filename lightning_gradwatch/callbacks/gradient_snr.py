@@ -525,18 +525,12 @@ class GradientSNR(ProbeCallback):
         count: Tensor,
         step: int,
     ) -> None:
-        ema = self.noise_scale_ema
-        before = (ema.numerator, ema.denominator, ema.updates)
         trace = vector[HEADLINE_KEYS.index(keys.NOISE_TRACE_SIGMA)]
         true_sq = vector[HEADLINE_KEYS.index(keys.NOISE_GRAD_SQ_NORM)]
         # A skipped step's inputs may be NaN: the update runs, and torch.where keeps the old
         # states (no host read decides it).
-        ema.update(trace, true_sq)
-        ema.numerator = torch.where(valid, ema.numerator, before[0])
-        ema.denominator = torch.where(valid, ema.denominator, before[1])
-        ema.updates = torch.where(valid, ema.updates, before[2])
-        smoothed = HEADLINE_KEYS.index(keys.NOISE_SCALE_SMOOTHED)
-        vector[smoothed] = ema.compute().to(vector.dtype)
+        smoothed = self.noise_scale_ema.update_where(valid, trace, true_sq)
+        vector[HEADLINE_KEYS.index(keys.NOISE_SCALE_SMOOTHED)] = smoothed.to(vector.dtype)
 
         state = self._device_state
         if state is None or state.latest.shape != vector.shape:
