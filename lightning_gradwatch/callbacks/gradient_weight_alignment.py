@@ -400,11 +400,12 @@ class GradientWeightAlignment(ProbeCallback):
         if self._detector is not None:  # the forward never reached backward (skipped step)
             self._detector.finish()
             self._detector = None
+        probe = self.probe
         if (
             self._mode == HEAD
             and self.head_name is not None
-            and self.probe is not None
-            and self.probe.param_names != [self.head_name]
+            and probe is not None
+            and (len(probe.param_names) != 1 or probe.param_names[0] != self.head_name)
         ):
             # The head is known: from now on hook only its layer.
             ProbeCallback.setup(self, trainer, pl_module, "fit")
