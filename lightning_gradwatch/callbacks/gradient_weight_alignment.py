@@ -223,14 +223,19 @@ class GradientWeightAlignment(ProbeCallback):
     def state_key(self) -> str:
         # Lightning reads it around every hook call (profiler labels): built once per value
         # of what it depends on, which is compared by identity here.
-        inputs = (self._mode, self._names if self._mode == NAMES else None, self.indices)
+        mode, indices = self._mode, self.indices
+        names = self._names if mode == NAMES else None
         cached = getattr(self, "_state_key_cache", None)
-        if (
-            cached is not None
-            and all(a is b for a, b in zip(cached[0], inputs, strict=True))
-            and cached[1] == self.backward
-        ):
-            return cached[2]
+        if cached is not None:
+            (cached_mode, cached_names, cached_indices), backward, key = cached
+            if (
+                cached_mode is mode
+                and cached_names is names
+                and cached_indices is indices
+                and backward == self.backward
+            ):
+                return key
+        inputs = (mode, names, indices)
         # Two instances scoring different weights keep separate checkpoint entries.
         params: str | list[str] = self._mode if self._mode in (HEAD, ALL) else self._names
         indices = self.indices
