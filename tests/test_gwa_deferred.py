@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_gradwatch import GradientWeightAlignment
+from lightning_gradwatch import GradientWeightAlignment, GWAEarlyStopping, SpectralNorms
 from lightning_gradwatch.callbacks import _gwa_aggregate
 from lightning_gradwatch.callbacks._gwa_aggregate import FINE_BINS, EpochAggregate
 from lightning_gradwatch.metrics import AlignmentMoments
@@ -153,3 +153,22 @@ def test_state_key_follows_its_inputs() -> None:
     gwa.indices = "idx"
     assert gwa.state_key != first
     assert GradientWeightAlignment(indices=None).state_key == first
+
+
+def test_stopping_and_spectral_state_keys_are_cached_and_follow_their_inputs() -> None:
+    stopper = GWAEarlyStopping()
+    first = stopper.state_key
+    assert stopper.state_key is first  # cached: Lightning reads it around every hook call
+    stopper.monitor = "gwa_layers/aggregate/head.weight"
+    assert stopper.state_key != first
+    assert "gwa_layers/aggregate/head.weight" in stopper.state_key
+
+    spectral = SpectralNorms(params=["0.weight"])
+    first = spectral.state_key
+    assert spectral.state_key is first
+    assert spectral.params is not None
+    spectral.params.append("2.weight")  # changed in place: the key follows
+    assert spectral.state_key == SpectralNorms(params=["0.weight", "2.weight"]).state_key
+    spectral.module_types = (torch.nn.Linear,)
+    assert spectral.state_key != first
+    assert "Linear" in spectral.state_key

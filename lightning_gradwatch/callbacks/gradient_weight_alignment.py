@@ -223,14 +223,19 @@ class GradientWeightAlignment(ProbeCallback):
     def state_key(self) -> str:
         # Lightning reads it around every hook call (profiler labels): built once per value
         # of what it depends on, which is compared by identity here.
-        inputs = (self._mode, self._names if self._mode == NAMES else None, self.indices)
+        mode, indices = self._mode, self.indices
+        names = self._names if mode == NAMES else None
         cached = getattr(self, "_state_key_cache", None)
-        if (
-            cached is not None
-            and all(a is b for a, b in zip(cached[0], inputs, strict=True))
-            and cached[1] == self.backward
-        ):
-            return cached[2]
+        if cached is not None:
+            (cached_mode, cached_names, cached_indices), backward, key = cached
+            if (
+                cached_mode is mode
+                and cached_names is names
+                and cached_indices is indices
+                and backward == self.backward
+            ):
+                return key
+        inputs = (mode, names, indices)
         # Two instances scoring different weights keep separate checkpoint entries.
         params: str | list[str] = self._mode if self._mode in (HEAD, ALL) else self._names
         indices = self.indices
@@ -400,11 +405,12 @@ class GradientWeightAlignment(ProbeCallback):
         if self._detector is not None:  # the forward never reached backward (skipped step)
             self._detector.finish()
             self._detector = None
+        probe = self.probe
         if (
             self._mode == HEAD
             and self.head_name is not None
-            and self.probe is not None
-            and self.probe.param_names != [self.head_name]
+            and probe is not None
+            and (len(probe.param_names) != 1 or probe.param_names[0] != self.head_name)
         ):
             # The head is known: from now on hook only its layer.
             ProbeCallback.setup(self, trainer, pl_module, "fit")

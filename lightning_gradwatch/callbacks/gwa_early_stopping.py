@@ -165,7 +165,12 @@ class GWAEarlyStopping(Callback):
     @override
     def state_key(self) -> str:
         # Not keyed on the rule: a run resumed with another rule keeps the history (and warns).
-        return self._generate_state_key(monitor=self.monitor)
+        # Lightning reads it around every hook call (profiler labels): built once per monitor.
+        monitor = self.monitor
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] is not monitor:
+            cached = self._state_key_cache = (monitor, self._generate_state_key(monitor=monitor))
+        return cached[1]
 
     # ------------------------------------------------------------------ setup
     @override

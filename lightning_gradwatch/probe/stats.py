@@ -166,6 +166,7 @@ class NonfiniteCount:
         self._read = 0
         self._pending: Tensor | None = None  # a device count, not yet read
         self._held: list[ProbeStats] = []
+        self._held_device: torch.device | None = None  # the device of every held pass
         self._finite: Tensor | None = None  # finite passes among the last `_passes`
         self._passes = 0
 
@@ -184,9 +185,11 @@ class NonfiniteCount:
             return
         if not stats.dot:
             return
-        if self._held and _device(stats) != _device(self._held[0]):
+        device = _device(stats)
+        if self._held and device != self._held_device:
             self._fold()  # flags are computed together on one device only
         self._held.append(stats)
+        self._held_device = device
         if len(self._held) >= self.check_together:
             self._fold()
 

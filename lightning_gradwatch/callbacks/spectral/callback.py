@@ -257,9 +257,17 @@ class SpectralNorms(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Two instances tracking different weights keep separate checkpoint entries.
-        types = None if self.module_types is None else [t.__name__ for t in self.module_types]
-        return self._generate_state_key(params=self.params, module_types=types)
+        # Two instances tracking different weights keep separate checkpoint entries. Lightning
+        # reads it around every hook call (profiler labels): built once per value of the
+        # settings it depends on (a tuple, compared by identity, and a list, by value).
+        params, module_types = self.params, self.module_types
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] is not module_types or cached[1] != params:
+            types = None if module_types is None else [t.__name__ for t in module_types]
+            key = self._generate_state_key(params=params, module_types=types)
+            copy = None if params is None else list(params)
+            cached = self._state_key_cache = (module_types, copy, key)
+        return cached[2]
 
     @property
     def tracked_names(self) -> list[str]:
