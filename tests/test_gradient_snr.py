@@ -790,3 +790,15 @@ def test_ratio_ema_update_where_is_update_or_nothing() -> None:
         assert torch.equal(gated.denominator, plain.denominator)
         assert torch.equal(gated.updates, plain.updates)
         assert torch.equal(got, plain.compute())
+
+
+def test_gradient_snr_state_key_is_cached_and_follows_its_inputs() -> None:
+    gsnr = GradientSNR(params=["0.weight"])
+    first = gsnr.state_key
+    assert gsnr.state_key is first  # cached: Lightning reads it around every hook call
+    assert gsnr.params is not None
+    gsnr.params.append("2.weight")  # changed in place: the key follows
+    assert gsnr.state_key == GradientSNR(params=["0.weight", "2.weight"]).state_key
+    gsnr.every_n_steps = 7
+    assert "7" in gsnr.state_key
+    assert gsnr.state_key != GradientSNR(params=["0.weight", "2.weight"]).state_key

@@ -219,9 +219,20 @@ class GradientSNR(ProbeCallback):
     @override
     def state_key(self) -> str:
         # Two instances tracking different parameters or schedules keep separate entries.
-        return self._generate_state_key(
-            params=self.params, every_n_steps=self.every_n_steps, backward=self.backward
+        # Lightning reads it around every hook call (profiler labels): built once per value of
+        # the settings (params compared by value, so a list changed in place gives a new key).
+        settings = (
+            tuple(self.params) if self.params is not None else None,
+            self.every_n_steps,
+            self.backward,
         )
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != settings:
+            key = self._generate_state_key(
+                params=self.params, every_n_steps=self.every_n_steps, backward=self.backward
+            )
+            cached = self._state_key_cache = (settings, key)
+        return cached[1]
 
     # -- public read-outs --------------------------------------------------------------
     @property
