@@ -27,8 +27,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._linalg import bias_stats, outer_product_moments, rowdot
+from ..attention_graph import AttentionNodes, attention_nodes
+from ..call_edges import current_node, will_run
 from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
+
+#: Dtypes whose gradients autograd forms as the per-sample algebra does (16-bit ones are
+#: rounded differently from a float32 replay: they keep the replay's behaviour).
+_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def _positions_dot(delta: Tensor, z: Tensor) -> Tensor:
+    """``sum_t delta[:, t] . z[:, t]`` of two ``(B, L, E)`` tensors (any strides): ``(B,)``."""
+    return torch.linalg.vecdot(delta, z).sum(1)
 
 
 def _same_tensor(x: Tensor, y: Tensor) -> bool:
@@ -88,9 +99,163 @@ class MultiheadAttentionRule(FallbackRule):
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
         assert isinstance(module, nn.MultiheadAttention)
+        if (
+            len(calls) == 1
+            and module._qkv_same_embed_dim
+            and module.bias_k is None
+            and not module.add_zero_attn
+            and not ctx.need_grad_sample
+        ):
+            read = self._from_graph(module, calls[0], ctx)
+            if read is not None:
+                return read
         if not self._replayable(module, calls, ctx):
             return super().compute(module, calls, ctx)
-        call = calls[0]
+        return self._replay(module, calls[0], ctx)
+
+    def _from_graph(
+        self, module: nn.MultiheadAttention, call: Call, ctx: RuleContext
+    ) -> dict[str, ParamStats] | None:
+        """The statistics read from the call's own backward graph (see ``attention_graph.py``):
+        ``out_proj``'s now, ``in_proj``'s when the backward reaches the input projection,
+        which fills in the :class:`ParamStats` returned here before the probe assembles them.
+        ``None`` where the graph does not have exactly the expected shape."""
+        query, grad = call.args[0] if call.args else None, call.grads[0]
+        if (
+            not isinstance(query, Tensor)
+            or query.dim() != 3
+            or grad is None
+            or grad.dtype not in _EXACT_DTYPES
+            or module.in_proj_weight.dtype not in _EXACT_DTYPES
+        ):
+            return None
+        bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
+        key, value = bound.get("key"), bound.get("value")
+        if not (
+            isinstance(key, Tensor)
+            and isinstance(value, Tensor)
+            and _same_tensor(query, key)
+            and _same_tensor(key, value)
+        ):
+            return None  # separate projections of queries, keys and values
+        steps, batch = (query.shape[1], query.shape[0]) if module.batch_first else query.shape[:2]
+        nodes = attention_nodes(current_node(), module, steps * batch)
+        want_in = [n for n in ("in_proj_weight", "in_proj_bias") if n in ctx.want]
+        if nodes is None or (want_in and not will_run(nodes.in_proj)):
+            return None
+        if nodes.core is None and "out_proj.weight" in ctx.want:
+            return None
+        dtype, embed = ctx.dtype, module.embed_dim
+        out: dict[str, ParamStats] = {}
+        # (B, L, E) views of the (L*B, E) rows, and of the module's output gradient.
+        delta = grad if module.batch_first else grad.transpose(0, 1)
+        delta = delta.to(dtype)
+        b_out = module.out_proj.bias
+        b_out = b_out.detach().to(dtype) if b_out is not None else None
+        if "out_proj.weight" in ctx.want:
+            assert nodes.core is not None
+            core = nodes.core.to(dtype).view(steps, batch, embed).transpose(0, 1)
+            if call.output_intact():
+                z = call.outputs[0].to(dtype)
+                z = z if module.batch_first else z.transpose(0, 1)
+                z = z - b_out if b_out is not None else z
+            else:
+                z = core @ module.out_proj.weight.detach().to(dtype).T
+            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
+                core.unsqueeze(2),
+                delta.unsqueeze(2),
+                ctx.need_sum_sq,
+                False,
+                ctx.chunk_elements,
+                need_sum=ctx.need_grad_sum,
+            )
+            out["out_proj.weight"] = ParamStats(
+                dot=_positions_dot(delta, z),
+                sq_norm=sq_norm,
+                sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
+                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
+            )
+        if b_out is not None and "out_proj.bias" in ctx.want:
+            out["out_proj.bias"] = bias_stats(delta.sum(1), b_out, ctx.need_sum_sq, False)
+        if not want_in:
+            return out
+        # Filled in by the hook below. NaN until then: the hook runs in this backward (the
+        # engine said it executes the node), before the probe assembles its statistics.
+        pending = {
+            n: ParamStats(
+                dot=grad.new_full((batch,), float("nan"), dtype=dtype),
+                sq_norm=grad.new_full((batch,), float("nan"), dtype=dtype),
+            )
+            for n in want_in
+        }
+        out.update(pending)
+        handle: list[Any] = []
+
+        def fill(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
+            handle[0].remove()  # one backward only: the graph may be kept for another
+            self._fill_in_proj(
+                module, nodes, grad_inputs, grad_outputs[0], steps, batch, ctx, pending
+            )
+
+        handle.append(nodes.in_proj.register_hook(fill))
+        return out
+
+    @staticmethod
+    def _fill_in_proj(
+        module: nn.MultiheadAttention,
+        nodes: AttentionNodes,
+        grad_inputs: tuple[Tensor | None, ...],
+        dqkv: Tensor | None,
+        steps: int,
+        batch: int,
+        ctx: RuleContext,
+        pending: dict[str, ParamStats],
+    ) -> None:
+        """``in_proj``'s statistics from its input ``(L*B, E)`` and the gradient at its output,
+        ``dqkv`` ``(L*B, 3E)``, into ``pending``'s :class:`ParamStats`."""
+        dtype, embed = ctx.dtype, module.embed_dim
+        weight = module.in_proj_weight.detach()
+        a = nodes.in_input.to(dtype)
+        if dqkv is None:  # autograd's zero
+            dqkv = a.new_zeros(steps * batch, 3 * embed)
+        dqkv = dqkv.to(dtype)
+        if "in_proj_weight" in pending:
+            # <G_i, W> = sum_t dqkv_t . (W a_t) = sum_t (W^T dqkv_t) . a_t: autograd's own
+            # gradient at the input when it formed one.
+            d_a = grad_inputs[nodes.in_input_slot]
+            d_a = d_a.to(dtype) if d_a is not None else dqkv @ weight.to(dtype)
+            a_b = a.view(steps, batch, embed)
+            dot = torch.linalg.vecdot(a_b, d_a.view(steps, batch, embed)).sum(0)
+            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
+                a_b.transpose(0, 1).unsqueeze(2),
+                dqkv.view(steps, batch, 3 * embed).transpose(0, 1).unsqueeze(2),
+                ctx.need_sum_sq,
+                False,
+                ctx.chunk_elements,
+                need_sum=ctx.need_grad_sum,
+            )
+            stats = pending["in_proj_weight"]
+            stats.dot, stats.sq_norm = dot, sq_norm
+            stats.sum_sq = sum_sq.squeeze(0) if sum_sq is not None else None
+            stats.grad_sum = grad_sum.squeeze(0) if grad_sum is not None else None
+        if "in_proj_bias" in pending:
+            bias = module.in_proj_bias
+            assert bias is not None
+            filled = bias_stats(
+                dqkv.view(steps, batch, 3 * embed).sum(0),
+                bias.detach().to(dtype),
+                ctx.need_sum_sq,
+                False,
+            )
+            stats = pending["in_proj_bias"]
+            stats.dot, stats.sq_norm = filled.dot, filled.sq_norm
+            stats.sum_sq, stats.grad_sum = filled.sum_sq, filled.grad_sum
+
+    def _replay(
+        self, module: nn.MultiheadAttention, call: Call, ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        """The statistics from one batched replay of the attention core (see the module
+        docstring), for graphs :meth:`_from_graph` does not read."""
         bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
         bound.apply_defaults()
         arg = bound.arguments
