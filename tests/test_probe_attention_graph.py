@@ -61,6 +61,10 @@ class _SelfAttention(nn.Module):
             mask = torch.zeros(steps, steps, dtype=torch.bool)
             mask[:, -1] = steps > 1  # the last key hidden from every query (if another exists)
             kwargs["attn_mask"] = mask
+        elif self.mask == "per_head":  # (B * heads, T, S): samples and heads interleaved
+            mask = torch.zeros(batch * self.attn.num_heads, steps, steps, dtype=torch.bool)
+            mask[-1, :, 0] = steps > 1
+            kwargs["attn_mask"] = mask
         elif self.mask == "key_padding":
             padding = torch.zeros(batch, steps, dtype=torch.bool)
             padding[0, -1] = steps > 1
@@ -103,7 +107,7 @@ def _replays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     head_dim=st.integers(1, 3),
     batch_first=st.booleans(),
     bias=st.booleans(),
-    mask=st.sampled_from(["none", "causal_float", "is_causal", "bool", "key_padding"]),
+    mask=st.sampled_from(["none", "causal_float", "is_causal", "bool", "per_head", "key_padding"]),
     dropout=st.sampled_from([0.0, 0.3]),
     pre=st.booleans(),
     sum_grad_squared=st.booleans(),
@@ -127,8 +131,8 @@ def test_graph_route_matches_oracle(
     chunk_elements: int,
     seed: int,
 ) -> None:
-    """Masks and dropout are in the graph that is read, so both are exact without a
-    replay."""
+    """Masks (a per-head 3-D one too, which the replay refuses) and dropout are in the graph
+    that is read, so all are exact without a replay."""
     _graph_only(monkeypatch)
     torch.manual_seed(seed)
     embed = heads * head_dim

@@ -181,13 +181,8 @@ class MultiheadAttentionRule(FallbackRule):
             return out
         # Filled in by the hook below. NaN until then: the hook runs in this backward (the
         # engine said it executes the node), before the probe assembles its statistics.
-        pending = {
-            n: ParamStats(
-                dot=grad.new_full((batch,), float("nan"), dtype=dtype),
-                sq_norm=grad.new_full((batch,), float("nan"), dtype=dtype),
-            )
-            for n in want_in
-        }
+        unset = grad.new_full((batch,), float("nan"), dtype=dtype)
+        pending = {n: ParamStats(dot=unset, sq_norm=unset) for n in want_in}
         out.update(pending)
         handle: list[Any] = []
 
