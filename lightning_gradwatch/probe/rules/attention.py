@@ -120,19 +120,19 @@ class MultiheadAttentionRule(FallbackRule):
         ``out_proj``'s now, ``in_proj``'s when the backward reaches the input projection,
         which fills in the :class:`ParamStats` returned here before the probe assembles them.
         ``None`` where the graph does not have exactly the expected shape."""
-        query, grad = call.args[0] if call.args else None, call.grads[0]
+        grad = call.grads[0]
         if (
-            not isinstance(query, Tensor)
-            or query.dim() != 3
-            or grad is None
+            grad is None
             or grad.dtype not in _EXACT_DTYPES
             or module.in_proj_weight.dtype not in _EXACT_DTYPES
         ):
             return None
         bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
-        key, value = bound.get("key"), bound.get("value")
+        query, key, value = bound.get("query"), bound.get("key"), bound.get("value")
         if not (
-            isinstance(key, Tensor)
+            isinstance(query, Tensor)
+            and query.dim() == 3
+            and isinstance(key, Tensor)
             and isinstance(value, Tensor)
             and _same_tensor(query, key)
             and _same_tensor(key, value)
