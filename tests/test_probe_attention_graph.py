@@ -196,23 +196,95 @@ def test_encoder_layer_reads_its_graph(batch_first: bool, monkeypatch: pytest.Mo
 
 
 class _CrossAttention(nn.Module):
-    def __init__(self) -> None:
+    """Queries from the first ``steps`` positions of ``x`` (B, T, E), keys and values from its
+    first ``keys`` positions after a Linear: one tensor for both (``split`` of the packed
+    weight), or a separate value tensor (``chunk`` into three), in either layout, with a mask
+    and dropout (reseeded)."""
+
+    def __init__(
+        self,
+        embed: int,
+        heads: int,
+        batch_first: bool,
+        bias: bool,
+        steps: int,
+        keys: int,
+        shared: bool,
+        mask: str,
+        dropout: float,
+    ) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.memory = nn.Linear(embed, embed)
+        self.attn = nn.MultiheadAttention(
+            embed, heads, dropout=dropout, bias=bias, batch_first=batch_first
+        )
+        self.batch_first, self.keys, self.shared, self.mask = batch_first, keys, shared, mask
+        self.steps = steps
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(x, x[:, :2], x[:, :2], need_weights=False)[0]
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, E) -> (B, steps, E)
+        torch.manual_seed(1234)
+        batch, steps = x.shape[0], self.steps
+        k = self.memory(x[:, : self.keys])
+        v = k if self.shared else torch.tanh(k)
+        q = x[:, :steps]
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        kwargs: dict = {"need_weights": False}
+        if self.mask == "key_padding":
+            padding = torch.zeros(batch, self.keys, dtype=torch.bool)
+            padding[0, -1] = self.keys > 1
+            kwargs["key_padding_mask"] = padding
+        elif self.mask == "attn":
+            kwargs["attn_mask"] = torch.triu(torch.ones(steps, self.keys, dtype=torch.bool), 1) & (
+                torch.arange(self.keys) > 0
+            )
+        out, _ = self.attn(q, k, v, **kwargs)
+        return torch.tanh(out if self.batch_first else out.transpose(0, 1))
 
 
-def test_cross_attention_replays(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Separate projections of queries and keys/values: the core is replayed, exactly."""
-    replays = _replays(monkeypatch)
-    torch.manual_seed(0)
-    model = _CrossAttention().double()
-    x = torch.randn(3, 4, 4, dtype=torch.float64)
-    stats = assert_matches_oracle(model, x, torch.randn_like(x))
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    steps=st.integers(1, 5),
+    keys=st.integers(1, 5),
+    heads=st.integers(1, 2),
+    head_dim=st.integers(1, 3),
+    batch_first=st.booleans(),
+    bias=st.booleans(),
+    shared=st.booleans(),
+    mask=st.sampled_from(["none", "key_padding", "attn"]),
+    dropout=st.sampled_from([0.0, 0.3]),
+    sum_grad_squared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cross_attention_reads_its_graph(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    steps: int,
+    keys: int,
+    heads: int,
+    head_dim: int,
+    batch_first: bool,
+    bias: bool,
+    shared: bool,
+    mask: str,
+    dropout: float,
+    sum_grad_squared: bool,
+    seed: int,
+) -> None:
+    """Queries and keys/values of different lengths, projected by row blocks of the packed
+    weight: every block's product is read, and the blocks stack up to the whole weight."""
+    _graph_only(monkeypatch)
+    torch.manual_seed(seed)
+    embed = heads * head_dim
+    model = _CrossAttention(
+        embed, heads, batch_first, bias, steps, keys, shared, mask, dropout
+    ).double()
+    x = torch.randn(batch, max(steps, keys), embed, dtype=torch.float64)
+    target = torch.randn(batch, steps, embed, dtype=torch.float64)
+    stats = assert_matches_oracle(model, x, target, sum_grad_squared=sum_grad_squared)
     assert not stats.excluded
-    assert replays
+    assert "attn.in_proj_weight" in stats.sq_norm
 
 
 def test_unrecognised_graph_replays(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._linalg import bias_stats, outer_product_moments, rowdot
-from ..attention_graph import AttentionNodes, attention_nodes
+from ..attention_graph import Projection, attention_nodes
 from ..call_edges import current_node, will_run
 from ..registry import Call, ParamStats, RuleContext, SkipModule, register_rule
 from .fallback import FallbackRule
@@ -35,6 +35,43 @@ from .fallback import FallbackRule
 #: Dtypes whose gradients autograd forms as the per-sample algebra does (16-bit ones are
 #: rounded differently from a float32 replay: they keep the replay's behaviour).
 _EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def _combine(
+    parts: dict[int, dict[str, ParamStats]],
+    pending: dict[str, ParamStats],
+    bias: Tensor | None,
+    ctx: RuleContext,
+) -> None:
+    """``in_proj``'s statistics from its projections' shares (keyed by their first row) into
+    ``pending``: the per-sample terms add up, the row blocks of the sums stack up."""
+    ordered = [parts[start] for start in sorted(parts)]
+
+    def stacked(blocks: list[Tensor], dim: int) -> Tensor:
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim)
+
+    if "in_proj_weight" in pending:
+        shares = [p["in_proj_weight"] for p in ordered]
+        stats = pending["in_proj_weight"]
+        stats.dot, stats.sq_norm = shares[0].dot, shares[0].sq_norm
+        for share in shares[1:]:
+            stats.dot = stats.dot + share.dot
+            stats.sq_norm = stats.sq_norm + share.sq_norm
+        sums = [s.sum_sq for s in shares]
+        stats.sum_sq = stacked(sums, 0) if all(t is not None for t in sums) else None
+        grad_sums = [s.grad_sum for s in shares]
+        stats.grad_sum = stacked(grad_sums, 0) if all(t is not None for t in grad_sums) else None
+    if "in_proj_bias" in pending:
+        assert bias is not None
+        filled = bias_stats(
+            stacked([p["in_proj_bias"].dot for p in ordered], 1),
+            bias.detach().to(ctx.dtype),
+            ctx.need_sum_sq,
+            False,
+        )
+        stats = pending["in_proj_bias"]
+        stats.dot, stats.sq_norm = filled.dot, filled.sq_norm
+        stats.sum_sq, stats.grad_sum = filled.sum_sq, filled.grad_sum
 
 
 def _positions_dot(delta: Tensor, z: Tensor) -> Tensor:
@@ -117,7 +154,7 @@ class MultiheadAttentionRule(FallbackRule):
         self, module: nn.MultiheadAttention, call: Call, ctx: RuleContext
     ) -> dict[str, ParamStats] | None:
         """The statistics read from the call's own backward graph (see ``attention_graph.py``):
-        ``out_proj``'s now, ``in_proj``'s when the backward reaches the input projection,
+        ``out_proj``'s now, ``in_proj``'s when the backward has run every input projection,
         which fills in the :class:`ParamStats` returned here before the probe assembles them.
         ``None`` where the graph does not have exactly the expected shape."""
         grad = call.grads[0]
@@ -128,20 +165,14 @@ class MultiheadAttentionRule(FallbackRule):
         ):
             return None
         bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
-        query, key, value = bound.get("query"), bound.get("key"), bound.get("value")
-        if not (
-            isinstance(query, Tensor)
-            and query.dim() == 3
-            and isinstance(key, Tensor)
-            and isinstance(value, Tensor)
-            and _same_tensor(query, key)
-            and _same_tensor(key, value)
-        ):
-            return None  # separate projections of queries, keys and values
+        query, key = bound.get("query"), bound.get("key")
+        if not (isinstance(query, Tensor) and query.dim() == 3 and isinstance(key, Tensor)):
+            return None
         steps, batch = (query.shape[1], query.shape[0]) if module.batch_first else query.shape[:2]
-        nodes = attention_nodes(current_node(), module, steps * batch)
+        keys = key.shape[1] if module.batch_first else key.shape[0]
+        nodes = attention_nodes(current_node(), module, steps * batch, keys * batch)
         want_in = [n for n in ("in_proj_weight", "in_proj_bias") if n in ctx.want]
-        if nodes is None or (want_in and not will_run(nodes.in_proj)):
+        if nodes is None or (want_in and not all(will_run(p.node) for p in nodes.projections)):
             return None
         if nodes.core is None and "out_proj.weight" in ctx.want:
             return None
@@ -179,72 +210,81 @@ class MultiheadAttentionRule(FallbackRule):
             out["out_proj.bias"] = bias_stats(delta.sum(1), b_out, ctx.need_sum_sq, False)
         if not want_in:
             return out
-        # Filled in by the hook below. NaN until then: the hook runs in this backward (the
-        # engine said it executes the node), before the probe assembles its statistics.
+        # Filled in once the hooks below have all run. NaN until then: they run in this
+        # backward (the engine said it executes their nodes), before the probe assembles.
         unset = grad.new_full((batch,), float("nan"), dtype=dtype)
         pending = {n: ParamStats(dot=unset, sq_norm=unset) for n in want_in}
         out.update(pending)
-        handle: list[Any] = []
+        parts: dict[int, dict[str, ParamStats]] = {}
+        for projection in nodes.projections:
+            handle: list[Any] = []
 
-        def fill(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
-            handle[0].remove()  # one backward only: the graph may be kept for another
-            self._fill_in_proj(
-                module, nodes, grad_inputs, grad_outputs[0], steps, batch, ctx, pending
-            )
+            def fill(
+                grad_inputs: tuple[Tensor | None, ...],
+                grad_outputs: tuple[Tensor | None, ...],
+                projection: Projection = projection,
+                handle: list[Any] = handle,
+            ) -> None:
+                handle[0].remove()  # one backward only: the graph may be kept for another
+                parts[projection.start] = self._fill_in_proj(
+                    module, projection, grad_inputs, grad_outputs[0], batch, ctx, want_in
+                )
+                if len(parts) == len(nodes.projections):
+                    _combine(parts, pending, module.in_proj_bias, ctx)
 
-        handle.append(nodes.in_proj.register_hook(fill))
+            handle.append(projection.node.register_hook(fill))
         return out
 
     @staticmethod
     def _fill_in_proj(
         module: nn.MultiheadAttention,
-        nodes: AttentionNodes,
+        projection: Projection,
         grad_inputs: tuple[Tensor | None, ...],
-        dqkv: Tensor | None,
-        steps: int,
+        grad_rows: Tensor | None,
         batch: int,
         ctx: RuleContext,
-        pending: dict[str, ParamStats],
-    ) -> None:
-        """``in_proj``'s statistics from its input ``(L*B, E)`` and the gradient at its output,
-        ``dqkv`` ``(L*B, 3E)``, into ``pending``'s :class:`ParamStats`."""
+        want: list[str],
+    ) -> dict[str, ParamStats]:
+        """One input projection's share of ``in_proj``'s statistics (its rows of the
+        per-sample gradients), from its input ``(n*B, E)`` and the gradient at its output
+        ``grad_rows`` ``(n*B, R)``: ``sum_sq``/``grad_sum`` hold its ``R`` rows only, ``dot``
+        and ``sq_norm`` its terms of the sums over rows."""
         dtype, embed = ctx.dtype, module.embed_dim
-        weight = module.in_proj_weight.detach()
-        a = nodes.in_input.to(dtype)
-        if dqkv is None:  # autograd's zero
-            dqkv = a.new_zeros(steps * batch, 3 * embed)
-        dqkv = dqkv.to(dtype)
-        if "in_proj_weight" in pending:
-            # <G_i, W> = sum_t dqkv_t . (W a_t) = sum_t (W^T dqkv_t) . a_t: autograd's own
-            # gradient at the input when it formed one.
-            d_a = grad_inputs[nodes.in_input_slot]
-            d_a = d_a.to(dtype) if d_a is not None else dqkv @ weight.to(dtype)
+        rows = projection.stop - projection.start
+        a = projection.input.to(dtype)
+        steps = a.shape[0] // batch
+        if grad_rows is None:  # autograd's zero
+            grad_rows = a.new_zeros(a.shape[0], rows)
+        d = grad_rows.to(dtype).view(steps, batch, rows)
+        out: dict[str, ParamStats] = {}
+        if "in_proj_weight" in want:
+            weight = module.in_proj_weight.detach()[projection.start : projection.stop]
+            # <G_i, W> = sum_t d_t . (W a_t) = sum_t (W^T d_t) . a_t: autograd's own gradient
+            # at the input when it formed one.
+            d_a = grad_inputs[projection.input_slot]
+            if d_a is None:
+                d_a = grad_rows.to(dtype) @ weight.to(dtype)
             a_b = a.view(steps, batch, embed)
-            dot = torch.linalg.vecdot(a_b, d_a.view(steps, batch, embed)).sum(0)
+            dot = torch.linalg.vecdot(a_b, d_a.to(dtype).view(steps, batch, embed)).sum(0)
             sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                 a_b.transpose(0, 1).unsqueeze(2),
-                dqkv.view(steps, batch, 3 * embed).transpose(0, 1).unsqueeze(2),
+                d.transpose(0, 1).unsqueeze(2),
                 ctx.need_sum_sq,
                 False,
                 ctx.chunk_elements,
                 need_sum=ctx.need_grad_sum,
             )
-            stats = pending["in_proj_weight"]
-            stats.dot, stats.sq_norm = dot, sq_norm
-            stats.sum_sq = sum_sq.squeeze(0) if sum_sq is not None else None
-            stats.grad_sum = grad_sum.squeeze(0) if grad_sum is not None else None
-        if "in_proj_bias" in pending:
-            bias = module.in_proj_bias
-            assert bias is not None
-            filled = bias_stats(
-                dqkv.view(steps, batch, 3 * embed).sum(0),
-                bias.detach().to(dtype),
-                ctx.need_sum_sq,
-                False,
+            out["in_proj_weight"] = ParamStats(
+                dot=dot,
+                sq_norm=sq_norm,
+                sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
+                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
             )
-            stats = pending["in_proj_bias"]
-            stats.dot, stats.sq_norm = filled.dot, filled.sq_norm
-            stats.sum_sq, stats.grad_sum = filled.sum_sq, filled.grad_sum
+        if "in_proj_bias" in want:
+            # Per-sample rows of the bias gradient, (B, R): squared and combined later.
+            bias_rows = d.sum(0)
+            out["in_proj_bias"] = ParamStats(dot=bias_rows, sq_norm=bias_rows)
+        return out
 
     def _replay(
         self, module: nn.MultiheadAttention, call: Call, ctx: RuleContext
