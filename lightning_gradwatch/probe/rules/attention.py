@@ -6,15 +6,21 @@ parameter beneath the module.
 
 Both projections are linear maps applied per position, so their per-sample gradients are the
 usual ``sum_t delta_t a_t^T``. Only the backprops at the projected queries, keys and values are
-hidden inside the functional call. The rule recovers them by replaying the attention core once,
-batched, on the projected inputs (identity projections, which are exact in floating point) and
-taking one vector-Jacobian product. That costs about one attention forward and backward, far
-less than replaying the module per sample.
+hidden inside the functional call. Autograd has them: the rule reads them, with the
+projections' inputs, from the call's own backward graph (``attention_graph.py``), so nothing
+is recomputed and masks, dropout and the core's kernel do not matter.
 
-Configurations the replay does not mirror (``add_bias_kv``, ``add_zero_attn``, separate
-q/k/v projection weights, gradients flowing into the returned attention weights, the module
-called several times in one forward, or parameters shared with another module) use the generic
-per-sample ``torch.func`` replay of :class:`FallbackRule`.
+Where that graph is not read (a call whose gradients all arrive only at the end of the
+backward, such as one returning attention weights nobody uses; 16-bit precision; a graph of
+another shape), the rule recovers the backprops by replaying the attention core once, batched,
+on the projected inputs (identity projections, which are exact in floating point) and taking
+one vector-Jacobian product: about one attention forward and backward, far less than
+replaying the module per sample.
+
+Configurations neither mirrors (``add_bias_kv``, ``add_zero_attn``, separate q/k/v projection
+weights, the module called several times in one forward, parameters shared with another
+module, and for the replay also dropout and gradients flowing into the returned attention
+weights) use the generic per-sample ``torch.func`` replay of :class:`FallbackRule`.
 """
 
 from __future__ import annotations
