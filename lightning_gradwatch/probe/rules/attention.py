@@ -43,8 +43,13 @@ from .fallback import FallbackRule
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
 
+#: One input projection's share of ``in_proj``'s statistics: the weight's (its row block of
+#: the sums, its terms of the per-sample sums) and the bias's per-sample rows ``(B, R)``.
+_Share = tuple[ParamStats | None, Tensor | None]
+
+
 def _combine(
-    parts: dict[int, dict[str, ParamStats]],
+    parts: dict[int, _Share],
     pending: dict[str, ParamStats],
     bias: Tensor | None,
     ctx: RuleContext,
@@ -57,7 +62,7 @@ def _combine(
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim)
 
     if "in_proj_weight" in pending:
-        shares = [p["in_proj_weight"] for p in ordered]
+        shares = [weight for weight, _ in ordered if weight is not None]
         stats = pending["in_proj_weight"]
         stats.dot, stats.sq_norm = shares[0].dot, shares[0].sq_norm
         for share in shares[1:]:
@@ -70,7 +75,7 @@ def _combine(
     if "in_proj_bias" in pending:
         assert bias is not None
         filled = bias_stats(
-            stacked([p["in_proj_bias"].dot for p in ordered], 1),
+            stacked([rows for _, rows in ordered if rows is not None], 1),
             bias.detach().to(ctx.dtype),
             ctx.need_sum_sq,
             False,
@@ -221,7 +226,7 @@ class MultiheadAttentionRule(FallbackRule):
         unset = grad.new_full((batch,), float("nan"), dtype=dtype)
         pending = {n: ParamStats(dot=unset, sq_norm=unset) for n in want_in}
         out.update(pending)
-        parts: dict[int, dict[str, ParamStats]] = {}
+        parts: dict[int, _Share] = {}
         for projection in nodes.projections:
             handle: list[Any] = []
 
@@ -250,11 +255,12 @@ class MultiheadAttentionRule(FallbackRule):
         batch: int,
         ctx: RuleContext,
         want: list[str],
-    ) -> dict[str, ParamStats]:
+    ) -> _Share:
         """One input projection's share of ``in_proj``'s statistics (its rows of the
         per-sample gradients), from its input ``(n*B, E)`` and the gradient at its output
-        ``grad_rows`` ``(n*B, R)``: ``sum_sq``/``grad_sum`` hold its ``R`` rows only, ``dot``
-        and ``sq_norm`` its terms of the sums over rows."""
+        ``grad_rows`` ``(n*B, R)``: the weight's ``sum_sq``/``grad_sum`` hold its ``R`` rows
+        only, ``dot`` and ``sq_norm`` its terms of the sums over rows; the bias's per-sample
+        gradient rows ``(B, R)``."""
         dtype, embed = ctx.dtype, module.embed_dim
         rows = projection.stop - projection.start
         a = projection.input.to(dtype)
@@ -262,7 +268,7 @@ class MultiheadAttentionRule(FallbackRule):
         if grad_rows is None:  # autograd's zero
             grad_rows = a.new_zeros(a.shape[0], rows)
         d = grad_rows.to(dtype).view(steps, batch, rows)
-        out: dict[str, ParamStats] = {}
+        weight_share = bias_rows = None
         if "in_proj_weight" in want:
             weight = module.in_proj_weight.detach()[projection.start : projection.stop]
             # <G_i, W> = sum_t d_t . (W a_t) = sum_t (W^T d_t) . a_t: autograd's own gradient
@@ -280,17 +286,15 @@ class MultiheadAttentionRule(FallbackRule):
                 ctx.chunk_elements,
                 need_sum=ctx.need_grad_sum,
             )
-            out["in_proj_weight"] = ParamStats(
+            weight_share = ParamStats(
                 dot=dot,
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
                 grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
             )
         if "in_proj_bias" in want:
-            # Per-sample rows of the bias gradient, (B, R): squared and combined later.
-            bias_rows = d.sum(0)
-            out["in_proj_bias"] = ParamStats(dot=bias_rows, sq_norm=bias_rows)
-        return out
+            bias_rows = d.sum(0)  # (B, R): squared once every block is in
+        return weight_share, bias_rows
 
     def _replay(
         self, module: nn.MultiheadAttention, call: Call, ctx: RuleContext
