@@ -337,3 +337,26 @@ def test_graph_hook_is_one_shot(monkeypatch: pytest.MonkeyPatch) -> None:
     assert probe.stats is not None and "attn.in_proj_weight" in probe.stats.names
     loss.backward()
     assert fills == [1]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("cross", [False, True])
+def test_graph_route_forms_its_own_batch_gradient(
+    cross: bool, shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the probe cannot take ``grad_sum`` from autograd's whole gradient (a later step,
+    or a use outside the modules), the rule forms it: from the projections' own weight edges
+    for ``in_proj``, which must be exactly this call's part."""
+    from lightning_gradwatch.probe.finalize import _Finalize
+
+    monkeypatch.setattr(_Finalize, "_autograd_sum_exact", lambda *args: False)
+    _graph_only(monkeypatch)
+    torch.manual_seed(0)
+    if cross:
+        model = _CrossAttention(4, 2, True, True, 3, 2, shared, "none", 0.0).double()
+    else:
+        model = _SelfAttention(4, 2, shared, True, "bool", 0.0, False, True).double()
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    target = torch.randn(3, 3 if cross else 4, 4, dtype=torch.float64)
+    stats = assert_matches_oracle(model, x, target, sum_grad_squared=True)
+    assert not stats.excluded

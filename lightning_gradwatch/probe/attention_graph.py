@@ -51,12 +51,15 @@ class Projection:
             start)``, the backprop at the projected rows.
         input: ``(n*B, E)`` the projection's input, as the product saved it.
         input_slot: the slot of ``node``'s gradient inputs holding the gradient of ``input``.
+        weight_slot: the slot holding the gradient of the transposed weight rows ``(E, R)``,
+            this call's part of the batch gradient of those rows.
         start, stop: the rows of ``in_proj_weight`` (and ``in_proj_bias``) it uses.
     """
 
     node: Any
     input: Tensor
     input_slot: int
+    weight_slot: int
     start: int
     stop: int
 
@@ -222,7 +225,8 @@ def attention_nodes(
         expected = query_rows if rows[0] == 0 else key_rows
         if saved is None or saved.shape != (expected, module.embed_dim):
             return None
-        projections.append(Projection(product, saved, input_slot, *rows))
+        weight_slot = _LAYER_NODES[product.name()][2][-1]
+        projections.append(Projection(product, saved, input_slot, weight_slot, *rows))
     if in_b is not None and len(bias_adds) != mm_products:
         return None  # the bias is used elsewhere in the call too
     return AttentionNodes(core, projections)

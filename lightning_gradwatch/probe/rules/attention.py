@@ -278,14 +278,21 @@ class MultiheadAttentionRule(FallbackRule):
                 d_a = grad_rows.to(dtype) @ weight.to(dtype)
             a_b = a.view(steps, batch, embed)
             dot = torch.linalg.vecdot(a_b, d_a.to(dtype).view(steps, batch, embed)).sum(0)
+            # The batch gradient of these rows: autograd formed exactly this call's part of it
+            # at the weight edge (float32/64 only come here). A copy, so that nothing autograd
+            # later does with its tensor reaches it.
+            edge_sum = grad_inputs[projection.weight_slot] if ctx.need_sum_sq else None
             sq_norm, sum_sq, _, grad_sum = outer_product_moments(
                 a_b.transpose(0, 1).unsqueeze(2),
                 d.transpose(0, 1).unsqueeze(2),
                 ctx.need_sum_sq,
                 False,
                 ctx.chunk_elements,
-                need_sum=ctx.need_grad_sum,
+                need_sum=ctx.need_grad_sum and edge_sum is None,
             )
+            if edge_sum is not None and ctx.need_grad_sum:
+                grad_sum = edge_sum.t().to(dtype).clone(memory_format=torch.contiguous_format)
+                grad_sum = grad_sum.unsqueeze(0)
             weight_share = ParamStats(
                 dot=dot,
                 sq_norm=sq_norm,
