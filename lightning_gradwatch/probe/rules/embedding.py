@@ -1,14 +1,15 @@
 """``nn.Embedding``: sparse per-sample gradients, with repeated indices and ``padding_idx``.
 
 Row ``k`` of ``G_i`` is the sum of ``delta_it`` over the positions where ``idx_it = k``. The
-rule sums the backprops per (sample, row) pair with one ``index_add`` over the unique pairs,
-so repeated indices are summed before squaring and nothing of size ``B x V`` is formed.
+rule sums the backprops per (sample, row) pair with one ``index_add`` over the runs of equal
+pairs in sorted order, so repeated indices are summed before squaring and nothing of size
+``B x V`` is formed.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._linalg import require_one_batch, rowdot, stats_from_grad_sample
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
@@ -23,6 +24,24 @@ def frequency_scaling_reason(module: nn.Module) -> str | None:
             "whole batch, so a sample's gradient depends on the other samples"
         )
     return None
+
+
+def segment_sum(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct ``keys`` ``(m,)`` and the sum of ``values`` (``(m,)`` or ``(m, D)``) over
+    each, padded to ``m`` segments: the segments past the number of distinct keys hold key 0
+    and value 0, which add nothing wherever they are added.
+
+    ``torch.unique`` would give exactly the distinct keys, but their number depends on the
+    data, so it reads it to the host (a synchronisation on every step on an accelerator);
+    sorting and numbering the runs of equal keys keeps every size fixed.
+    """
+    ordered, order = keys.sort()
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    segment = starts.cumsum(0) - 1  # the run of equal keys each sorted entry belongs to
+    distinct = torch.zeros_like(ordered).scatter_(0, segment, ordered)
+    sums = values.new_zeros(values.shape).index_add_(0, segment, values[order])
+    return distinct, sums
 
 
 @register_rule(nn.Embedding)
@@ -79,12 +98,10 @@ class EmbeddingRule(LayerRule):
             stats.dot = dot
             return {"weight": stats}
 
-        # One key per (sample, row); segment-sum the backprops over each key.
+        # One key per (sample, row); segment-sum the backprops over each key (padded to one
+        # segment per position, so that no size depends on the data).
         keys = (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1)
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        segment = delta.new_zeros(unique_keys.numel(), dim).index_add_(
-            0, inverse, delta.reshape(-1, dim)
-        )
+        unique_keys, segment = segment_sum(keys, delta.reshape(-1, dim))
         segment_sq = segment.pow(2)
         sq_norm = delta.new_zeros(batch).index_add_(
             0, torch.div(unique_keys, vocab, rounding_mode="floor"), segment_sq.sum(1)

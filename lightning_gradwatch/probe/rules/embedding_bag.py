@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .._linalg import rowdot
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
-from .embedding import frequency_scaling_reason
+from .embedding import frequency_scaling_reason, segment_sum
 
 _MAX_MODE = 2  # torch.embedding_bag's code for mode="max"
 
@@ -119,7 +119,7 @@ class EmbeddingBagRule(LayerRule):
         keep = "weight" in ctx.need_grad_sample
         grad_sample = weight.new_zeros(batch, vocab, dim) if keep else None
         if row_keys:
-            keys, values = _segment_sum(torch.cat(row_keys), torch.cat(row_values))
+            keys, values = segment_sum(torch.cat(row_keys), torch.cat(row_values))
             squares = values.pow(2)
             sq_norm.index_add_(0, torch.div(keys, vocab, rounding_mode="floor"), squares.sum(1))
             if sum_sq is not None:
@@ -129,7 +129,7 @@ class EmbeddingBagRule(LayerRule):
             if grad_sample is not None:
                 grad_sample.view(batch * vocab, dim).index_add_(0, keys, values)
         if cell_keys:
-            keys, values = _segment_sum(torch.cat(cell_keys), torch.cat(cell_values))
+            keys, values = segment_sum(torch.cat(cell_keys), torch.cat(cell_values))
             squares = values.pow(2)
             size = vocab * dim
             sq_norm.index_add_(0, torch.div(keys, size, rounding_mode="floor"), squares)
@@ -209,21 +209,3 @@ def _max_rows(
         module.padding_idx,  # None: no padding (a negative value would count from the end)
     )
     return max_indices, bag_size
-
-
-def _segment_sum(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """The distinct ``keys`` ``(m,)`` and the sum of ``values`` (``(m,)`` or ``(m, D)``) over
-    each, padded to ``m`` segments: the segments past the number of distinct keys hold key 0
-    and value 0, which add nothing wherever they are added.
-
-    ``torch.unique`` would give exactly the distinct keys, but their number depends on the
-    data, so it reads it to the host (a synchronisation on every step on an accelerator);
-    sorting and numbering the runs of equal keys keeps every size fixed.
-    """
-    ordered, order = keys.sort()
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    segment = starts.cumsum(0) - 1  # the run of equal keys each sorted entry belongs to
-    distinct = torch.zeros_like(ordered).scatter_(0, segment, ordered)
-    sums = values.new_zeros(values.shape).index_add_(0, segment, values[order])
-    return distinct, sums

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._linalg import require_one_batch, stats_from_grad_sample
+from ..call_edges import current_node
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 
 
@@ -20,6 +21,12 @@ class _AffineNormRule(LayerRule):
 
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def saved_normalised(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """``xhat`` from the statistics the forward saved for its backward, when the node being
+        run (the call's output's ``grad_fn``) has them for exactly ``x``; ``None`` (recompute
+        with :meth:`normalise`) by default."""
+        return None
 
     def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
         """Dims of ``(B, ...)`` summed to get a per-sample gradient of the parameter's shape."""
@@ -38,7 +45,9 @@ class _AffineNormRule(LayerRule):
             dims = self.reduce_dims(module, x)
             delta = grad.to(ctx.dtype)
             if "weight" in ctx.want:
-                xhat = self.normalise(module, x)
+                xhat = self.saved_normalised(module, x) if len(calls) == 1 else None
+                if xhat is None:
+                    xhat = self.normalise(module, x)
                 weight_grads.append((delta * xhat).sum(dims) if dims else delta * xhat)
             if "bias" in ctx.want:
                 bias_grads.append(delta.sum(dims) if dims else delta)
@@ -67,6 +76,31 @@ class LayerNormRule(_AffineNormRule):
     def normalise(self, module: nn.Module, x: Tensor) -> Tensor:
         assert isinstance(module, nn.LayerNorm)
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def saved_normalised(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """``(x - mean) * rstd`` with the mean and reciprocal deviation the layer-norm kernel
+        saved, which is how its backward forms ``xhat``: one elementwise pass instead of a
+        second normalisation (four times as long on a CPU)."""
+        node = current_node()
+        if node is None or node.name() != "NativeLayerNormBackward0":
+            return None
+        try:  # freed by an earlier backward through a kept graph
+            saved, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
+        except RuntimeError:
+            return None
+        if not (
+            isinstance(saved, Tensor)
+            and saved.data_ptr() == x.data_ptr()
+            and saved.shape == x.shape
+            and saved.stride() == x.stride()
+            and saved.dtype == x.dtype  # not a cast copy (autocast): those statistics differ
+            and isinstance(mean, Tensor)
+            and isinstance(rstd, Tensor)
+            and mean.shape == rstd.shape
+            and mean.dim() == x.dim()
+        ):
+            return None  # not this call's own normalisation: recompute
+        return (x - mean.to(x.dtype)) * rstd.to(x.dtype)
 
     def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
         assert isinstance(module, nn.LayerNorm)
