@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_gradwatch.probe import _conv_linalg
 from lightning_gradwatch.probe.rules import conv as conv_rule
 
 SETTINGS = settings(
@@ -39,7 +38,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 @SETTINGS
 @given(
-    mode=st.sampled_from(["offsets", "stacked", "older"]),
+    mode=st.sampled_from(["windows", "offsets", "older"]),
     nd=st.integers(1, 3),
     batch=st.integers(1, 3),
     groups=st.integers(1, 3),
@@ -115,7 +114,8 @@ def test_conv_routes_property(
 
 @pytest.mark.parametrize("sum_grad_squared", [False, True])
 def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
-    """Both forms as the rule picks them (2 and 16 input channels), stride 2, in one model."""
+    """A thin layer (2 input channels, no per-offset candidate) and a wide strided one (16,
+    stride 2) in one model, through the timed steps."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv1d(2, 16, 3, padding=1),
@@ -125,7 +125,7 @@ def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
         nn.Flatten(),
         nn.Linear(16 * 5, 3),
     ).double()
-    assert model[0].in_channels < _conv_linalg.OFFSET_MIN_CHANNELS <= model[2].in_channels
+    assert model[0].in_channels < conv_rule.OFFSET_MIN_CHANNELS <= model[2].in_channels
     x = torch.randn(5, 2, 10, dtype=torch.float64)
     assert_matches_oracle(
         model, x, _target(model, x, 1), sum_grad_squared=sum_grad_squared, chunk_elements=300

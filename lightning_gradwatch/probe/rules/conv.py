@@ -3,9 +3,11 @@ mode), dilation and groups.
 
 The weight gradient is an outer product over input patches. Exact routes:
 
-- ``"offsets"`` and ``"stacked"`` (one call of the module, see :mod:`.._conv_linalg`): one
-  batched product per kernel offset on a window of the padded input, or the windows of all
-  offsets stacked into one product (thin layers);
+- ``"windows"`` (one call of the module, see :mod:`.._conv_windows`): a chunk of samples'
+  input windows copied into a patch buffer, one copy per kernel offset, then one batched
+  product gives their gradients;
+- ``"offsets"`` (one call, see :mod:`.._conv_linalg`): one batched product per kernel offset on
+  a window of the padded input split into its stride phases, no patch buffer;
 - ``"grouped"`` (2-D and 3-D): per-sample weight gradients, a chunk of samples at a time, from
   one grouped convolution backward (``groups = samples * G``);
 - ``"unfold"`` (1-D): the input unfolded to ``(B, L, G, C_in/G * k)`` patches and the Linear
@@ -24,7 +26,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._conv_linalg import OFFSET_MIN_CHANNELS, offset_moments, pad_input
+from .._conv_linalg import offset_moments, pad_input
+from .._conv_windows import window_moments
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -114,14 +117,23 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
 ROUTES = RouteTimer()
 
 
+#: Fewer input channels per group than this leave ``"offsets"`` out of the timed routes: each
+#: of its products would have that many rows (one input channel: a matrix-vector product per
+#: sample), measured several times slower than the other routes.
+OFFSET_MIN_CHANNELS = 8
+
+
 def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
     """The exact routes timed for one call without kept per-sample gradients, the default
-    (used where nothing is timed) first: one product per kernel offset (``"offsets"``) or, for
-    thin layers, the windows of all offsets stacked into one product (``"stacked"``; each is
-    far slower than the other on the other kind of layer, measured), then the older route, the
-    grouped convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
-    wide = conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS
-    return ("offsets" if wide else "stacked", "grouped" if len(conv.kernel_size) >= 2 else "unfold")
+    (used where nothing is timed) first: the patch buffer (``"windows"``, the fastest on every
+    layer of the benchmark models, measured on a CPU), then one product per offset
+    (``"offsets"``; not for fewer than :data:`OFFSET_MIN_CHANNELS` input channels per group,
+    where those products are matrix-vector-thin), then the grouped convolution backward (N-d,
+    ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    older = "grouped" if len(conv.kernel_size) >= 2 else "unfold"
+    if conv.in_channels // conv.groups < OFFSET_MIN_CHANNELS:
+        return ("windows", older)
+    return ("windows", "offsets", older)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -154,14 +166,14 @@ class ConvRule(LayerRule):
     def _compute(
         self, module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext, route: str
     ) -> dict[str, ParamStats]:
-        """The statistics by one route (see :func:`candidate_routes`); ``"offsets"`` and
-        ``"stacked"`` take one call."""
+        """The statistics by one route (see :func:`candidate_routes`); ``"windows"`` and
+        ``"offsets"`` take one call."""
         nd = len(module.kernel_size)
         weight = module.weight.detach().to(ctx.dtype)
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        offset_route = "weight" in ctx.want and route in ("offsets", "stacked")
+        offset_route = "weight" in ctx.want and route in ("offsets", "windows")
         grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
@@ -178,9 +190,10 @@ class ConvRule(LayerRule):
             delta = grad.to(ctx.dtype)  # (B, C_out, *O)
             bias_grad = delta.flatten(2).sum(2)  # (B, C_out)
             bias_grads.append(bias_grad)
-            if "weight" in ctx.want and not grouped_route:
-                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped route forms
-                # G_i anyway, and G_i . W reads weight-sized rows instead of output-sized ones.)
+            if "weight" in ctx.want and route not in ("grouped", "windows"):
+                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped and windows
+                # routes form G_i anyway, and G_i . W reads weight-sized rows instead of
+                # output-sized ones.)
                 if call.output_intact():
                     dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
                     dots.append(dot - bias_grad @ bias if bias is not None else dot)
@@ -204,6 +217,17 @@ class ConvRule(LayerRule):
             out["weight"] = self._grouped_weight_stats(
                 module, padded_inputs, deltas, ctx, padding or 0
             )
+        elif offset_route and route == "windows":
+            dot, sq_norm, sum_sq, grad_sum = window_moments(
+                padded_inputs[0],
+                deltas[0],
+                module,
+                weight,
+                ctx.need_sum_sq,
+                ctx.need_grad_sum,
+                ctx.chunk_elements,
+            )
+            out["weight"] = ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum)
         elif offset_route:
             sq_norm, sum_sq, grad_sum = offset_moments(
                 padded_inputs[0],
@@ -212,7 +236,6 @@ class ConvRule(LayerRule):
                 ctx.need_sum_sq,
                 ctx.need_grad_sum,
                 ctx.chunk_elements,
-                stacked=route == "stacked",
             )
             out["weight"] = ParamStats(
                 dot=dots[0], sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum
