@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._linalg import chunk_size, row_sq_norm
 
+
 def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     """The input as the convolution sees it after padding, so that its own padding is zero.
 

@@ -39,9 +39,6 @@ from .._linalg import (
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 from ..route_timing import RouteTimer
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
-_WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
-
 
 def zero_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
     """The convolution's padding when it is symmetric zero padding the backend can apply
@@ -72,16 +69,25 @@ def per_sample_weight_grads(
         padding: zero padding the backend applies to ``x_padded``.
     """
     n = x_padded.shape[0]
+    nd = x_padded.dim() - 2
     weight_shape = conv.weight.shape
-    grads = _WEIGHT_GRAD[x_padded.dim() - 2](
-        x_padded.reshape(1, -1, *x_padded.shape[2:]),
-        (n * weight_shape[0], *weight_shape[1:]),
+    # The backward reads only the weight's shape, but a stride-0 stand-in (what
+    # ``torch.nn.grad.conv*_weight`` passes) is first copied whole into a contiguous one by the
+    # CPU backend; an uninitialised contiguous one is never written or read.
+    weight = delta.new_empty(n * weight_shape[0], *weight_shape[1:])
+    grads = torch.ops.aten.convolution_backward(
         delta.reshape(1, -1, *delta.shape[2:]),
-        stride=conv.stride,
-        padding=padding,
-        dilation=conv.dilation,
-        groups=n * conv.groups,
-    )
+        x_padded.reshape(1, -1, *x_padded.shape[2:]),
+        weight,
+        None,
+        conv.stride,
+        padding if isinstance(padding, tuple) else (padding,) * nd,
+        conv.dilation,
+        False,
+        (0,) * nd,
+        n * conv.groups,
+        (False, True, False),
+    )[1]
     return grads.view(n, *weight_shape)
 
 
@@ -112,6 +118,13 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     # batched matmul on it fall back to a loop over samples (8x slower measured on CPU).
     return x.reshape(batch, -1, channels * math.prod(kernel)).contiguous()
 
+
+#: Bound on the elements of the per-sample gradients one grouped backward forms (besides the
+#: probe's own bound): 2 MiB in float32. Whole-batch products of a wide layer (64 samples of a
+#: 64-channel 3x3 convolution: 9 MiB, and the backend's workspace with them) were measured up
+#: to twice as slow on a CPU, their fresh pages faulted in on every call; chunks this size
+#: were not slower on any benchmark layer.
+GROUPED_CHUNK_ELEMENTS = 2**19
 
 #: Times the exact routes of each convolution on its first steps and keeps the fastest.
 ROUTES = RouteTimer()
@@ -277,7 +290,8 @@ class ConvRule(LayerRule):
         weight = module.weight.detach().to(ctx.dtype)
         flat_weight = weight.reshape(-1)
         batch = inputs[0].shape[0]
-        step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
+        budget = min(ctx.chunk_elements, GROUPED_CHUNK_ELEMENTS)
+        step = chunk_size(batch, weight.numel(), budget)
         keep = "weight" in ctx.need_grad_sample
         dot = flat_weight.new_empty(batch)
         sq_norm = flat_weight.new_empty(batch)
