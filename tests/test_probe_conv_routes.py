@@ -149,3 +149,26 @@ def test_two_calls_of_one_convolution() -> None:
     model = Twice()
     x = torch.randn(4, 3, 9, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, 2))
+
+
+@pytest.mark.parametrize("bound", [1, 40, 2**18])
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_windows_route_within_and_beyond_its_workspace(
+    monkeypatch: pytest.MonkeyPatch, bound: int, sum_grad_squared: bool
+) -> None:
+    """Chunks within the kept workspace and chunks of one sample over it (formed fresh) give
+    the oracle's numbers, on windows that read zero padding at both ends (stride, dilation)."""
+    from lightning_gradwatch.probe import _conv_windows
+
+    monkeypatch.setattr(_conv_windows, "WINDOW_CHUNK_ELEMENTS", bound)
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(3, 1), dilation=(2, 3), groups=2),
+        nn.Tanh(),
+    ).double()
+    x = torch.randn(5, 4, 6, 5, dtype=torch.float64)
+    for _ in range(2):  # the second step reuses the workspace
+        assert_matches_oracle(
+            model, x, _target(model, x, 3), sum_grad_squared=sum_grad_squared, chunk_elements=200
+        )

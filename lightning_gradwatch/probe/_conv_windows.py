@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +32,11 @@ from torch import Tensor, nn
 from ._conv_linalg import pad_input
 from ._linalg import chunk_size, row_sq_norm
 
-#: Bound on the elements of the patch buffer (and gradients) of one chunk, besides the probe's
-#: own bound on materialised per-sample tensors: 4 MiB in float32. Chunks of a quarter of
-#: that were not faster on the benchmark layers (CPU); larger ones only hold more memory.
-WINDOW_CHUNK_ELEMENTS = 2**20
+#: Bound on the elements of the patch buffer (and of the gradients) of one chunk, besides the
+#: probe's own bound on materialised per-sample tensors: 1 MiB each in float32, kept between
+#: steps (see :func:`workspace`). Chunks a quarter or four times this size were as fast on
+#: the benchmark layers (CPU, measured within the training step); larger ones hold more.
+WINDOW_CHUNK_ELEMENTS = 2**18
 
 
 def window_moments(
@@ -62,11 +64,13 @@ def window_moments(
         ``dot (B,)``, ``sq_norm (B,)``, ``sum_sq | None`` and ``grad_sum | None`` (both the
         weight's shape), in ``x``'s dtype.
     """
-    x = pad_input(x, conv)
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    before = _zero_padding_before(conv)
+    if before is None:  # another padding mode: pad a copy of the input first
+        x, before = pad_input(x, conv), (0,) * len(kernel)
     batch, c_in, *size = x.shape
     c_out, out_size = delta.shape[1], tuple(delta.shape[2:])
     groups = conv.groups
-    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     cg, og = c_in // groups, c_out // groups
     k = math.prod(kernel)
     positions = math.prod(out_size)
@@ -76,30 +80,38 @@ def window_moments(
     step = chunk_size(batch, per_sample, min(budget, WINDOW_CHUNK_ELEMENTS))
     # The weight in the products' layout (G, C_in/G * k, C_out/G), flat.
     flat_weight = weight.reshape(groups, og, rows).transpose(1, 2).reshape(-1)
-    windows = [
-        tuple(
-            slice(i * dl, i * dl + s * (n - 1) + 1, s)
-            for i, dl, s, n in zip(index, dilation, stride, out_size, strict=True)
-        )
-        for index in itertools.product(*(range(n) for n in kernel))
-    ]
+    windows, clipped = [], False
+    for j, index in enumerate(itertools.product(*(range(n) for n in kernel))):
+        window = _window(index, dilation, stride, before, size, out_size)
+        if window is not None:
+            windows.append((j, *window))
+            clipped |= any(d.stop - d.start < n for d, n in zip(window[0], out_size, strict=True))
+        else:
+            clipped = True
     grouped_x = x.view(batch, groups, cg, *size)
     delta = delta.reshape(batch * groups, og, positions)
     dot = x.new_empty(batch)
     sq_norm = x.new_empty(batch)
     sum_sq = x.new_zeros(groups, rows, og) if need_sum_sq else None
     grad_sum = x.new_zeros(groups, rows, og) if need_sum else None
-    cols = x.new_empty(step, groups, cg, k, *out_size)
+    cols = workspace("windows patches", step * groups * rows * positions, x)
+    cols = cols.view(step, groups, cg, k, *out_size)
+    grads = workspace("windows gradients", step * groups * rows * og, x)
+    all_positions = (slice(None),) * 3
     for lo in range(0, batch, step):
         hi = min(batch, lo + step)
         n = hi - lo
         chunk = cols[:n]
-        for j, window in enumerate(windows):
-            chunk[:, :, :, j].copy_(grouped_x[(slice(lo, hi), slice(None), slice(None), *window)])
+        if clipped:  # positions that read the zero padding
+            chunk.zero_()
+        samples = grouped_x[lo:hi]
+        for j, target, source in windows:
+            chunk[(*all_positions, j, *target)].copy_(samples[(*all_positions, *source)])
         # (n*G, C_in/G * k, L) @ (n*G, L, C_out/G): the transposed view of the output
         # gradient is a valid operand as it is.
         patches = chunk.view(n * groups, rows, positions)
-        g = torch.bmm(patches, delta[lo * groups : hi * groups].transpose(1, 2))
+        g = grads[: n * groups * rows * og].view(n * groups, rows, og)
+        torch.bmm(patches, delta[lo * groups : hi * groups].transpose(1, 2), out=g)
         flat = g.view(n, -1)
         dot[lo:hi] = flat @ flat_weight
         sq_norm[lo:hi] = row_sq_norm(flat)
@@ -115,3 +127,63 @@ def window_moments(
         return t.transpose(1, 2).reshape(weight.shape)
 
     return dot, sq_norm, to_weight(sum_sq), to_weight(grad_sum)
+
+
+def _zero_padding_before(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
+    """The zero padding before each spatial dim (``"same"``: half the span, rounded down, as
+    :func:`pad_input` pads), or ``None`` for a non-zero padding mode."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        return tuple(
+            dl * (k - 1) // 2 for k, dl in zip(conv.kernel_size, conv.dilation, strict=True)
+        )
+    return tuple(conv.padding)
+
+
+def _window(
+    index: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
+    before: tuple[int, ...],
+    size: list[int],
+    out_size: tuple[int, ...],
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """For kernel offset ``index``: the output positions whose input lies inside the unpadded
+    input (the rest read zero padding) and the input positions they read, as slices per
+    spatial dim; ``None`` when every position reads padding."""
+    target, source = [], []
+    for i, dl, s, pad, n_in, n_out in zip(
+        index, dilation, stride, before, size, out_size, strict=True
+    ):
+        at = i * dl - pad  # input position read by output position 0
+        lo = max(0, -(at // s))  # ceil(-at / s): the first position at or past input 0
+        hi = min(n_out, (n_in - 1 - at) // s + 1)
+        if hi <= lo:
+            return None
+        target.append(slice(lo, hi))
+        start = at + s * lo
+        source.append(slice(start, start + s * (hi - lo - 1) + 1, s))
+    return tuple(target), tuple(source)
+
+
+_WORKSPACES = threading.local()
+
+
+def workspace(name: str, numel: int, like: Tensor) -> Tensor:
+    """A flat buffer of at least ``numel`` elements in ``like``'s dtype and device, kept
+    between calls (per thread) and grown as needed up to :data:`WINDOW_CHUNK_ELEMENTS`
+    (larger ones are allocated each time): the chunked routes reuse it on every step instead
+    of allocating fresh memory, whose pages the allocator may have handed back to the system
+    (faulting them in again was measured to cost as much as the products on a CPU). Its
+    contents are scratch."""
+    if numel > WINDOW_CHUNK_ELEMENTS:  # a chunk of one sample over the bound: not kept
+        return like.new_empty(numel)
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key = (name, like.device, like.dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = like.new_empty(numel)
+    return buffer[:numel]

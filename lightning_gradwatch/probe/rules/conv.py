@@ -120,11 +120,11 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
 
 
 #: Bound on the elements of the per-sample gradients one grouped backward forms (besides the
-#: probe's own bound): 2 MiB in float32. Whole-batch products of a wide layer (64 samples of a
+#: probe's own bound): 1 MiB in float32. Whole-batch products of a wide layer (64 samples of a
 #: 64-channel 3x3 convolution: 9 MiB, and the backend's workspace with them) were measured up
 #: to twice as slow on a CPU, their fresh pages faulted in on every call; chunks this size
 #: were not slower on any benchmark layer.
-GROUPED_CHUNK_ELEMENTS = 2**19
+GROUPED_CHUNK_ELEMENTS = 2**18
 
 #: Times the exact routes of each convolution on its first steps and keeps the fastest.
 ROUTES = RouteTimer()
