@@ -38,7 +38,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 @SETTINGS
 @given(
-    mode=st.sampled_from(["windows", "offsets", "older"]),
+    mode=st.sampled_from(["windows", "gram", "offsets", "older"]),
     nd=st.integers(1, 3),
     batch=st.integers(1, 3),
     groups=st.integers(1, 3),
@@ -172,3 +172,61 @@ def test_windows_route_within_and_beyond_its_workspace(
         assert_matches_oracle(
             model, x, _target(model, x, 3), sum_grad_squared=sum_grad_squared, chunk_elements=200
         )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    in_per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 3, "same", "valid"]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    size=st.integers(1, 9),
+    bias=st.booleans(),
+    chunk_elements=st.sampled_from([1, 50, 2**24]),
+    seed=st.integers(0, 2**16),
+)
+def test_gram_route_property(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    groups: int,
+    in_per_group: int,
+    out_per_group: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: int | str,
+    padding_mode: str,
+    size: int,
+    bias: bool,
+    chunk_elements: int,
+    seed: int,
+) -> None:
+    """The Gram form of a 1-D convolution's norms (with the dot from its output)."""
+    if padding == "same":
+        stride = 1
+    span = dilation * (kernel - 1) + 1
+    pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+    assume(size + 2 * pad >= span)
+    assume(padding_mode != "reflect" or pad < size)
+    assume(padding_mode != "circular" or pad <= size)
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "gram")
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(
+        groups * in_per_group,
+        groups * out_per_group,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+    )
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    x = torch.randn(batch, groups * in_per_group, size, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target(model, x, seed), chunk_elements=chunk_elements)

@@ -33,10 +33,11 @@ from ._conv_linalg import pad_input
 from ._linalg import chunk_size, row_sq_norm
 
 #: Bound on the elements of the patch buffer (and of the gradients) of one chunk, besides the
-#: probe's own bound on materialised per-sample tensors: 1 MiB each in float32, kept between
-#: steps (see :func:`workspace`). Chunks a quarter or four times this size were as fast on
-#: the benchmark layers (CPU, measured within the training step); larger ones hold more.
-WINDOW_CHUNK_ELEMENTS = 2**18
+#: probe's own bound on materialised per-sample tensors: 2 MiB each in float32, kept between
+#: steps (see :func:`workspace`). Each chunk costs about 10 kernel calls from Python (tens of
+#: microseconds); layers as small as a 32-channel 1-D convolution on 20 positions take
+#: 256 samples in 2 chunks.
+WINDOW_CHUNK_ELEMENTS = 2**19
 
 
 def window_moments(
@@ -78,16 +79,20 @@ def window_moments(
     rows = cg * k
     per_sample = groups * rows * max(positions, og)
     step = chunk_size(batch, per_sample, min(budget, WINDOW_CHUNK_ELEMENTS))
+    step = -(-batch // -(-batch // step))  # as many chunks, of even sizes
     # The weight in the products' layout (G, C_in/G * k, C_out/G), flat.
     flat_weight = weight.reshape(groups, og, rows).transpose(1, 2).reshape(-1)
-    windows, clipped = [], False
+    # Per kernel offset: whether some of its positions read the zero padding (they are zeroed
+    # first), and the output positions and input positions it copies (None: none).
+    windows = []
     for j, index in enumerate(itertools.product(*(range(n) for n in kernel))):
         window = _window(index, dilation, stride, before, size, out_size)
-        if window is not None:
-            windows.append((j, *window))
-            clipped |= any(d.stop - d.start < n for d, n in zip(window[0], out_size, strict=True))
+        if window is None:
+            windows.append((j, True, None, None))
         else:
-            clipped = True
+            spans = zip(window[0], out_size, strict=True)
+            clipped = any(t.stop - t.start < n for t, n in spans)
+            windows.append((j, clipped, *window))
     grouped_x = x.view(batch, groups, cg, *size)
     delta = delta.reshape(batch * groups, og, positions)
     dot = x.new_empty(batch)
@@ -102,11 +107,12 @@ def window_moments(
         hi = min(batch, lo + step)
         n = hi - lo
         chunk = cols[:n]
-        if clipped:  # positions that read the zero padding
-            chunk.zero_()
         samples = grouped_x[lo:hi]
-        for j, target, source in windows:
-            chunk[(*all_positions, j, *target)].copy_(samples[(*all_positions, *source)])
+        for j, clipped, target, source in windows:
+            if clipped:
+                chunk[:, :, :, j].zero_()
+            if target is not None:
+                chunk[(*all_positions, j, *target)].copy_(samples[(*all_positions, *source)])
         # (n*G, C_in/G * k, L) @ (n*G, L, C_out/G): the transposed view of the output
         # gradient is a valid operand as it is.
         patches = chunk.view(n * groups, rows, positions)

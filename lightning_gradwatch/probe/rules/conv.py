@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._conv_gram import gram_elements, gram_sq_norms
 from .._conv_linalg import offset_moments, pad_input
 from .._conv_windows import window_moments
 from .._linalg import (
@@ -136,17 +137,26 @@ ROUTES = RouteTimer()
 OFFSET_MIN_CHANNELS = 8
 
 
-def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
+def candidate_routes(
+    conv: nn.modules.conv._ConvNd, need_sum_sq: bool = False, out_length: int | None = None
+) -> tuple[str, ...]:
     """The exact routes timed for one call without kept per-sample gradients, the default
     (used where nothing is timed) first: the patch buffer (``"windows"``, the fastest on every
-    layer of the benchmark models, measured on a CPU), then one product per offset
-    (``"offsets"``; not for fewer than :data:`OFFSET_MIN_CHANNELS` input channels per group,
-    where those products are matrix-vector-thin), then the grouped convolution backward (N-d,
-    ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
-    older = "grouped" if len(conv.kernel_size) >= 2 else "unfold"
-    if conv.in_channels // conv.groups < OFFSET_MIN_CHANNELS:
-        return ("windows", older)
-    return ("windows", "offsets", older)
+    layer of the benchmark models, measured on a CPU), then, for a 1-D convolution with
+    ``out_length`` output positions whose Gram matrices are smaller than its per-sample
+    gradient, the Gram form of the norm (``"gram"``, without sums of squares), then one
+    product per offset (``"offsets"``; not for fewer than :data:`OFFSET_MIN_CHANNELS` input
+    channels per group, where those products are matrix-vector-thin), then the grouped
+    convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    nd = len(conv.kernel_size)
+    routes = ["windows"]
+    small = out_length is not None and gram_elements(conv, out_length) < conv.weight.numel()
+    if nd == 1 and not need_sum_sq and small:
+        routes.append("gram")
+    if conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS:
+        routes.append("offsets")
+    routes.append("grouped" if nd >= 2 else "unfold")
+    return tuple(routes)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,7 +177,8 @@ class ConvRule(LayerRule):
             # Several calls add their gradients before any norm, and kept per-sample
             # gradients are wanted in the weight's layout: the routes that form them whole.
             return self._compute(module, calls, ctx, "grouped" if nd >= 2 else "unfold")
-        routes = candidate_routes(module)
+        out_length = grad.shape[-1] if nd == 1 else None
+        routes = candidate_routes(module, ctx.need_sum_sq, out_length)
         key = (tuple(x.shape), x.dtype, ctx.dtype, ctx.need_sum_sq, ctx.need_grad_sum)
         route, timed = ROUTES.choose(module, key, routes, x.device)
         start = ROUTES.clock() if timed else 0.0
@@ -182,11 +193,13 @@ class ConvRule(LayerRule):
         """The statistics by one route (see :func:`candidate_routes`); ``"windows"`` and
         ``"offsets"`` take one call."""
         nd = len(module.kernel_size)
+        if route == "gram" and (ctx.need_sum_sq or nd != 1):
+            route = "windows"  # the Gram form gives norms of 1-D layers only
         weight = module.weight.detach().to(ctx.dtype)
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        offset_route = "weight" in ctx.want and route in ("offsets", "windows")
+        offset_route = "weight" in ctx.want and route in ("offsets", "windows", "gram")
         grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
@@ -241,6 +254,9 @@ class ConvRule(LayerRule):
                 ctx.chunk_elements,
             )
             out["weight"] = ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum)
+        elif offset_route and route == "gram":
+            sq_norm = gram_sq_norms(padded_inputs[0], deltas[0], module, ctx.chunk_elements)
+            out["weight"] = ParamStats(dot=dots[0], sq_norm=sq_norm)
         elif offset_route:
             sq_norm, sum_sq, grad_sum = offset_moments(
                 padded_inputs[0],
