@@ -230,3 +230,23 @@ def test_gram_route_property(
     model = nn.Sequential(conv, nn.Tanh()).double()
     x = torch.randn(batch, groups * in_per_group, size, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, seed), chunk_elements=chunk_elements)
+
+
+@pytest.mark.parametrize("route", ["windows", "gram", "offsets", "older"])
+def test_routes_on_inputs_that_are_not_contiguous(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """A channels-last 2-D input and a transposed 1-D one (their channels cannot be split
+    into groups by a view of the memory order the routes assume)."""
+    torch.manual_seed(0)
+    cases = [
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 4, 7, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 7, 4)),
+    ]
+    for conv, x in cases:
+        _force(monkeypatch, route, conv.weight.dim() - 2)
+        model = nn.Sequential(conv, nn.Tanh()).double()
+        x = x.double()
+        x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2)
+        assert not x.is_contiguous()
+        assert_matches_oracle(model, x, _target(model, x, 4), sum_grad_squared=route != "gram")

@@ -93,7 +93,7 @@ def window_moments(
             spans = zip(window[0], out_size, strict=True)
             clipped = any(t.stop - t.start < n for t, n in spans)
             windows.append((j, clipped, *window))
-    grouped_x = x.view(batch, groups, cg, *size)
+    grouped_x = x.reshape(batch, groups, cg, *size)
     delta = delta.reshape(batch * groups, og, positions)
     dot = x.new_empty(batch)
     sq_norm = x.new_empty(batch)
