@@ -60,9 +60,9 @@ def gram_sq_norms(x: Tensor, delta: Tensor, conv: nn.modules.conv._ConvNd, budge
         hi = min(batch, lo + step)
         rows = slice(lo * groups, hi * groups)
         n = (hi - lo) * groups
-        xx = workspace("gram inputs", n * used * used, x).view(n, used, used)
+        xx = workspace("inputs", n * used * used, x).view(n, used, used)
         torch.bmm(inputs[rows].transpose(1, 2), inputs[rows], out=xx)
-        dd = workspace("gram gradients", n * out_length * out_length, x)
+        dd = workspace("products", n * out_length * out_length, x)
         dd = dd.view(n, out_length, out_length)
         torch.bmm(grads[rows].transpose(1, 2), grads[rows], out=dd)
         # a_l . a_l' for all position pairs: the k strided diagonal blocks of X^T X, added.

@@ -99,9 +99,9 @@ def window_moments(
     sq_norm = x.new_empty(batch)
     sum_sq = x.new_zeros(groups, rows, og) if need_sum_sq else None
     grad_sum = x.new_zeros(groups, rows, og) if need_sum else None
-    cols = workspace("windows patches", step * groups * rows * positions, x)
+    cols = workspace("inputs", step * groups * rows * positions, x)
     cols = cols.view(step, groups, cg, k, *out_size)
-    grads = workspace("windows gradients", step * groups * rows * og, x)
+    grads = workspace("products", step * groups * rows * og, x)
     all_positions = (slice(None),) * 3
     for lo in range(0, batch, step):
         hi = min(batch, lo + step)
@@ -184,7 +184,8 @@ def workspace(name: str, numel: int, like: Tensor) -> Tensor:
     (larger ones are allocated each time): the chunked routes reuse it on every step instead
     of allocating fresh memory, whose pages the allocator may have handed back to the system
     (faulting them in again was measured to cost as much as the products on a CPU). Its
-    contents are scratch."""
+    contents are scratch. The convolution routes share two, by ``name``: ``"inputs"`` (patches,
+    or an input's Gram matrices) and ``"products"`` (gradients, or the output gradient's)."""
     if numel > WINDOW_CHUNK_ELEMENTS:  # a chunk of one sample over the bound: not kept
         return like.new_empty(numel)
     buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
