@@ -121,11 +121,12 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
 
 
 #: Bound on the elements of the per-sample gradients one grouped backward forms (besides the
-#: probe's own bound): 1 MiB in float32. Whole-batch products of a wide layer (64 samples of a
-#: 64-channel 3x3 convolution: 9 MiB, and the backend's workspace with them) were measured up
-#: to twice as slow on a CPU, their fresh pages faulted in on every call; chunks this size
-#: were not slower on any benchmark layer.
-GROUPED_CHUNK_ELEMENTS = 2**18
+#: probe's own bound): 2 MiB in float32. Whole-batch products of a wide layer (64 samples of a
+#: 64-channel 3x3 convolution: 9 MiB, and the backend's workspace with them) were measured 3x
+#: as slow on a CPU as chunks of 8 to 16 samples (the best for the benchmark layers, where the
+#: grouped backward then runs about as fast as the batch's own weight gradient for 32 to 64
+#: channels); chunks of 1 or 2 samples are slower again.
+GROUPED_CHUNK_ELEMENTS = 2**19
 
 #: Times the exact routes of each convolution on its first steps and keeps the fastest.
 ROUTES = RouteTimer()
@@ -308,6 +309,7 @@ class ConvRule(LayerRule):
         batch = inputs[0].shape[0]
         budget = min(ctx.chunk_elements, GROUPED_CHUNK_ELEMENTS)
         step = chunk_size(batch, weight.numel(), budget)
+        step = -(-batch // -(-batch // step))  # as many chunks, of even sizes
         keep = "weight" in ctx.need_grad_sample
         dot = flat_weight.new_empty(batch)
         sq_norm = flat_weight.new_empty(batch)
