@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_gradwatch.probe import _conv_linalg
 from lightning_gradwatch.probe.rules import conv as conv_rule
 
 SETTINGS = settings(
@@ -39,7 +38,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 @SETTINGS
 @given(
-    mode=st.sampled_from(["offsets", "stacked", "older"]),
+    mode=st.sampled_from(["windows", "gram", "offsets", "older"]),
     nd=st.integers(1, 3),
     batch=st.integers(1, 3),
     groups=st.integers(1, 3),
@@ -115,7 +114,8 @@ def test_conv_routes_property(
 
 @pytest.mark.parametrize("sum_grad_squared", [False, True])
 def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
-    """Both forms as the rule picks them (2 and 16 input channels), stride 2, in one model."""
+    """A thin layer (2 input channels, no per-offset candidate) and a wide strided one (16,
+    stride 2) in one model, through the timed steps."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv1d(2, 16, 3, padding=1),
@@ -125,7 +125,7 @@ def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
         nn.Flatten(),
         nn.Linear(16 * 5, 3),
     ).double()
-    assert model[0].in_channels < _conv_linalg.OFFSET_MIN_CHANNELS <= model[2].in_channels
+    assert model[0].in_channels < conv_rule.OFFSET_MIN_CHANNELS <= model[2].in_channels
     x = torch.randn(5, 2, 10, dtype=torch.float64)
     assert_matches_oracle(
         model, x, _target(model, x, 1), sum_grad_squared=sum_grad_squared, chunk_elements=300
@@ -149,3 +149,104 @@ def test_two_calls_of_one_convolution() -> None:
     model = Twice()
     x = torch.randn(4, 3, 9, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, 2))
+
+
+@pytest.mark.parametrize("bound", [1, 40, 2**18])
+@pytest.mark.parametrize("sum_grad_squared", [False, True])
+def test_windows_route_within_and_beyond_its_workspace(
+    monkeypatch: pytest.MonkeyPatch, bound: int, sum_grad_squared: bool
+) -> None:
+    """Chunks within the kept workspace and chunks of one sample over it (formed fresh) give
+    the oracle's numbers, on windows that read zero padding at both ends (stride, dilation)."""
+    from lightning_gradwatch.probe import _conv_windows
+
+    monkeypatch.setattr(_conv_windows, "WINDOW_CHUNK_ELEMENTS", bound)
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(3, 1), dilation=(2, 3), groups=2),
+        nn.Tanh(),
+    ).double()
+    x = torch.randn(5, 4, 6, 5, dtype=torch.float64)
+    for _ in range(2):  # the second step reuses the workspace
+        assert_matches_oracle(
+            model, x, _target(model, x, 3), sum_grad_squared=sum_grad_squared, chunk_elements=200
+        )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    in_per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 3, "same", "valid"]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    size=st.integers(1, 9),
+    bias=st.booleans(),
+    chunk_elements=st.sampled_from([1, 50, 2**24]),
+    seed=st.integers(0, 2**16),
+)
+def test_gram_route_property(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    groups: int,
+    in_per_group: int,
+    out_per_group: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: int | str,
+    padding_mode: str,
+    size: int,
+    bias: bool,
+    chunk_elements: int,
+    seed: int,
+) -> None:
+    """The Gram form of a 1-D convolution's norms (with the dot from its output)."""
+    if padding == "same":
+        stride = 1
+    span = dilation * (kernel - 1) + 1
+    pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+    assume(size + 2 * pad >= span)
+    assume(padding_mode != "reflect" or pad < size)
+    assume(padding_mode != "circular" or pad <= size)
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "gram")
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(
+        groups * in_per_group,
+        groups * out_per_group,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+    )
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    x = torch.randn(batch, groups * in_per_group, size, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target(model, x, seed), chunk_elements=chunk_elements)
+
+
+@pytest.mark.parametrize("route", ["windows", "gram", "offsets", "older"])
+def test_routes_on_inputs_that_are_not_contiguous(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """A channels-last 2-D input and a transposed 1-D one (their channels cannot be split
+    into groups by a view of the memory order the routes assume)."""
+    torch.manual_seed(0)
+    cases = [
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 4, 7, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 7, 4)),
+    ]
+    for conv, x in cases:
+        _force(monkeypatch, route, conv.weight.dim() - 2)
+        model = nn.Sequential(conv, nn.Tanh()).double()
+        x = x.double()
+        x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2)
+        assert not x.is_contiguous()
+        assert_matches_oracle(model, x, _target(model, x, 4), sum_grad_squared=route != "gram")

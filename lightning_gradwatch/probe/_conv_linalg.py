@@ -32,12 +32,6 @@ from torch import Tensor, nn
 
 from ._linalg import chunk_size, row_sq_norm
 
-#: From this many input channels per group on, one product per offset is the default route
-#: (where routes are not timed, see :mod:`..route_timing`); below it those products are too
-#: thin for the matrix kernels (one input channel: a matrix-vector product per sample), so the
-#: windows of all offsets are stacked first (copies of whole runs) and multiplied once.
-OFFSET_MIN_CHANNELS = 8
-
 
 def pad_input(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     """The input as the convolution sees it after padding, so that its own padding is zero.
@@ -89,7 +83,6 @@ def offset_moments(
     need_sum_sq: bool,
     need_sum: bool,
     budget: int,
-    stacked: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Squared norms (and optionally sums of squares and sums) of a convolution's per-sample
     weight gradients.
@@ -101,8 +94,6 @@ def offset_moments(
         need_sum_sq: also return ``sum_i G_i**2``.
         need_sum: also return ``sum_i G_i`` (only with ``need_sum_sq``).
         budget: max elements of the per-sample gradients formed at once.
-        stacked: stack the windows of all offsets and form each chunk's per-sample gradients
-            in one product, instead of one product per offset into a reused buffer.
 
     Returns:
         ``sq_norm (B,)``, ``sum_sq | None`` and ``grad_sum | None`` (both ``conv.weight``'s
@@ -147,26 +138,6 @@ def offset_moments(
             return None
         return t.permute(1, 3, 2, 0).reshape(c_out, cg, *kernel)
 
-    if stacked:
-        # Thin products: the windows of every offset, stacked into (n*G, k*C/G, run) by
-        # copying whole runs (fast, unlike the strided gather of an unfold), then one product.
-        step = chunk_size(batch, groups * k * cg * og, budget)
-        for lo in range(0, batch, step):
-            hi = min(batch, lo + step)
-            windows = [
-                flat_phases[(slice(lo, hi), slice(None), *residue)][
-                    :, :, start : start + run
-                ].reshape(hi - lo, groups, cg, run)
-                for _, residue, start in offsets
-            ]
-            stacked = torch.stack(windows, 2).view((hi - lo) * groups, k * cg, run)
-            g = torch.bmm(stacked, delta_t[lo * groups : hi * groups])  # (n*G, k*C/G, O/G)
-            sq_norm[lo:hi] = row_sq_norm(g.view(hi - lo, -1))
-            if grad_sum is not None:
-                grad_sum += g.view(hi - lo, groups, k, cg, og).sum(0).transpose(0, 1)
-            if sum_sq is not None:
-                sum_sq += g.square_().view(hi - lo, groups, k, cg, og).sum(0).transpose(0, 1)
-        return sq_norm, to_weight(sum_sq), to_weight(grad_sum)
     step = chunk_size(batch, groups * cg * og, budget)
     buffer = x.new_empty(step * groups, cg, og)
     for lo in range(0, batch, step):

@@ -3,9 +3,11 @@ mode), dilation and groups.
 
 The weight gradient is an outer product over input patches. Exact routes:
 
-- ``"offsets"`` and ``"stacked"`` (one call of the module, see :mod:`.._conv_linalg`): one
-  batched product per kernel offset on a window of the padded input, or the windows of all
-  offsets stacked into one product (thin layers);
+- ``"windows"`` (one call of the module, see :mod:`.._conv_windows`): a chunk of samples'
+  input windows copied into a patch buffer, one copy per kernel offset, then one batched
+  product gives their gradients;
+- ``"offsets"`` (one call, see :mod:`.._conv_linalg`): one batched product per kernel offset on
+  a window of the padded input split into its stride phases, no patch buffer;
 - ``"grouped"`` (2-D and 3-D): per-sample weight gradients, a chunk of samples at a time, from
   one grouped convolution backward (``groups = samples * G``);
 - ``"unfold"`` (1-D): the input unfolded to ``(B, L, G, C_in/G * k)`` patches and the Linear
@@ -24,7 +26,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._conv_linalg import OFFSET_MIN_CHANNELS, offset_moments, pad_input
+from .._conv_gram import gram_elements, gram_sq_norms
+from .._conv_linalg import offset_moments, pad_input
+from .._conv_windows import window_moments
 from .._linalg import (
     bias_stats,
     chunk_size,
@@ -35,9 +39,6 @@ from .._linalg import (
 )
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
 from ..route_timing import RouteTimer
-
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
-_WEIGHT_GRAD[3] = torch.nn.grad.conv3d_weight
 
 
 def zero_padding(conv: nn.modules.conv._ConvNd) -> tuple[int, ...] | None:
@@ -69,16 +70,25 @@ def per_sample_weight_grads(
         padding: zero padding the backend applies to ``x_padded``.
     """
     n = x_padded.shape[0]
+    nd = x_padded.dim() - 2
     weight_shape = conv.weight.shape
-    grads = _WEIGHT_GRAD[x_padded.dim() - 2](
-        x_padded.reshape(1, -1, *x_padded.shape[2:]),
-        (n * weight_shape[0], *weight_shape[1:]),
+    # The backward reads only the weight's shape, but a stride-0 stand-in (what
+    # ``torch.nn.grad.conv*_weight`` passes) is first copied whole into a contiguous one by the
+    # CPU backend; an uninitialised contiguous one is never written or read.
+    weight = delta.new_empty(n * weight_shape[0], *weight_shape[1:])
+    grads = torch.ops.aten.convolution_backward(
         delta.reshape(1, -1, *delta.shape[2:]),
-        stride=conv.stride,
-        padding=padding,
-        dilation=conv.dilation,
-        groups=n * conv.groups,
-    )
+        x_padded.reshape(1, -1, *x_padded.shape[2:]),
+        weight,
+        None,
+        conv.stride,
+        padding if isinstance(padding, tuple) else (padding,) * nd,
+        conv.dilation,
+        False,
+        (0,) * nd,
+        n * conv.groups,
+        (False, True, False),
+    )[1]
     return grads.view(n, *weight_shape)
 
 
@@ -110,18 +120,46 @@ def unfold_patches(x: Tensor, conv: nn.modules.conv._ConvNd) -> Tensor:
     return x.reshape(batch, -1, channels * math.prod(kernel)).contiguous()
 
 
+#: Bound on the elements of the per-sample gradients one grouped backward forms (besides the
+#: probe's own bound): 2 MiB in float32. Whole-batch products of a wide layer (64 samples of a
+#: 64-channel 3x3 convolution: 9 MiB, and the backend's workspace with them) were measured 3x
+#: as slow on a CPU as chunks of 8 to 16 samples (the best for the benchmark layers, where the
+#: grouped backward then runs about as fast as the batch's own weight gradient for 32 to 64
+#: channels); chunks of 1 or 2 samples are slower again.
+GROUPED_CHUNK_ELEMENTS = 2**19
+
 #: Times the exact routes of each convolution on its first steps and keeps the fastest.
 ROUTES = RouteTimer()
 
 
-def candidate_routes(conv: nn.modules.conv._ConvNd) -> tuple[str, ...]:
+#: Fewer input channels per group than this leave ``"offsets"`` out of the timed routes: each
+#: of its products would have that many rows (one input channel: a matrix-vector product per
+#: sample), measured several times slower than the other routes.
+OFFSET_MIN_CHANNELS = 8
+
+
+def candidate_routes(
+    conv: nn.modules.conv._ConvNd, need_sum_sq: bool = False, out_length: int | None = None
+) -> tuple[str, ...]:
     """The exact routes timed for one call without kept per-sample gradients, the default
-    (used where nothing is timed) first: one product per kernel offset (``"offsets"``) or, for
-    thin layers, the windows of all offsets stacked into one product (``"stacked"``; each is
-    far slower than the other on the other kind of layer, measured), then the older route, the
-    grouped convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
-    wide = conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS
-    return ("offsets" if wide else "stacked", "grouped" if len(conv.kernel_size) >= 2 else "unfold")
+    (used where nothing is timed) first: the patch buffer (``"windows"``; measured on a CPU,
+    the fastest on thin layers, e.g. an image's 3 channels, and on short 1-D layers; on wide
+    strided 2-D layers the grouped backward was up to 1.6x faster, the windows' strided copies
+    costing), then, for a 1-D convolution with
+    ``out_length`` output positions whose Gram matrices are smaller than its per-sample
+    gradient, the Gram form of the norm (``"gram"``, without sums of squares), then one
+    product per offset (``"offsets"``; not for fewer than :data:`OFFSET_MIN_CHANNELS` input
+    channels per group, where those products are matrix-vector-thin), then the grouped
+    convolution backward (N-d, ``"grouped"``) or unfolded patches (1-D, ``"unfold"``)."""
+    nd = len(conv.kernel_size)
+    routes = ["windows"]
+    small = out_length is not None and gram_elements(conv, out_length) < conv.weight.numel()
+    if nd == 1 and not need_sum_sq and small:
+        routes.append("gram")
+    if conv.in_channels // conv.groups >= OFFSET_MIN_CHANNELS:
+        routes.append("offsets")
+    routes.append("grouped" if nd >= 2 else "unfold")
+    return tuple(routes)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -142,7 +180,8 @@ class ConvRule(LayerRule):
             # Several calls add their gradients before any norm, and kept per-sample
             # gradients are wanted in the weight's layout: the routes that form them whole.
             return self._compute(module, calls, ctx, "grouped" if nd >= 2 else "unfold")
-        routes = candidate_routes(module)
+        out_length = grad.shape[-1] if nd == 1 else None
+        routes = candidate_routes(module, ctx.need_sum_sq, out_length)
         key = (tuple(x.shape), x.dtype, ctx.dtype, ctx.need_sum_sq, ctx.need_grad_sum)
         route, timed = ROUTES.choose(module, key, routes, x.device)
         start = ROUTES.clock() if timed else 0.0
@@ -154,14 +193,16 @@ class ConvRule(LayerRule):
     def _compute(
         self, module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext, route: str
     ) -> dict[str, ParamStats]:
-        """The statistics by one route (see :func:`candidate_routes`); ``"offsets"`` and
-        ``"stacked"`` take one call."""
+        """The statistics by one route (see :func:`candidate_routes`); ``"windows"`` and
+        ``"offsets"`` take one call."""
         nd = len(module.kernel_size)
+        if route == "gram" and (ctx.need_sum_sq or nd != 1):
+            route = "windows"  # the Gram form gives norms of 1-D layers only
         weight = module.weight.detach().to(ctx.dtype)
         bias = module.bias.detach().to(ctx.dtype) if module.bias is not None else None
         groups = module.groups
         c_out = module.out_channels
-        offset_route = "weight" in ctx.want and route in ("offsets", "stacked")
+        offset_route = "weight" in ctx.want and route in ("offsets", "windows", "gram")
         grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
         dots, patches, deltas, bias_grads = [], [], [], []
@@ -178,9 +219,10 @@ class ConvRule(LayerRule):
             delta = grad.to(ctx.dtype)  # (B, C_out, *O)
             bias_grad = delta.flatten(2).sum(2)  # (B, C_out)
             bias_grads.append(bias_grad)
-            if "weight" in ctx.want and not grouped_route:
-                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped route forms
-                # G_i anyway, and G_i . W reads weight-sized rows instead of output-sized ones.)
+            if "weight" in ctx.want and route not in ("grouped", "windows"):
+                # <G_i, W> = sum delta . (z - b), bias folded out. (The grouped and windows
+                # routes form G_i anyway, and G_i . W reads weight-sized rows instead of
+                # output-sized ones.)
                 if call.output_intact():
                     dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
                     dots.append(dot - bias_grad @ bias if bias is not None else dot)
@@ -204,6 +246,20 @@ class ConvRule(LayerRule):
             out["weight"] = self._grouped_weight_stats(
                 module, padded_inputs, deltas, ctx, padding or 0
             )
+        elif offset_route and route == "windows":
+            dot, sq_norm, sum_sq, grad_sum = window_moments(
+                padded_inputs[0],
+                deltas[0],
+                module,
+                weight,
+                ctx.need_sum_sq,
+                ctx.need_grad_sum,
+                ctx.chunk_elements,
+            )
+            out["weight"] = ParamStats(dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum)
+        elif offset_route and route == "gram":
+            sq_norm = gram_sq_norms(padded_inputs[0], deltas[0], module, ctx.chunk_elements)
+            out["weight"] = ParamStats(dot=dots[0], sq_norm=sq_norm)
         elif offset_route:
             sq_norm, sum_sq, grad_sum = offset_moments(
                 padded_inputs[0],
@@ -212,7 +268,6 @@ class ConvRule(LayerRule):
                 ctx.need_sum_sq,
                 ctx.need_grad_sum,
                 ctx.chunk_elements,
-                stacked=route == "stacked",
             )
             out["weight"] = ParamStats(
                 dot=dots[0], sq_norm=sq_norm, sum_sq=sum_sq, grad_sum=grad_sum
@@ -254,7 +309,9 @@ class ConvRule(LayerRule):
         weight = module.weight.detach().to(ctx.dtype)
         flat_weight = weight.reshape(-1)
         batch = inputs[0].shape[0]
-        step = chunk_size(batch, weight.numel(), ctx.chunk_elements)
+        budget = min(ctx.chunk_elements, GROUPED_CHUNK_ELEMENTS)
+        step = chunk_size(batch, weight.numel(), budget)
+        step = -(-batch // -(-batch // step))  # as many chunks, of even sizes
         keep = "weight" in ctx.need_grad_sample
         dot = flat_weight.new_empty(batch)
         sq_norm = flat_weight.new_empty(batch)
