@@ -56,29 +56,31 @@ def _target(model: nn.Module, x: Tensor, seed: int) -> Tensor:
 
 
 class _Residual(nn.Module):
-    """``h = first(x); h + inner(act(h))`` then ``last``: ``h`` feeds both the residual and
-    ``inner`` (its input is used twice)."""
+    """``h = first(x)``, then a residual block ``h + back(tanh(wide(tanh(h))))``, then ``last``:
+    ``h`` feeds both the residual and ``wide`` (its input is used twice); with ``twice``,
+    ``wide`` is called again on another input."""
 
-    def __init__(self, i: int, h: int, o: int, bias: bool, twice: bool) -> None:
+    def __init__(self, i: int, h: int, w: int, o: int, bias: bool, twice: bool) -> None:
         super().__init__()
         self.first = nn.Linear(i, h, bias=bias)
-        self.inner = nn.Linear(h, h, bias=bias)
+        self.wide = nn.Linear(h, w, bias=bias)  # widens: reads its input's gradient
+        self.back = nn.Linear(w, h, bias=bias)
         self.last = nn.Linear(h, o, bias=bias)
         self.twice = twice
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.first(x)
-        r = self.inner(torch.tanh(h))
-        if self.twice:  # the same module called again on its own output
-            r = self.inner(torch.tanh(r))
-        return self.last(torch.tanh(h + r))
+        r = self.wide(torch.tanh(h))
+        if self.twice:
+            r = r * self.wide(torch.sin(h))
+        return self.last(torch.tanh(h + self.back(torch.tanh(r))))
 
 
 @SETTINGS
 @given(
     batch=st.integers(1, 5),
     lead=st.lists(st.integers(1, 3), max_size=2),
-    sizes=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    sizes=st.lists(st.integers(1, 5), min_size=4, max_size=4),
     bias=st.booleans(),
     twice=st.booleans(),
     reduction=st.sampled_from(["mean", "sum"]),
@@ -87,8 +89,8 @@ class _Residual(nn.Module):
 )
 def test_residual_property(batch, lead, sizes, bias, twice, reduction, sum_grad_squared, seed):
     torch.manual_seed(seed)
-    i, h, o = sizes
-    model = _Residual(i, h, o, bias, twice).double()
+    i, h, extra, o = sizes
+    model = _Residual(i, h, h + extra, o, bias, twice).double()
     x = torch.randn(batch, *lead, i, dtype=torch.float64)
     assert_matches_oracle(
         model, x, _target(model, x, seed), reduction=reduction, sum_grad_squared=sum_grad_squared
@@ -96,19 +98,20 @@ def test_residual_property(batch, lead, sizes, bias, twice, reduction, sum_grad_
 
 
 def test_routes_taken(routes: list[list[str]]) -> None:
-    """The first layer (input needs no grad) keeps its output; the others read the input's
-    gradient, a module called twice in both calls."""
+    """The first layer (input needs no grad) keeps its output, and so do layers that do not
+    widen; a widening one reads its input's gradient, in both calls of a module called
+    twice."""
     torch.manual_seed(0)
-    model = _Residual(3, 4, 2, True, twice=True).double()
+    model = _Residual(3, 4, 6, 5, True, twice=True).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, 0))
-    assert sorted(routes) == sorted([["kept"], ["grad", "grad"], ["grad"]])
+    assert sorted(routes) == sorted([["kept"], ["grad", "grad"], ["kept"], ["grad"]])
 
 
 def test_output_not_held_until_backward() -> None:
     """Between forward and backward the probe holds no output of a Linear whose input
     requires grad."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 6)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     probe = GradientProbe(model, verify="never")
     with probe:
@@ -129,7 +132,7 @@ def test_inplace_op_on_the_output(lead: tuple[int, ...], inplace: str) -> None:
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 6), nn.Linear(6, 2)
 
         def forward(self, x: Tensor) -> Tensor:
             h = self.b(torch.tanh(self.a(x)))
@@ -145,8 +148,8 @@ def test_penalty_on_the_weight() -> None:
     """A weight penalty adds to autograd's gradient of the weight, not to the input's: the
     dot stays the samples' own."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 5).double()
     names = [n for n, _ in model.named_parameters()]
     grads = per_sample_grads(model, squared_error, x, y, names)
     dot, sq, _ = expected_stats(model, grads)
@@ -165,9 +168,9 @@ def test_backward_with_inputs(routes: list[list[str]], only: str) -> None:
     recomputes ``W a``; every statistic stays the oracle's."""
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 7)
     ).double()
-    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 7).double()
     names = [n for n, _ in model.named_parameters()]
     grads = per_sample_grads(model, squared_error, x, y, names)
     dot, sq, _ = expected_stats(model, grads)
@@ -193,8 +196,8 @@ def test_autograd_grad(routes: list[list[str]], wrt: str) -> None:
     """``torch.autograd.grad``: the input's gradient where it forms it (with respect to an
     earlier layer's parameters), else ``W a`` recomputed."""
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    x, y = torch.randn(5, 3).double(), torch.randn(5, 2).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+    x, y = torch.randn(5, 3).double(), torch.randn(5, 6).double()
     names = [n for n, _ in model.named_parameters()]
     grads = per_sample_grads(model, squared_error, x, y, names)
     dot, _, _ = expected_stats(model, grads)
@@ -210,7 +213,7 @@ def test_sequence_first_transformer_layer(routes: list[list[str]]) -> None:
     """Inside a sequence-first transformer layer the Linear's input gradient is position-major:
     its dots are summed over positions along the right dim."""
     torch.manual_seed(5)
-    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=6, dropout=0.0).double()
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0).double()
     x = torch.randn(4, 3, 8, dtype=torch.float64)  # (T, B, E)
     y = torch.randn(4, 3, 8, dtype=torch.float64)
 
@@ -218,21 +221,21 @@ def test_sequence_first_transformer_layer(routes: list[list[str]]) -> None:
         return (out - target).pow(2).sum((0, 2))
 
     assert_matches_oracle(model, x, y, loss_fn=loss_fn, batch_size=3)
-    assert routes.count(["grad"]) == 2  # linear1 and linear2
+    assert routes.count(["grad"]) == 1  # linear1 (8 -> 12); linear2 keeps its output
 
 
 def test_training_is_bitwise_unchanged() -> None:
     """Reading the input's gradient in a post-hook leaves every ``.grad`` bitwise as autograd
     alone makes it."""
     torch.manual_seed(6)
-    model = _Residual(3, 5, 2, True, twice=True)
-    reference = _Residual(3, 5, 2, True, twice=True)
+    model = _Residual(3, 5, 7, 2, True, twice=True)
+    reference = _Residual(3, 5, 7, 2, True, twice=True)
     reference.load_state_dict(model.state_dict())
     x, y = torch.randn(6, 2, 3), torch.randn(6, 2, 2)
     with GradientProbe(model, sum_grad_squared=True, verify="never") as probe:
         squared_error(model(x), y).mean().backward()
     squared_error(reference(x), y).mean().backward()
-    assert probe.stats is not None and len(probe.stats.dot) == 6
+    assert probe.stats is not None and len(probe.stats.dot) == 8
     for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert torch.equal(p.grad, q.grad), n
