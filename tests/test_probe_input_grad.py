@@ -9,6 +9,8 @@ the float64 oracle.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -239,3 +241,22 @@ def test_training_is_bitwise_unchanged() -> None:
     for (n, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         assert torch.equal(p.grad, q.grad), n
+
+
+def test_captures_released_while_the_caller_keeps_the_graph() -> None:
+    """The route's hook stays on a graph the caller keeps (through ``loss``); the layer input
+    it reads must not stay alive with it."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 8))
+    probe = GradientProbe(model, verify="never")
+    with probe:
+        loss = model(torch.randn(6, 3, 4)).pow(2).sum()
+        calls = [call for owner in probe._owners for call in owner.calls]
+        assert calls[1].outputs == [None] and calls[1].input_grad is not None
+        captured = [weakref.ref(t) for call in calls for t in call.args]
+        route = calls[1].input_grad
+        loss.backward()
+        gc.collect()
+        assert all(ref() is None for ref in captured)
+        assert route.input is None and route.dots is None
+    assert loss.grad_fn is not None  # the graph is still referenced
