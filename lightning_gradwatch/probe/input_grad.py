@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .call_edges import _LAYER_NODES, _RESHAPES, will_run
+from .call_edges import _LAYER_NODES, _RESHAPES, current_node, will_run
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -36,7 +36,7 @@ class InputGrad:
     """Where one linear call's input gradient appears during the backward, and what arrived.
 
     Attributes:
-        node: the call's matrix-product node.
+        node: the call's matrix-product node, found when the output's gradient arrives.
         slot: the slot of the node's gradient inputs holding the gradient at the layer input.
         input: the layer's input ``(..., in)`` (detached), as the call received it; dropped
             once the node has run.
@@ -66,9 +66,11 @@ class InputGrad:
 
 
 def input_grad_route(output: Tensor, layer_input: Any) -> InputGrad | None:
-    """The product node of a linear call whose output is ``output`` and whose input is
+    """A route for a linear call whose output is ``output`` and whose input is
     ``layer_input``, when autograd will form the gradient at that input (it requires grad)
-    in float32/float64; ``None`` otherwise (the caller keeps the output).
+    in float32/float64 from this call's own product node; ``None`` otherwise (the caller keeps
+    the output). The route holds no reference to the node: a forward whose backward never
+    comes must not keep its graph alive; :func:`watch` finds the node again.
 
     Args:
         output: the call's output ``(..., out)``, not detached.
@@ -83,7 +85,15 @@ def input_grad_route(output: Tensor, layer_input: Any) -> InputGrad | None:
         or (layer_input.dim() > 2 and not layer_input.is_contiguous())
     ):
         return None
-    node = output.grad_fn
+    found = _product_node(output.grad_fn, layer_input)
+    if found is None:
+        return None
+    return InputGrad(None, found[1], layer_input.detach())
+
+
+def _product_node(node: Any, layer_input: Tensor) -> tuple[Any, int] | None:
+    """``(the product node, the slot of its input's gradient)`` when ``node`` is (one reshape
+    over) a matrix product that saved ``layer_input`` and sends a gradient to it."""
     if node is None:
         return None
     if node.name() in _RESHAPES:
@@ -101,7 +111,7 @@ def input_grad_route(output: Tensor, layer_input: Any) -> InputGrad | None:
         return None
     try:
         saved = getattr(node, saved_name)
-    except RuntimeError:
+    except RuntimeError:  # freed by an earlier backward
         return None
     if (
         not isinstance(saved, Tensor)
@@ -110,8 +120,8 @@ def input_grad_route(output: Tensor, layer_input: Any) -> InputGrad | None:
         or saved.shape[-1] != layer_input.shape[-1]
         or saved.dtype != layer_input.dtype
     ):
-        return None  # not the product of this call's own input: keep the output
-    return InputGrad(node, input_slot, layer_input.detach())
+        return None  # not the product of this call's own input
+    return node, input_slot
 
 
 def watch(route: InputGrad) -> None:
@@ -120,12 +130,19 @@ def watch(route: InputGrad) -> None:
     Called from the hook delivering the call's output gradient (before the node runs)."""
     if route.handle is not None or not route.usable or route.arrived:
         return
-    if route.input is None or not will_run(route.node.next_functions[route.slot][0]):
+    # The node being run is the output's grad_fn (the output's hook runs as its pre-hook).
+    found = _product_node(current_node(), route.input) if route.input is not None else None
+    if found is None or found[1] != route.slot:
+        route.usable = False
+        return
+    route.node = found[0]
+    if not will_run(route.node.next_functions[route.slot][0]):
         route.usable = False
         return
 
     def fill(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
         route.handle.remove()  # one backward only: the graph may be kept for another
+        route.handle = None
         layer_input = route.input
         assert layer_input is not None
         grad = grad_inputs[route.slot]
@@ -134,7 +151,7 @@ def watch(route: InputGrad) -> None:
         else:
             # Reads autograd's tensor; never writes it.
             route.dots = torch.linalg.vecdot(grad.reshape(layer_input.shape), layer_input)
-        route.input = None
+        route.input = route.node = None
         route.arrived = True
         for callback in route.on_arrival:
             callback()
@@ -148,7 +165,7 @@ def release(route: InputGrad) -> None:
     tensors."""
     if route.handle is not None and not route.arrived:
         route.handle.remove()
-    route.input = None
+    route.input = route.node = route.handle = None
     route.dots = None
     route.usable = False
     route.on_arrival.clear()
