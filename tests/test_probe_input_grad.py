@@ -260,3 +260,14 @@ def test_captures_released_while_the_caller_keeps_the_graph() -> None:
         assert all(ref() is None for ref in captured)
         assert route.input is None and route.dots is None
     assert loss.grad_fn is not None  # the graph is still referenced
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_layers_keep_their_output(dtype: torch.dtype) -> None:
+    """A 16-bit input gradient is rounded to 16 bits: such a layer keeps its output."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).to(dtype)
+    probe = GradientProbe(model, verify="never")
+    with probe:
+        model(torch.randn(5, 3, dtype=dtype))
+        held = {owner.module_name: owner.calls[0] for owner in probe._owners}
+        assert held["2"].input_grad is None and held["2"].outputs[0] is not None
