@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .input_grad import release as release_route
+from .input_grad import watch
 from .owners import _Owner
 from .registry import Call
 
@@ -104,6 +106,15 @@ class _Capture:
                     self._view_outputs.setdefault(id(call), set()).add(k)
                 else:
                     base.register_hook(self._make_grad_hook(owner, call, k, backup_shape=out.shape))
+            if flat and len(outputs) == 1 and id(call) not in self._view_outputs:
+                # Where the rule can read <G_i, W> from the gradient autograd forms at the
+                # input, the output need not be held until its gradient arrives (autograd does
+                # not keep a linear layer's output). A view output whose hook can be lost is
+                # kept: the check for a lost hook reads its version.
+                route = owner.rule.input_grad_route(module, args, output)
+                if route is not None:
+                    call.input_grad = route
+                    call.outputs = [None]
 
         return hook
 
@@ -126,6 +137,8 @@ class _Capture:
                 self._incomplete |= call.consumed
                 return
             call.grads[k] = grad
+            if call.input_grad is not None:
+                watch(call.input_grad)  # before the call's product node runs
             owner.missing_grads -= 1
             if owner.missing_grads == 0:
                 # Every output of every call has its gradient: compute now and free early.
@@ -160,6 +173,9 @@ def _release(call: Call, consumed: bool) -> None:
     call.args, call.kwargs, call.outputs, call.state = (), {}, [], None
     call.grads = [None] * len(call.grads)
     call.consumed = consumed
+    route, call.input_grad = call.input_grad, None
+    if route is not None and not route.on_arrival:  # no rule result waits for it
+        release_route(route)
 
 
 def _reshaped_base(output: Tensor, exposed: set[int]) -> Tensor | None:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .input_grad import InputGrad
 
 
 @dataclass
@@ -34,19 +37,25 @@ class Call:
     ``consumed`` is set once a backward pass has used the call and the probe has dropped its
     tensors (``outputs`` is then empty). ``state`` is what the rule's :meth:`LayerRule.capture`
     returned for this call (``None`` for most rules).
+
+    An output is ``None`` where the probe did not keep it: the rule's
+    :meth:`LayerRule.input_grad_route` found where the backward forms the gradient at the
+    call's input, which ``input_grad`` then holds (see ``input_grad.py``).
     """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    outputs: list[Tensor]
+    outputs: list[Tensor | None]
     output_versions: list[int]
     grads: list[Tensor | None] = field(default_factory=list)
     consumed: bool = False
     state: Any = None
+    input_grad: InputGrad | None = None
 
     def output_intact(self, k: int = 0) -> bool:
-        """Whether output ``k`` still holds the values the module produced."""
-        return self.outputs[k]._version == self.output_versions[k]
+        """Whether output ``k`` was kept and still holds the values the module produced."""
+        out = self.outputs[k]
+        return out is not None and out._version == self.output_versions[k]
 
 
 @dataclass
@@ -161,6 +170,14 @@ class LayerRule:
         """Module state the rule needs as it was during this forward call (e.g. the buffers
         of a weight parametrization, which the next forward may update). Called in the
         forward hook, right after :meth:`check`; the result becomes :attr:`Call.state`."""
+        return None
+
+    def input_grad_route(self, module: nn.Module, args: tuple, output: Tensor) -> InputGrad | None:
+        """Where the backward forms the gradient at this call's input, for a rule that reads
+        the call's output only to form ``<G_i, W>`` and can form it from that gradient
+        instead (see ``input_grad.py``); the probe then does not keep the output. Called at
+        forward time for a call with tensor arguments and one output. ``None`` (default):
+        keep the output."""
         return None
 
     def compute(

@@ -155,12 +155,15 @@ def _samples_first(call: Call, batch_dim: int) -> Call:
     def move(x: Any) -> Any:
         return x.movedim(batch_dim, 0) if isinstance(x, Tensor) and x.dim() > batch_dim else x
 
+    if call.input_grad is not None:  # its dots keep the input's layout
+        call.input_grad.batch_dim = batch_dim
     return Call(
         args=(move(call.args[0]), *call.args[1:]) if call.args else call.args,
         kwargs=call.kwargs,
         outputs=[move(o) for o in call.outputs],
         output_versions=call.output_versions,
         grads=[move(g) for g in call.grads],
+        input_grad=call.input_grad,
     )
 
 
