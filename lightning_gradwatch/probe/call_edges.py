@@ -42,6 +42,47 @@ def current_node() -> Any:
     return get() if get is not None else None
 
 
+def product_under(node: Any, layer_input: Tensor) -> tuple[Any, str, int, tuple[int, ...]] | None:
+    """The linear or convolution product of one call, found from the ``grad_fn`` of its output.
+
+    Returns ``(product node, its name, input slot, parameter slots)`` when ``node`` is, or is
+    one reshape over, a product node of a known layout that saved ``layer_input`` itself (same
+    storage, size, last dim and dtype); ``None`` otherwise (another graph, or a saved tensor
+    freed by an earlier backward).
+
+    Args:
+        node: the backward node that produced the call's output.
+        layer_input: the input the call received (detached), ``(B, ..., in)``.
+    """
+    if node is None:
+        return None
+    if node.name() in _RESHAPES:
+        following = node.next_functions
+        if len(following) != 1 or following[0][0] is None:
+            return None
+        node = following[0][0]
+    name = node.name()
+    layout = _LAYER_NODES.get(name)
+    if layout is None:
+        return None
+    saved_name, input_slot, param_slots = layout
+    if len(node.next_functions) <= max(input_slot, *param_slots):
+        return None
+    try:
+        saved = getattr(node, saved_name)
+    except RuntimeError:  # freed by an earlier backward
+        return None
+    if (
+        not isinstance(saved, Tensor)
+        or saved.data_ptr() != layer_input.data_ptr()
+        or saved.numel() != layer_input.numel()
+        or saved.shape[-1] != layer_input.shape[-1]
+        or saved.dtype != layer_input.dtype
+    ):
+        return None
+    return node, name, input_slot, param_slots
+
+
 def call_edges(node: Any, layer_input: Tensor) -> Edges | None:
     """The edges from one linear or convolution call's backward ``node`` (the ``grad_fn`` of
     its output) into the ``AccumulateGrad`` nodes of its parameters, by ``id`` of the
@@ -52,29 +93,11 @@ def call_edges(node: Any, layer_input: Tensor) -> Edges | None:
         node: the backward node that produced the call's output.
         layer_input: the input the call received (detached), ``(B, ..., in)``.
     """
-    if node is None:
-        return None
-    name = node.name()
-    if name in _RESHAPES:
-        following = node.next_functions
-        if len(following) != 1 or following[0][0] is None:
-            return None
-        node = following[0][0]
-        name = node.name()
-    layout = _LAYER_NODES.get(name)
-    if layout is None:
-        return None
-    saved_name, input_slot, param_slots = layout
-    following = node.next_functions
-    if len(following) <= max(input_slot, *param_slots):
-        return None
-    saved = getattr(node, saved_name, None)
-    if (
-        not isinstance(saved, Tensor)
-        or saved.data_ptr() != layer_input.data_ptr()
-        or saved.numel() != layer_input.numel()
-    ):
+    found = product_under(node, layer_input)
+    if found is None:
         return None  # not the product of this call's own input: refuse
+    node, _, _, param_slots = found
+    following = node.next_functions
     edges: Edges = {}
     for slot in param_slots:
         target = following[slot][0]

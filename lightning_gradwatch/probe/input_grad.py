@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .call_edges import _LAYER_NODES, _RESHAPES, current_node, will_run
+from .call_edges import current_node, product_under, will_run
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -94,33 +94,12 @@ def input_grad_route(output: Tensor, layer_input: Any) -> InputGrad | None:
 def _product_node(node: Any, layer_input: Tensor) -> tuple[Any, int] | None:
     """``(the product node, the slot of its input's gradient)`` when ``node`` is (one reshape
     over) a matrix product that saved ``layer_input`` and sends a gradient to it."""
-    if node is None:
-        return None
-    if node.name() in _RESHAPES:
-        following = node.next_functions
-        if len(following) != 1 or following[0][0] is None:
-            return None
-        node = following[0][0]
-    name = node.name()
-    layout = _LAYER_NODES.get(name)
-    if layout is None or name == "ConvolutionBackward0":
-        return None
-    saved_name, input_slot, _ = layout
-    following = node.next_functions
-    if len(following) <= input_slot or following[input_slot][0] is None:
-        return None
-    try:
-        saved = getattr(node, saved_name)
-    except RuntimeError:  # freed by an earlier backward
-        return None
-    if (
-        not isinstance(saved, Tensor)
-        or saved.data_ptr() != layer_input.data_ptr()
-        or saved.numel() != layer_input.numel()
-        or saved.shape[-1] != layer_input.shape[-1]
-        or saved.dtype != layer_input.dtype
-    ):
+    found = product_under(node, layer_input)
+    if found is None or found[1] == "ConvolutionBackward0":
         return None  # not the product of this call's own input
+    node, _, input_slot, _ = found
+    if node.next_functions[input_slot][0] is None:
+        return None
     return node, input_slot
 
 

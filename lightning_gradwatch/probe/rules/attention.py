@@ -90,6 +90,37 @@ def _positions_dot(delta: Tensor, z: Tensor) -> Tensor:
     return torch.linalg.vecdot(delta, z).sum(1)
 
 
+def _out_proj_stats(
+    module: nn.MultiheadAttention, call: Call, core: Tensor, delta: Tensor, ctx: RuleContext
+) -> ParamStats:
+    """``out_proj.weight``'s statistics from the attention core's output ``core`` (its input)
+    and the module's output gradient ``delta``, both ``(B, L, E)`` in ``ctx.dtype`` (any
+    strides). ``<G_i, W> = sum_t delta_t . (z_t - b)`` from the module's output when it is
+    intact, else from ``core`` projected again."""
+    dtype = ctx.dtype
+    if call.output_intact():
+        z = call.outputs[0].to(dtype)
+        z = z if module.batch_first else z.transpose(0, 1)
+        bias = module.out_proj.bias
+        z = z - bias.detach().to(dtype) if bias is not None else z
+    else:
+        z = core @ module.out_proj.weight.detach().to(dtype).T
+    sq_norm, sum_sq, _, grad_sum = outer_product_moments(
+        core.unsqueeze(2),
+        delta.unsqueeze(2),
+        ctx.need_sum_sq,
+        False,
+        ctx.chunk_elements,
+        need_sum=ctx.need_grad_sum,
+    )
+    return ParamStats(
+        dot=_positions_dot(delta, z),
+        sq_norm=sq_norm,
+        sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
+        grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
+    )
+
+
 def _same_tensor(x: Tensor, y: Tensor) -> bool:
     """Whether two arguments are views of the same memory with the same layout, hence the same
     values (the probe may hand a rule distinct tensor objects for one tensor passed twice)."""
@@ -197,26 +228,7 @@ class MultiheadAttentionRule(FallbackRule):
         if "out_proj.weight" in ctx.want:
             assert nodes.core is not None
             core = nodes.core.to(dtype).view(steps, batch, embed).transpose(0, 1)
-            if call.output_intact():
-                z = call.outputs[0].to(dtype)
-                z = z if module.batch_first else z.transpose(0, 1)
-                z = z - b_out if b_out is not None else z
-            else:
-                z = core @ module.out_proj.weight.detach().to(dtype).T
-            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
-                core.unsqueeze(2),
-                delta.unsqueeze(2),
-                ctx.need_sum_sq,
-                False,
-                ctx.chunk_elements,
-                need_sum=ctx.need_grad_sum,
-            )
-            out["out_proj.weight"] = ParamStats(
-                dot=_positions_dot(delta, z),
-                sq_norm=sq_norm,
-                sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
-                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
-            )
+            out["out_proj.weight"] = _out_proj_stats(module, call, core, delta, ctx)
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta.sum(1), b_out, ctx.need_sum_sq, False)
         if not want_in:
@@ -363,25 +375,7 @@ class MultiheadAttentionRule(FallbackRule):
         out: dict[str, ParamStats] = {}
         core_b = core.detach()
         if "out_proj.weight" in ctx.want:
-            if call.output_intact():
-                z = batch_major(seq_first(call.outputs[0]))
-                z = z - b_out if b_out is not None else z
-            else:
-                z = core_b @ w_out.T
-            sq_norm, sum_sq, _, grad_sum = outer_product_moments(
-                core_b.unsqueeze(2),
-                delta_b.unsqueeze(2),
-                ctx.need_sum_sq,
-                False,
-                ctx.chunk_elements,
-                need_sum=ctx.need_grad_sum,
-            )
-            out["out_proj.weight"] = ParamStats(
-                dot=rowdot(delta_b, z),
-                sq_norm=sq_norm,
-                sum_sq=sum_sq.squeeze(0) if sum_sq is not None else None,
-                grad_sum=grad_sum.squeeze(0) if grad_sum is not None else None,
-            )
+            out["out_proj.weight"] = _out_proj_stats(module, call, core_b, delta_b, ctx)
         if b_out is not None and "out_proj.bias" in ctx.want:
             out["out_proj.bias"] = bias_stats(delta_b.sum(1), b_out, ctx.need_sum_sq, False)
 
