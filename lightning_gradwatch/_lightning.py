@@ -45,6 +45,7 @@ __all__ = [
     "logger_connector_logs_this_step",
     "mark_metric_loaded",
     "overrides",
+    "redirected_call",
     "reset_metric_in_place",
     "update_callback_metrics",
 ]
@@ -140,3 +141,16 @@ def mark_metric_loaded(metric: Any, updated: bool) -> None:
     if updated:
         metric._update_count = max(metric._update_count, 1)
     metric._computed = None
+
+
+def redirected_call(wrapper: Any, module: pl.LightningModule, method_name: str, *args: Any) -> Any:
+    """``module.<method_name>(*args)`` run as a call of ``wrapper``, the path Lightning's
+    strategies take for ``training_step`` under DDP (its private ``_ForwardRedirection``).
+
+    The GWA head detector treats a step as redirected when ``trainer.strategy.model is not
+    pl_module`` (public API); this reproduces the call path itself, so the detector can be
+    checked against it in one process.
+    """
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    return _ForwardRedirection()(wrapper, module, method_name, *args)

@@ -238,3 +238,28 @@ def test_apply_to_collection_rebuilds_nested_batches() -> None:
     assert torch.equal(out["a"][0], torch.full((2,), 2.0))
     assert torch.equal(out["a"][1][0], torch.ones(3))
     assert torch.equal(out["b"].x, torch.full((1,), 2.0))
+
+
+def test_redirected_call_runs_the_method_as_a_call_of_the_wrapper() -> None:
+    """Lightning's forward redirection: the wrapper's forward is what runs, and it returns the
+    LightningModule method's output (the loss for ``training_step``)."""
+
+    class Module(pl.LightningModule):
+        def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+            return batch.sum() * 2
+
+    calls: list[str] = []
+
+    class Wrapper(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("wrapper")
+            return self.module(*args, **kwargs)
+
+    module = Module()
+    out = internals.redirected_call(Wrapper(module), module, "training_step", torch.ones(3), 0)
+    assert calls == ["wrapper"]
+    assert float(out) == 6.0

@@ -227,10 +227,10 @@ def test_heatmap_is_not_rendered_without_tensorboard(
 # ----------------------------------------------------------------------------- head under DDP
 def test_head_is_found_through_lightnings_forward_redirection() -> None:
     """Under DDP Lightning runs ``training_step`` as a call of the wrapped LightningModule
-    (``_ForwardRedirection``), so its outermost output is the loss. The detector looks through
-    that call. In-process here; tests/test_hostile_config.py runs both DDP launchers."""
-    from lightning.pytorch.strategies.strategy import _ForwardRedirection
-
+    (its forward redirection, reproduced by ``_lightning.redirected_call``), so its outermost
+    output is the loss. The detector looks through that call. In-process here;
+    tests/test_hostile_config.py runs both DDP launchers."""
+    from lightning_gradwatch._lightning import redirected_call
     from lightning_gradwatch.callbacks.gradient_weight_alignment import _HeadDetector
 
     class Wrapper(nn.Module):  # stands for DistributedDataParallel
@@ -246,7 +246,7 @@ def test_head_is_found_through_lightnings_forward_redirection() -> None:
     candidates = {"features.0.weight", "head.weight"}
     for redirected, expected in ((True, "head.weight"), (False, None)):
         detector = _HeadDetector(module, candidates, redirected=redirected)
-        _ForwardRedirection()(Wrapper(module), module, "training_step", batch, 0)
+        redirected_call(Wrapper(module), module, "training_step", batch, 0)
         # without looking through the redirected call, the loss hides the head
         assert detector.finish() == expected
 

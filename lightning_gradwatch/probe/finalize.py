@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .call_edges import call_edges, current_node, sum_hook, will_run
