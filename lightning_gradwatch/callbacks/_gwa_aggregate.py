@@ -5,6 +5,7 @@ scores as written to TensorBoard."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -96,8 +97,8 @@ class EpochAggregate:
         ranks): that keeps float64 cancellation negligible (see ``metrics/alignment.py``).
         """
         self.flush()
-        result = self.epoch.compute()
-        layer_results = {name: m.compute() for name, m in self.layers.items()}
+        result = _compute_on_every_rank(self.epoch)
+        layer_results = {name: _compute_on_every_rank(m) for name, m in self.layers.items()}
         for metric, res in [
             (self.epoch, result),
             *((self.layers[k], r) for k, r in layer_results.items()),
@@ -134,6 +135,18 @@ class EpochAggregate:
         for name, state in layers.items():
             self.add_layers([name])
             load_metric_state(self.layers[name], state)
+
+
+def _compute_on_every_rank(metric: AlignmentMoments) -> dict[str, Tensor]:
+    """``metric.compute()``, which every rank must call (it sums across them), also where this
+    rank scored nothing this epoch (a layer the probe left out, whose results are then NaN
+    with ``count`` 0): torchmetrics' warning about a compute before any update is noise there.
+    """
+    if metric.update_count:
+        return metric.compute()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
+        return metric.compute()
 
 
 def _selection(stats: ProbeStats, names: list[str]) -> _Batch:

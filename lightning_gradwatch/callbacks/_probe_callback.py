@@ -238,6 +238,15 @@ class ProbeCallback(Callback):
             self.probe.attach()
 
     @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        # With the loss the probe also sees a backward that skips a branch beside the layers
+        # it reached (a custom LightningModule.backward passing inputs=): see set_loss.
+        if self.probe is not None and self.probe.active:
+            self.probe.set_loss(loss)
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = self.probe
         if probe is None or not probe.active:

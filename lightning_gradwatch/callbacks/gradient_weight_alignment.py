@@ -373,6 +373,7 @@ class GradientWeightAlignment(ProbeCallback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         detector = self._detector
         if detector is None:
             return
@@ -523,9 +524,11 @@ class GradientWeightAlignment(ProbeCallback):
             keys.GWA_AGGREGATE: entry["gwa"],
             keys.GWA_MEAN: entry["mean"],
             keys.GWA_KURTOSIS: entry["kurtosis"],
+            # A layer the probe left out all epoch has no aggregate (NaN): not written.
             **{
                 keys.layer_key(keys.GWA_FAMILY, "aggregate", name): float(layer["gwa"])
                 for name, layer in layer_results.items()
+                if float(layer["count"]) > 0
             },
         }
         for key, value in epoch_values.items():

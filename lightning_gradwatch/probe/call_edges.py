@@ -42,6 +42,14 @@ def current_node() -> Any:
     return get() if get is not None else None
 
 
+def graph_task_id() -> int:
+    """The id of the backward pass (autograd graph task) running on this thread: a
+    reentrant backward inside it (``checkpoint(use_reentrant=True)``) has its own; -1
+    outside a backward or where torch does not say."""
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else -1
+
+
 def product_under(node: Any, layer_input: Tensor) -> tuple[Any, str, int, tuple[int, ...]] | None:
     """The linear or convolution product of one call, found from the ``grad_fn`` of its output.
 
@@ -130,6 +138,44 @@ def will_run(accumulate: Any) -> bool:
         return bool(check(accumulate))
     except RuntimeError:  # asked under torch.autograd.grad
         return False
+
+
+def leaves_out_nodes(reached: list[Any]) -> bool:
+    """Whether the running backward skips part of the graph below ``reached``.
+
+    A backward given ``inputs=`` (or ``torch.autograd.grad``) runs only the nodes on a path to
+    those inputs; a plain ``backward()`` runs every node it can reach. Every node below a
+    node the backward ran is reachable, so finding one that it will not run proves that it
+    prunes the graph. Finding none proves nothing about the nodes outside the part walked.
+    Must be called during the backward (its engine callbacks included).
+
+    Args:
+        reached: backward nodes the running backward executed, not in a reentrant backward
+            inside it (``None`` entries are ignored).
+
+    Returns:
+        ``True`` where a node below one of ``reached`` will not run, or where torch cannot
+        be asked (no ``_will_engine_execute_node``).
+    """
+    check = getattr(torch._C, "_will_engine_execute_node", None)
+    if check is None:
+        return True
+    seen: set[Any] = set()
+    stack = [node for node in reached if node is not None]
+    while stack:
+        for following, _ in stack.pop().next_functions:
+            if following is None or following in seen:
+                continue
+            seen.add(following)
+            try:
+                if not check(following):
+                    return True
+            except RuntimeError:
+                # torch.autograd.grad refuses to answer for a leaf it returns the gradient
+                # of: that gradient is formed, and a leaf has nothing below it.
+                continue
+            stack.append(following)
+    return False
 
 
 def sum_hook(

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .call_edges import current_node, graph_task_id
 from .input_grad import release as release_route
 from .input_grad import watch
 from .owners import _Owner
@@ -26,6 +27,8 @@ class _Capture:
     _dims_hook: Any
     _view_outputs: dict[int, set[int]]
     _incomplete: bool
+    _reached_nodes: list[Any]
+    _backward_task: int
     _grad_sum: dict[str, Tensor]
     _autocast_seen: bool
     sum_grad_squared: bool
@@ -137,6 +140,11 @@ class _Capture:
                 self._incomplete |= call.consumed
                 return
             call.grads[k] = grad
+            # The node this gradient enters: where the end of the backward starts looking for
+            # parts of the graph the backward left out (see _Finalize._refuse_unreached). Not
+            # from a reentrant backward inside it (checkpoint): its nodes are in another graph.
+            if graph_task_id() == self._backward_task:
+                self._reached_nodes.append(current_node())
             if call.input_grad is not None:
                 watch(call.input_grad)  # before the call's product node runs
             owner.missing_grads -= 1

@@ -11,7 +11,14 @@ import torch
 from lightning.fabric.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from .call_edges import call_edges, current_node, sum_hook, will_run
+from .call_edges import (
+    call_edges,
+    current_node,
+    graph_task_id,
+    leaves_out_nodes,
+    sum_hook,
+    will_run,
+)
 from .capture import _release
 from .owners import _Owner
 from .registry import Call, ParamStats, RuleContext, SkipModule
@@ -41,6 +48,9 @@ class _Finalize:
     _replaying: bool
     _finalize_queued: bool
     _incomplete: bool
+    _reached_nodes: list[Any]
+    _root_node: Any
+    _backward_task: int
     _verified: bool
     _grad_scale: float | Tensor
     _grad_sum: dict[str, Tensor]
@@ -58,6 +68,7 @@ class _Finalize:
         if self._finalize_queued:
             return
         self._finalize_queued = True
+        self._backward_task = graph_task_id()  # the backward _finalize runs at the end of
         self._verified = True
         # The previous backward's statistics are superseded: dropping them now (rather than
         # when the new ones are assembled) keeps their parameter-sized sums (sum_grad_squared)
@@ -280,6 +291,7 @@ class _Finalize:
                         "backward you want probed."
                     )
                 return
+            self._refuse_unreached()
             for owner in self._owners:
                 if owner.calls:
                     self._compute(owner)
@@ -290,6 +302,38 @@ class _Finalize:
         self._nonfinite.add(self._stats)
         for listener in self._listeners:
             listener(self._stats)
+
+    def _refuse_unreached(self) -> None:
+        """Leave out of this backward the owners some of whose outputs got no gradient, where
+        the backward pruned the graph.
+
+        An output whose gradient never arrives does not reach the loss in a plain backward,
+        and its per-sample gradients are zero. A backward given ``inputs=`` (or
+        ``torch.autograd.grad``) also skips the layers below the tensors it was asked for,
+        whose gradients are not zero: autograd just did not form them. Torch cannot say which
+        of the two a skipped output is, so where the backward is seen pruning the graph, every
+        owner with a missing gradient is refused rather than reported as zero. The graph is
+        searched below the nodes where output gradients arrived, and below the loss where
+        :meth:`GradientProbe.set_loss` named it.
+        """
+        stalled = [o for o in self._owners if o.missing_grads > 0 and o.calls]
+        if not stalled:
+            return
+        reached = self._reached_nodes
+        if self._root_node is not None:
+            reached = [self._root_node, *reached]
+        if not leaves_out_nodes(reached):
+            return
+        for owner in stalled:
+            self._exclude(
+                owner,
+                "this backward pass did not form the gradient of its output: it was given "
+                "inputs= (or was a torch.autograd.grad) that leave this layer out, so its "
+                "per-sample gradients are unknown here (not zero). Include its parameters in "
+                "the backward's inputs, or track only the layers such a backward reaches "
+                "with params=[...]",
+                kind="unreached",
+            )
 
     def _assemble(self) -> ProbeStats:
         contributions: dict[str, list[ParamStats]] = {}
@@ -386,6 +430,8 @@ class _Finalize:
         self._autocast_seen = False
         self._view_outputs = {}
         self._incomplete = False
+        self._reached_nodes = []
+        self._root_node = None
         self._model_batch = None
         self._finalize_queued = False
 

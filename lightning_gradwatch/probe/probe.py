@@ -191,6 +191,9 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
         self._replaying = False
         self._finalize_queued = False
         self._incomplete = False
+        self._reached_nodes: list[Any] = []  # see _Capture's gradient hook
+        self._root_node: Any = None  # see set_loss
+        self._backward_task = -1  # the graph task of the backward being probed
         self._model_batch: int | None = None  # dim 0 of the model's input, this step
         self._verified = False
         self._dims_checked = False
@@ -277,9 +280,26 @@ class GradientProbe(_Capture, _SampleDims, _Finalize):
             raise ValueError(f"batch_size must be a non-negative int or None, got {batch_size!r}")
         self._batch_size = batch_size
 
+    def set_loss(self, loss: Tensor | None) -> None:
+        """Name the tensor whose backward pass comes next (``None``: forget it).
+
+        Optional. A backward given ``inputs=`` (or ``torch.autograd.grad``) skips the layers
+        that lead to none of the tensors it was asked for; they get no output gradient, like
+        a layer off the loss, but their gradients are not zero, so the probe refuses them
+        (``stats.excluded``). It sees the skip below any layer the backward reached; with the
+        loss it also sees it in a branch beside them (two heads, asked for one). Held until
+        the end of the next probed backward, :meth:`reset` or :meth:`detach`. The callbacks
+        set it from ``on_before_backward``.
+
+        Args:
+            loss: the ``()`` (or any) tensor ``backward`` will be called on.
+        """
+        self._root_node = None if loss is None else loss.grad_fn
+
     def reset(self) -> None:
-        """Forget the last statistics."""
+        """Forget the last statistics (and the loss given to :meth:`set_loss`)."""
         self._stats = None
+        self._root_node = None
 
     def __enter__(self) -> GradientProbe:
         self.attach()
