@@ -330,12 +330,16 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+#: The later memory window starts after this many steps (see measure_memory_child).
+STEADY_AFTER = 12
+
+
 def measure_memory_child(
     key: str, config: str, device: str, batch_size: int | None
 ) -> tuple[float, float, float]:
     """Peak memory (MB) a configuration's steps add over the state right before them: over the
-    first three steps (one-time checks included), then over three later steps (the steady
-    state); and that state's tensor memory (MB).
+    first three steps (one-time checks included), then over three steps from step
+    :data:`STEADY_AFTER` on (the steady state); and that state's tensor memory (MB).
 
     CPU: peak resident set (``VmHWM``) minus the resident set right before the steps (run in a
     fresh process, so the high-water mark is this configuration's own; before the later steps
@@ -349,7 +353,9 @@ def measure_memory_child(
     step, _ = build_step(config, model, x, y)
     if dev.type == "cuda":
         peaks = []
-        for _ in range(2):
+        for window in range(2):
+            for _ in range(STEADY_AFTER - 3 if window else 0):
+                step()
             torch.cuda.synchronize(dev)
             base = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -361,7 +367,12 @@ def measure_memory_child(
     tensors = [*model.parameters(), x, y]
     state_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     peaks = []
-    for _ in range(2):
+    for window in range(2):
+        if window:
+            # The steady state: after the convolutions' route timing (up to 9 steps), whose
+            # steps keep every output and run the slower routes too.
+            for _ in range(STEADY_AFTER - 3):
+                step()
         _release_free_memory()
         _reset_peak_rss()
         base = _rss_mb("VmRSS")

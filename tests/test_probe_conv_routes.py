@@ -250,3 +250,89 @@ def test_routes_on_inputs_that_are_not_contiguous(
         x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, 2)
         assert not x.is_contiguous()
         assert_matches_oracle(model, x, _target(model, x, 4), sum_grad_squared=route != "gram")
+
+
+@pytest.fixture
+def kept_outputs(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For every convolution call the rule computes, in order: whether its output was kept."""
+    seen: list[bool] = []
+    original = conv_rule.ConvRule.compute
+
+    def spy(self: conv_rule.ConvRule, module: nn.Module, calls: list, ctx: object) -> object:
+        seen.extend(call.outputs[0] is not None for call in calls)
+        return original(self, module, calls, ctx)
+
+    monkeypatch.setattr(conv_rule.ConvRule, "compute", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("mode", "nd"),
+    [("windows", 1), ("gram", 1), ("offsets", 1), ("older", 1), ("windows", 2), ("older", 2)],
+)
+def test_output_kept_only_for_routes_that_read_it(
+    monkeypatch: pytest.MonkeyPatch, kept_outputs: list[bool], mode: str, nd: int
+) -> None:
+    """The windows and grouped routes take ``<G_i, W>`` from the per-sample gradients they
+    form, so the probe keeps no output for them; the others read it. Exact either way."""
+    _force(monkeypatch, mode, nd)
+    torch.manual_seed(1)
+    conv = _CONV[nd](8, 6, 3, stride=2, padding=1).double()
+    x = torch.randn(3, 8, *([7] * nd), dtype=torch.float64)
+    for sum_sq in (False, True):
+        kept_outputs.clear()
+        assert_matches_oracle(conv, x, _target(conv, x, 3), sum_grad_squared=sum_sq)
+        reads = conv_rule.ROUTES.forced not in conv_rule.FORMS_GRADIENTS
+        assert kept_outputs == [reads]
+
+
+def test_two_calls_without_kept_outputs(
+    monkeypatch: pytest.MonkeyPatch, kept_outputs: list[bool]
+) -> None:
+    """A 1-D convolution called twice takes the unfolded route, which reads ``z - b``: where
+    the windows route dropped the outputs at the forward, it recomputes them, exactly."""
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
+    torch.manual_seed(2)
+    conv = nn.Conv1d(3, 3, 3, padding=1, padding_mode="circular").double()
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.tanh(self.conv(x)))
+
+    model = Twice()
+    x = torch.randn(4, 3, 9, dtype=torch.float64)
+    assert_matches_oracle(model, x, _target(model, x, 4))
+    assert kept_outputs == [False, False]
+
+
+def test_outputs_dropped_once_timing_keeps_such_a_route(
+    monkeypatch: pytest.MonkeyPatch, kept_outputs: list[bool]
+) -> None:
+    """Unforced, on the CPU: outputs are kept while the routes are timed, and dropped from the
+    step after the route kept for that input shape forms per-sample gradients; the statistics
+    of such a later step still match the oracle."""
+    from lightning_gradwatch import GradientProbe
+    from lightning_gradwatch.probe.route_timing import RouteTimer
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    target = _target(conv, x, 5)
+    timer = RouteTimer()
+    monkeypatch.setattr(conv_rule, "ROUTES", timer)
+    probe = GradientProbe(conv, verify="never")
+    steps = 0
+    while not timer.settled(conv):
+        with probe:
+            (conv(x) - target).pow(2).flatten(1).sum(1).mean().backward()
+        steps += 1
+        assert steps < 20
+    assert all(kept_outputs)  # kept while timing
+    (chosen,) = timer.settled(conv).values()
+    kept_outputs.clear()
+    assert_matches_oracle(conv, x, target, sum_grad_squared=False)
+    assert kept_outputs == [chosen not in conv_rule.FORMS_GRADIENTS]

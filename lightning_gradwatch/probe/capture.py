@@ -118,6 +118,8 @@ class _Capture:
                 if route is not None:
                     call.input_grad = route
                     call.outputs = [None]
+                elif not owner.rule.output_needed(module, args):
+                    call.outputs = [None]
 
         return hook
 

@@ -180,6 +180,14 @@ class LayerRule:
         keep the output."""
         return None
 
+    def output_needed(self, module: nn.Module, args: tuple) -> bool:
+        """Whether :meth:`compute` will read this call's output, which the probe then keeps
+        from the forward to the backward. Called at forward time for a call with tensor
+        arguments and one output, where :meth:`input_grad_route` gave none. ``True``
+        (default): keep it. A rule answering ``False`` must be exact without it:
+        ``Call.outputs`` then holds ``None`` and :meth:`Call.output_intact` is ``False``."""
+        return True
+
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:

@@ -97,6 +97,11 @@ class RouteTimer:
             beats = trials.best[fastest] < self.margin * trials.best[default]
             trials.chosen = fastest if beats else default
 
+    def settled(self, module: nn.Module) -> dict[Hashable, str]:
+        """Key to the route kept, for every key of ``module`` whose timing is over."""
+        keys = self._trials.get(module, {})
+        return {key: t.chosen for key, t in keys.items() if t.chosen is not None}
+
     def chosen(self, module: nn.Module, key: Hashable) -> str | None:
         """The route kept for this module and key, ``None`` while still timing."""
         trials = self._trials.get(module, {}).get(key)

@@ -162,8 +162,31 @@ def candidate_routes(
     return tuple(routes)
 
 
+#: Routes that form per-sample gradients anyway and take ``<G_i, W>`` from them: they do not
+#: read the call's output.
+FORMS_GRADIENTS = frozenset({"windows", "grouped"})
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
+    def output_needed(self, module: nn.Module, args: tuple) -> bool:
+        # The other routes read <G_i, W> = sum delta . (z - b) from the kept output z, or
+        # recompute z (one convolution, exact) when it was not kept. So z is dropped where
+        # the route is known to form G_i: on an accelerator, where the first route
+        # ("windows") is always used, and on the CPU once every route kept for inputs of this
+        # shape and dtype (by timing) is such a route. A convolution's output is often many
+        # times its input (more channels), and autograd does not keep it.
+        x = args[0] if args else None
+        if ROUTES.forced is not None:
+            return ROUTES.forced not in FORMS_GRADIENTS
+        if not isinstance(x, Tensor):
+            return True
+        if x.device.type != "cpu":
+            return False
+        shape, dtype = tuple(x.shape), x.dtype
+        kept = [r for k, r in ROUTES.settled(module).items() if k[:2] == (shape, dtype)]
+        return not kept or any(r not in FORMS_GRADIENTS for r in kept)
+
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext
     ) -> dict[str, ParamStats]:
