@@ -19,7 +19,8 @@ Usage::
     python benchmarks/overhead.py [--part probe|callbacks|scaling|all]
                                   [--models mlp,cnn,transformer] [--repeats N] [--quick]
                                   [--threads N] [--clock wall|cpu]
-                                  [--no-memory] [--no-backpack] [--cb-steps N]
+                                  [--no-memory] [--rss-allocator live|default]
+                                  [--no-backpack] [--cb-steps N]
                                   [--device cpu|cuda] [--breakdown] [--cases a,b]
 
 See ``benchmarks/README.md`` for how to read the tables and the measured numbers.
@@ -382,14 +383,30 @@ def measure_memory_child(
     return peaks[0], peaks[1], state_mb
 
 
+#: ``MALLOC_MMAP_THRESHOLD_`` of the memory subprocesses (bytes), unless ``--rss-allocator
+#: default`` (see :func:`measure_memory`).
+LIVE_MMAP_THRESHOLD = 131072
+
+
 def measure_memory(
-    keys: list[str], rows: list[ProbeRow], device: str, batch_size: int | None
+    keys: list[str],
+    rows: list[ProbeRow],
+    device: str,
+    batch_size: int | None,
+    live_tensors: bool = True,
 ) -> None:
     """Fill ``peak_mb`` of every row, each configuration in its own subprocess (two at a time:
-    the figure is each process's own high-water mark, which a neighbour does not change)."""
+    the figure is each process's own high-water mark, which a neighbour does not change).
+    With ``live_tensors`` (CPU), the subprocesses' allocator maps every block above 128 KiB on
+    its own, so their resident set follows the live tensors; without it, glibc's default
+    settings, whose free lists hold freed blocks (different amounts from run to run)."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if live_tensors:
+        # Blocks above 128 KiB get their own mappings, handed back when freed: the resident
+        # set then follows the live tensors rather than what glibc's free lists keep.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(LIVE_MMAP_THRESHOLD))
 
     def run(row: ProbeRow) -> None:
         cmd = [
@@ -806,6 +823,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "substrings (e.g. 'quick-start,gwa head')",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--rss-allocator",
+        choices=("live", "default"),
+        default="live",
+        help="CPU memory subprocesses: 'live' sets MALLOC_MMAP_THRESHOLD_=131072 so the "
+        "resident set follows live tensors (default); 'default' keeps glibc's settings",
+    )
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK out")
     parser.add_argument("--device", default="cpu", help="torch device for the probe part")
     parser.add_argument(
@@ -865,7 +889,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
         )
         if not args.no_memory and not quick:
-            measure_memory(keys, rows, args.device, args.batch_size)
+            measure_memory(keys, rows, args.device, args.batch_size, args.rss_allocator == "live")
         unit = "extra allocated" if device.type == "cuda" else "extra RSS"
         print(f"## Probe overhead ({repeats} interleaved repetitions, medians)\n")
         print(probe_table(rows, unit))
