@@ -8,6 +8,7 @@ samples that do not reach a parameter) compare sensibly.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ RTOL = 1e-6
 def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs with ``tmp_path`` as the working directory, so a Trainer or logger left
     at its default ``default_root_dir`` (the working directory) writes ``checkpoints/`` and
-    ``lightning_logs/`` there and never into the repository."""
+    ``lightning_logs/`` there and never into the repository; temporary files and directories
+    (``tempfile``, here and in subprocesses through ``TMPDIR``) go under it too."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
 #: Devices to run device-agnostic tests on: the CPU, plus CUDA where available.

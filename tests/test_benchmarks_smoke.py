@@ -151,3 +151,19 @@ def test_early_stopping_study_quick_mode(tmp_path: Path, capsys: pytest.CaptureF
         assert 0 <= row["epoch"] < 3 and 1 <= row["trained"] <= 3 and 0 < row["acc"] <= 100
     printed = capsys.readouterr().out
     assert f"| {early_stopping.DEFAULT_LABEL} | 20% |" in printed
+
+
+def test_step_anatomy_runs_and_restores_the_hooks() -> None:
+    """Both parts of ``benchmarks/step_anatomy.py`` on a few steps: every row is a positive
+    time, and the timing wrappers are removed afterwards."""
+    from benchmarks import step_anatomy
+    from lightning_gradwatch import GradientWeightAlignment
+    from lightning_gradwatch.probe.capture import _Capture
+
+    cold = step_anatomy.cold_ops("mlp", 8)
+    assert len(cold) == 6 and all(micros > 0 for _, micros in cold)
+    before = (_Capture._make_grad_hook, GradientWeightAlignment.on_after_backward)
+    plain, head, per_step = step_anatomy.hook_costs("mlp", steps=3, epochs=2)
+    assert plain > 0 and head > 0
+    assert per_step["probe: output-gradient hook (the rule)"] > 0
+    assert (_Capture._make_grad_hook, GradientWeightAlignment.on_after_backward) == before
