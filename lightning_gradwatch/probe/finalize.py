@@ -68,7 +68,7 @@ class _Finalize:
         if self._finalize_queued:
             return
         self._finalize_queued = True
-        self._backward_task = graph_task_id()  # the backward _finalize runs at the end of
+        self._backward_task = graph_task_id()  # the graph task at whose end _finalize runs
         self._verified = True
         # The previous backward's statistics are superseded: dropping them now (rather than
         # when the new ones are assembled) keeps their parameter-sized sums (sum_grad_squared)
