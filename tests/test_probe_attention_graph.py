@@ -36,8 +36,12 @@ class _SelfAttention(nn.Module):
         dropout: float,
         weights_in_loss: bool,
         pre: bool,
+        need_weights: bool | None = None,
     ) -> None:
         super().__init__()
+        # need_weights=True without the weights in the loss: an output that never gets a
+        # gradient (nn.MultiheadAttention's default).
+        self.need_weights = weights_in_loss if need_weights is None else need_weights
         self.pre = nn.Linear(embed, embed) if pre else nn.Identity()
         self.attn = nn.MultiheadAttention(
             embed, heads, dropout=dropout, bias=bias, batch_first=batch_first
@@ -49,7 +53,7 @@ class _SelfAttention(nn.Module):
         batch, steps, _ = x.shape
         h = self.pre(x)
         h = h if self.batch_first else h.transpose(0, 1)
-        kwargs: dict = {"need_weights": self.weights_in_loss}
+        kwargs: dict = {"need_weights": self.need_weights}
         if self.mask == "causal_float":
             kwargs["attn_mask"] = torch.triu(
                 torch.full((steps, steps), float("-inf"), dtype=x.dtype), 1
@@ -153,11 +157,11 @@ def test_graph_route_matches_oracle(
 
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_returned_weights_in_the_loss(batch_first: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Gradients through the returned attention weights are in the graph too. The graph is
-    read when the output's gradient is the call's last to arrive (sequence-first: the
-    weights' nodes run first); otherwise the module is replayed per sample as before."""
-    if not batch_first:
-        _graph_only(monkeypatch)
+    """Gradients through the returned attention weights are in the graph too: the input
+    projections' gradients include them. The graph is read in both layouts, whether the
+    output's gradient arrives before the weights' (batch-first: read then, the weights'
+    gradient ignored when it comes) or after (sequence-first)."""
+    _graph_only(monkeypatch)
     replays = _replays(monkeypatch)
     torch.manual_seed(0)
     model = _SelfAttention(4, 2, batch_first, True, "bool", 0.0, True, True).double()
@@ -165,6 +169,69 @@ def test_returned_weights_in_the_loss(batch_first: bool, monkeypatch: pytest.Mon
     stats = assert_matches_oracle(model, x, torch.randn_like(x))
     assert not stats.excluded
     assert not replays  # the core replay does not mirror gradients through the weights
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 3),
+    steps=st.integers(1, 4),
+    heads=st.integers(1, 2),
+    head_dim=st.integers(1, 3),
+    batch_first=st.booleans(),
+    mask=st.sampled_from(["none", "causal_float", "key_padding"]),
+    pre=st.booleans(),
+    sum_grad_squared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_unused_weights_do_not_hold_the_graph_route(
+    monkeypatch: pytest.MonkeyPatch,
+    batch: int,
+    steps: int,
+    heads: int,
+    head_dim: int,
+    batch_first: bool,
+    mask: str,
+    pre: bool,
+    sum_grad_squared: bool,
+    seed: int,
+) -> None:
+    """``need_weights=True`` (the default) with the weights unused: their gradient never
+    arrives, and the rule reads the graph when the output's does, rather than replaying at
+    the end of the backward; the probe then has no output to account for, so no graph walk
+    for a pruning backward either."""
+    import lightning_gradwatch.probe.finalize as finalize
+
+    _graph_only(monkeypatch)
+    walks: list[int] = []
+    walk = finalize.leaves_out_nodes
+    monkeypatch.setattr(finalize, "leaves_out_nodes", lambda nodes: walks.append(1) or walk(nodes))
+    torch.manual_seed(seed)
+    embed = heads * head_dim
+    model = _SelfAttention(
+        embed, heads, batch_first, True, mask, 0.0, False, pre, need_weights=True
+    ).double()
+    x = torch.randn(batch, steps, embed, dtype=torch.float64)
+    stats = assert_matches_oracle(model, x, torch.randn_like(x), sum_grad_squared=sum_grad_squared)
+    assert not stats.excluded
+    assert not walks
+
+
+def test_retained_graph_after_an_early_read_is_not_probed() -> None:
+    """A second backward through a graph kept with ``retain_graph=True`` reaches the call the
+    first one read early: that backward has no statistics (one warning), not zeros."""
+    from lightning_gradwatch import GradientProbe
+
+    torch.manual_seed(5)
+    model = _SelfAttention(4, 2, True, True, "none", 0.0, False, False, need_weights=True)
+    x = torch.randn(3, 2, 4)
+    probe = GradientProbe(model, verify="never")
+    with probe:
+        loss = model(x).pow(2).sum()
+        loss.backward(retain_graph=True)
+        assert probe.has_stats and "attn.in_proj_weight" in probe.stats.dot
+        with pytest.warns(UserWarning, match="retain_graph=True"):
+            loss.backward()
+    assert not probe.has_stats
 
 
 class _Encoder(nn.Module):

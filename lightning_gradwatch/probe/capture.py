@@ -38,6 +38,7 @@ class _Capture:
     _exclude: Callable[..., None]
     _start_backward: Callable[[], None]
     _compute: Callable[[_Owner], None]
+    _compute_early: Callable[[_Owner], None]
 
     def _record_model_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The latest forward with grad: a forward whose backward never came is superseded.
@@ -137,6 +138,8 @@ class _Capture:
                     return  # the view's own hook delivered it
                 grad = grad.reshape(backup_shape)
             if not call.outputs:  # released: its tensors are gone
+                if call.early_in_task is not None and call.early_in_task == graph_task_id():
+                    return  # used early in this backward (see _Finalize._compute_early)
                 # A second backward through a graph kept with retain_graph=True reaches calls
                 # that an earlier backward consumed: this backward cannot be probed.
                 self._incomplete |= call.consumed
@@ -153,6 +156,8 @@ class _Capture:
             if owner.missing_grads == 0:
                 # Every output of every call has its gradient: compute now and free early.
                 self._compute(owner)
+            elif owner.rule.computes_early:
+                self._compute_early(owner)
 
         return hook
 

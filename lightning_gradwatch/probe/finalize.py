@@ -114,19 +114,34 @@ class _Finalize:
             for call in captured:
                 _release(call, consumed=True)
 
-    def _compute_calls(self, owner: _Owner, captured: list[Call]) -> None:
+    def _compute_early(self, owner: _Owner) -> None:
+        """Let ``owner``'s rule compute from the output gradients that have arrived (see
+        :meth:`LayerRule.compute_early`); where it does, its one call is released now, and a
+        gradient arriving later in this backward for another of its outputs is ignored."""
+        if len(owner.calls) != 1:
+            return
+        call = owner.calls[0]
+        if not self._compute_calls(owner, [call], early=True):
+            return  # declined: wait for the rest, or the end of the backward
+        owner.calls = []
+        call.early_in_task = graph_task_id()
+        _release(call, consumed=True)
+
+    def _compute_calls(self, owner: _Owner, captured: list[Call], early: bool = False) -> bool:
+        """Run ``owner``'s rule on ``captured`` (or leave the owner out, saying why); with
+        ``early``, its :meth:`LayerRule.compute_early`. ``False`` only where that declined."""
         first = captured[0].args[0] if len(captured) == 1 and captured[0].args else None
         if isinstance(first, Tensor) and len(captured[0].grads) == 1:
             # One call with one output and a tensor input (most layers): the same as below,
             # without the generic scans.
             calls, sample = captured, captured[0].grads[0]
             if sample is None or owner.skip_reason is not None:
-                return
+                return True
             owner.seen_shape = tuple(first.shape)
         else:
             calls = [c for c in captured if any(g is not None for g in c.grads)]
             if not calls or owner.skip_reason is not None:
-                return
+                return True
             sample = next(g for c in calls for g in c.grads if g is not None)
             owner.seen_shape = next(
                 (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
@@ -145,7 +160,7 @@ class _Finalize:
                     f"and its rule needs them along dim 0; make the model batch-first",
                     kind="sample dim",
                 )
-                return
+                return True
         need_grad_sum = not (self.sum_grad_squared and self._autograd_sum_exact(owner, calls))
         key = (sample.dtype, batch_dim, need_grad_sum, self.sum_grad_squared, self.chunk_elements)
         ctx = owner.contexts.get(key)
@@ -161,10 +176,16 @@ class _Finalize:
             )
         self._replaying = True
         try:
-            result = owner.rule.compute(owner.module, calls, ctx)
+            if early:
+                early_result = owner.rule.compute_early(owner.module, calls, ctx)
+                if early_result is None:
+                    return False
+                result = early_result
+            else:
+                result = owner.rule.compute(owner.module, calls, ctx)
         except SkipModule as skip:  # a deliberate refusal; any other error is a bug: propagate
             self._exclude(owner, skip.reason)
-            return
+            return True
         finally:
             self._replaying = False
         if owner.dim_conflict is not None:
@@ -177,7 +198,7 @@ class _Finalize:
                 f"tensor you pass it",
                 kind="sample dim",
             )
-            return
+            return True
         coarse_sum = any(s.sum_sq is not None and s.grad_sum is None for s in result.values())
         if self.sum_grad_squared and sample.dtype.itemsize < 4 and coarse_sum:
             # Autograd's batch gradient is rounded to 16 bits here, and Q/B - (S/B)**2 would
@@ -189,9 +210,10 @@ class _Finalize:
                 f"variance; train in precision='32-true' to monitor it, or leave it out "
                 f"with params=[...]",
             )
-            return
+            return True
         # Still in autograd's scale: _assemble rescales every parameter's statistics at once.
         owner.result = {owner.local_to_name[local]: s for local, s in result.items()}
+        return True
 
     def _autograd_sum_exact(self, owner: _Owner, calls: list[Call]) -> bool:
         """Whether autograd's own gradient of each of ``owner``'s parameters from this backward

@@ -51,6 +51,9 @@ class Call:
     consumed: bool = False
     state: Any = None
     input_grad: InputGrad | None = None
+    #: The backward (autograd graph task id) in which the rule's :meth:`LayerRule.compute_early`
+    #: used this call before all its outputs' gradients arrived; ``None`` otherwise.
+    early_in_task: int | None = None
 
     def output_intact(self, k: int = 0) -> bool:
         """Whether output ``k`` was kept and still holds the values the module produced."""
@@ -145,6 +148,8 @@ class LayerRule:
     #: LayerNorm, RMSNorm): the probe may move the sample dimension of its first argument,
     #: first output and their gradients to dim 0 before :meth:`compute`.
     positionwise: bool = False
+    #: The rule implements :meth:`compute_early` (the probe asks it only then).
+    computes_early: bool = False
 
     def native_batch_dim(self, module: nn.Module) -> int | None:
         """The dim of the module's first input along which the rule itself reads samples,
@@ -187,6 +192,18 @@ class LayerRule:
         (default): keep it. A rule answering ``False`` must be exact without it:
         ``Call.outputs`` then holds ``None`` and :meth:`Call.output_intact` is ``False``."""
         return True
+
+    def compute_early(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats] | None:
+        """Per-sample statistics from the gradients that have arrived, called (with
+        :attr:`computes_early`) when one output's gradient arrives while another's has not
+        and may never (an output the loss does not use arrives at no point). Return them only
+        where they are exact whether or not the missing gradients come later in this
+        backward (they are then ignored); ``None``: wait, as for any rule, for the rest or the
+        end of the backward. Called from the hook delivering the gradient, so the node being
+        run is that output's ``grad_fn``."""
+        return None
 
     def compute(
         self, module: nn.Module, calls: list[Call], ctx: RuleContext

@@ -174,17 +174,35 @@ class MultiheadAttentionRule(FallbackRule):
             and not ctx.need_grad_sample
         )
 
-    def compute(
-        self, module: nn.Module, calls: list[Call], ctx: RuleContext
-    ) -> dict[str, ParamStats]:
-        assert isinstance(module, nn.MultiheadAttention)
-        if (
+    # The attention output's gradient arrives before the input projections run, and the
+    # graph route reads everything else from the projections' own gradients, which include
+    # whatever reaches them through the attention weights (need_weights=True). So it need not
+    # wait for the weights' gradient, which never arrives where the loss does not use them.
+    computes_early = True
+
+    @staticmethod
+    def _graph_readable(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> bool:
+        return (
             len(calls) == 1
             and module._qkv_same_embed_dim
             and module.bias_k is None
             and not module.add_zero_attn
             and not ctx.need_grad_sample
-        ):
+        )
+
+    def compute_early(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats] | None:
+        assert isinstance(module, nn.MultiheadAttention)
+        if not self._graph_readable(module, calls, ctx) or calls[0].grads[0] is None:
+            return None
+        return self._from_graph(module, calls[0], ctx)
+
+    def compute(
+        self, module: nn.Module, calls: list[Call], ctx: RuleContext
+    ) -> dict[str, ParamStats]:
+        assert isinstance(module, nn.MultiheadAttention)
+        if self._graph_readable(module, calls, ctx):
             read = self._from_graph(module, calls[0], ctx)
             if read is not None:
                 return read
