@@ -94,34 +94,28 @@ def hook_costs(
     def add(label: str, start: float) -> None:
         spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
 
-    def wrap_method(owner: type, name: str, label: str) -> Callable[[], None]:
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
+    def timed(function: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
                 add(label, start)
 
-        setattr(owner, name, wrapper)
+        return wrapper
+
+    def wrap_method(owner: type, name: str, label: str) -> Callable[[], None]:
+        original = getattr(owner, name)
+        setattr(owner, name, timed(original, label))
         return lambda: setattr(owner, name, original)
 
     def wrap_factory(name: str, label: str) -> Callable[[], None]:
+        # The probe's hooks are closures made per module: time what the factory returns.
         original = getattr(capture._Capture, name)
 
         def factory(self: Any, *args: Any, **kwargs: Any) -> Any:
-            hook = original(self, *args, **kwargs)
-
-            def timed_hook(*hook_args: Any, **hook_kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
-                    return hook(*hook_args, **hook_kwargs)
-                finally:
-                    add(label, start)
-
-            return timed_hook
+            return timed(original(self, *args, **kwargs), label)
 
         setattr(capture._Capture, name, factory)
         return lambda: setattr(capture._Capture, name, original)

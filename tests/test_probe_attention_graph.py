@@ -117,6 +117,7 @@ def _replays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sum_grad_squared=st.booleans(),
     reduction=st.sampled_from(["mean", "sum"]),
     chunk_elements=st.sampled_from([1, 2**24]),
+    need_weights=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_graph_route_matches_oracle(
@@ -133,14 +134,25 @@ def test_graph_route_matches_oracle(
     sum_grad_squared: bool,
     reduction: str,
     chunk_elements: int,
+    need_weights: bool,
     seed: int,
 ) -> None:
     """Masks (a per-head 3-D one too, which the replay refuses) and dropout are in the graph
-    that is read, so all are exact without a replay."""
+    that is read, so all are exact without a replay. With ``need_weights=True`` (the
+    module's default) and the weights unused, their gradient never arrives: the rule reads
+    the graph when the output's does rather than replaying at the end of the backward, and
+    the probe, with no output left to account for, walks no graph for a pruning backward."""
+    import lightning_gradwatch.probe.finalize as finalize
+
     _graph_only(monkeypatch)
+    walks: list[int] = []
+    walk = finalize.leaves_out_nodes
+    monkeypatch.setattr(finalize, "leaves_out_nodes", lambda nodes: walks.append(1) or walk(nodes))
     torch.manual_seed(seed)
     embed = heads * head_dim
-    model = _SelfAttention(embed, heads, batch_first, bias, mask, dropout, False, pre).double()
+    model = _SelfAttention(
+        embed, heads, batch_first, bias, mask, dropout, False, pre, need_weights=need_weights
+    ).double()
     x = torch.randn(batch, steps, embed, dtype=torch.float64)
     target = torch.randn(batch, steps, embed, dtype=torch.float64)
     stats = assert_matches_oracle(
@@ -153,6 +165,7 @@ def test_graph_route_matches_oracle(
     )
     assert not stats.excluded
     assert "attn.in_proj_weight" in stats.sq_norm
+    assert not walks
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -169,51 +182,6 @@ def test_returned_weights_in_the_loss(batch_first: bool, monkeypatch: pytest.Mon
     stats = assert_matches_oracle(model, x, torch.randn_like(x))
     assert not stats.excluded
     assert not replays  # the core replay does not mirror gradients through the weights
-
-
-@SETTINGS
-@given(
-    batch=st.integers(1, 3),
-    steps=st.integers(1, 4),
-    heads=st.integers(1, 2),
-    head_dim=st.integers(1, 3),
-    batch_first=st.booleans(),
-    mask=st.sampled_from(["none", "causal_float", "key_padding"]),
-    pre=st.booleans(),
-    sum_grad_squared=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_unused_weights_do_not_hold_the_graph_route(
-    monkeypatch: pytest.MonkeyPatch,
-    batch: int,
-    steps: int,
-    heads: int,
-    head_dim: int,
-    batch_first: bool,
-    mask: str,
-    pre: bool,
-    sum_grad_squared: bool,
-    seed: int,
-) -> None:
-    """``need_weights=True`` (the default) with the weights unused: their gradient never
-    arrives, and the rule reads the graph when the output's does, rather than replaying at
-    the end of the backward; the probe then has no output to account for, so no graph walk
-    for a pruning backward either."""
-    import lightning_gradwatch.probe.finalize as finalize
-
-    _graph_only(monkeypatch)
-    walks: list[int] = []
-    walk = finalize.leaves_out_nodes
-    monkeypatch.setattr(finalize, "leaves_out_nodes", lambda nodes: walks.append(1) or walk(nodes))
-    torch.manual_seed(seed)
-    embed = heads * head_dim
-    model = _SelfAttention(
-        embed, heads, batch_first, True, mask, 0.0, False, pre, need_weights=True
-    ).double()
-    x = torch.randn(batch, steps, embed, dtype=torch.float64)
-    stats = assert_matches_oracle(model, x, torch.randn_like(x), sum_grad_squared=sum_grad_squared)
-    assert not stats.excluded
-    assert not walks
 
 
 def test_retained_graph_after_an_early_read_is_not_probed() -> None:

@@ -36,6 +36,17 @@ def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+class _Twice(nn.Module):
+    """One convolution called twice in one forward."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.tanh(self.conv(x)))
+
+
 @SETTINGS
 @given(
     mode=st.sampled_from(["windows", "gram", "offsets", "older"]),
@@ -137,16 +148,7 @@ def test_two_calls_of_one_convolution() -> None:
     handles that, and its numbers still match the oracle."""
     torch.manual_seed(0)
     conv = nn.Conv1d(3, 3, 3, padding=1).double()
-
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = conv
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(torch.tanh(self.conv(x)))
-
-    model = Twice()
+    model = _Twice(conv)
     x = torch.randn(4, 3, 9, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, 2))
 
@@ -294,16 +296,7 @@ def test_two_calls_without_kept_outputs(
     monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
     torch.manual_seed(2)
     conv = nn.Conv1d(3, 3, 3, padding=1, padding_mode="circular").double()
-
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = conv
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(torch.tanh(self.conv(x)))
-
-    model = Twice()
+    model = _Twice(conv)
     x = torch.randn(4, 3, 9, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, 4))
     assert kept_outputs == [False, False]
