@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, assert_matches_oracle, squared_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oracle import per_sample_grads
 from torch import Tensor, nn
 
@@ -292,6 +294,47 @@ def test_backward_that_skips_a_parameter_forms_its_sum(contexts: list[_Seen]) ->
     for n in names:
         assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
     assert [c.need_grad_sum for c in contexts] == [True, True]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hidden=st.integers(1, 5),
+    out=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    norm=st.booleans(),
+    asked=st.sampled_from(["weight", "bias", "weight+bias"]),
+    how=st.sampled_from(["backward", "autograd.grad"]),
+)
+def test_watched_forward_with_a_backward_that_skips_a_parameter(
+    hidden: int, out: int, batch: int, norm: bool, asked: str, how: str
+) -> None:
+    """With the use checker's verdict (``verify="first"``, the default), autograd's whole
+    gradient stands in for the sum only where the backward accumulates it: a backward asked
+    for part of the last layer's parameters forms the others' sums itself, and every sum and
+    square of the layers it reaches is the oracle's (not zero); the layer below is refused."""
+    torch.manual_seed(hidden + 7 * out + 31 * batch)
+    layers: list[nn.Module] = [nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, out)]
+    if norm:
+        layers.append(nn.LayerNorm(out))
+    model = nn.Sequential(*layers).double()
+    x, y = torch.randn(batch, 3).double(), torch.randn(batch, out).double()
+    names = [n for n, _ in model.named_parameters()]
+    expected = per_sample_grads(model, squared_error, x, y, names)
+    model.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    inputs = [params[f"2.{part}"] for part in asked.split("+")]
+    with GradientProbe(model, sum_grad_squared=True) as probe:
+        loss = squared_error(model(x), y).mean()
+        if how == "backward":
+            loss.backward(inputs=inputs)
+        else:
+            torch.autograd.grad(loss, inputs)
+    stats = probe.stats
+    reached = [n for n in names if not n.startswith("0.")]
+    for n in reached:
+        assert_close(stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
+        assert_close(stats.sum_sq[n], expected[n].pow(2).sum(0), f"sum_sq[{n}]")
+    assert set(stats.excluded) == {"0.weight", "0.bias"}
 
 
 def test_training_is_unchanged_with_a_penalty() -> None:

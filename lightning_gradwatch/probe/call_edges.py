@@ -132,12 +132,19 @@ def will_run(accumulate: Any) -> bool:
     leaves the parameter out, nor in ``torch.autograd.grad`` (which accumulates nothing and
     cannot be asked)."""
     check = getattr(torch._C, "_will_engine_execute_node", None)
-    if check is None:
+    if check is None or accumulate is None:
         return False
     try:
         return bool(check(accumulate))
     except RuntimeError:  # asked under torch.autograd.grad
         return False
+
+
+def accumulator(param: Tensor) -> Any:
+    """The node that accumulates ``param``'s gradient (``AccumulateGrad`` for a leaf), to ask
+    :func:`will_run` about; ``None`` where torch does not say."""
+    get = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    return get(param).node if get is not None else None
 
 
 def leaves_out_nodes(reached: list[Any]) -> bool:

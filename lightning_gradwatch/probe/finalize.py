@@ -12,6 +12,7 @@ from lightning.fabric.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .call_edges import (
+    accumulator,
     call_edges,
     current_node,
     graph_task_id,
@@ -230,7 +231,7 @@ class _Finalize:
           every step, for the layers whose backward graph has a known shape;
         - autograd's whole gradient of the parameter, on a backward whose forward the use
           checker watched and saw no use outside the owning modules (a weight penalty is in
-          autograd's gradient but in no sample's).
+          autograd's gradient but in no sample's), and which accumulates that gradient.
 
         Otherwise the rule forms the sum.
         """
@@ -248,7 +249,15 @@ class _Finalize:
             return True
         if not self._uses_known:
             return False
-        return not any(name in self._outside_uses for name in owner.local_to_name.values())
+        for name in owner.local_to_name.values():
+            if name in self._outside_uses:
+                return False
+            # Autograd's whole gradient reaches the parameter's hook only where this backward
+            # accumulates it: not in a backward(inputs=...) that leaves the parameter out,
+            # nor (unasked) in torch.autograd.grad. Without it the sum would read as zero.
+            if not will_run(accumulator(self._params[name])):
+                return False
+        return True
 
     def _unscale(self, stats: ProbeStats, batch: int) -> None:
         """Rescale the rules' results in ``stats`` from autograd's backprops to unscaled
