@@ -375,3 +375,22 @@ def test_autograd_grad_forms_the_sum(contexts: list[_Seen]) -> None:
         assert_close(probe.stats.grad_sum[n], expected[n].sum(0), f"grad_sum[{n}]")
         assert_close(g, expected[n].mean(0), f"autograd's {n}")
     assert [c.need_grad_sum for c in contexts] == [True, True]
+
+
+def test_a_promised_sum_that_never_comes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where autograd's gradient was to stand in for a sum and did not arrive (here forced:
+    the decision says yes, and with ``verify="never"`` no hook copies the gradient), the
+    parameter is left out with a reason rather than given a zero sum."""
+    monkeypatch.setattr(_Finalize, "_autograd_sum_exact", lambda self, owner, calls: True)
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 2)).double()
+    x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+    with GradientProbe(model, sum_grad_squared=True, verify="never") as probe:
+        squared_error(model(x), y).mean().backward()
+    stats = probe.stats
+    # The Linear rule skips the sum it was told autograd would give; LayerNorm's forms it
+    # anyway (from the same per-sample values as its squares), so it stands.
+    assert set(stats.excluded) == {"1.weight", "1.bias"}
+    assert all("did not reach the probe" in why for why in stats.excluded.values())
+    assert set(stats.grad_sum) == {"0.weight", "0.bias"}
+    assert "1.weight" not in stats.dot

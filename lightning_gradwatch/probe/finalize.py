@@ -427,6 +427,15 @@ class _Finalize:
             if s.dot.shape[0] != batch:
                 excluded[name] = f"batch size {s.dot.shape[0]} differs from {batch}"
                 continue
+            missing_sum = s.sum_sq is not None and s.grad_sum is None
+            if self.sum_grad_squared and missing_sum and name not in self._grad_sum:
+                # _autograd_sum_exact said autograd's gradient would stand in for the sum, and
+                # it never came: the sum is unknown, not zero.
+                excluded[name] = (
+                    "autograd's gradient of it, taken as the sum of its per-sample gradients, "
+                    "did not reach the probe in this backward"
+                )
+                continue
             stats.dot[name] = s.dot
             stats.sq_norm[name] = s.sq_norm
             flat = param.reshape(-1)
@@ -438,12 +447,10 @@ class _Finalize:
                 if s.grad_sum is not None:
                     # From the same per-sample values as sum_sq: see ParamStats.grad_sum.
                     stats.grad_sum[name] = s.grad_sum
-                elif name in self._grad_sum:
+                else:
                     # Autograd's own gradient of this backward (see _autograd_sum_exact), a
                     # copy the probe owns; _unscale rescales it with the rules' sums.
                     stats.grad_sum[name] = self._grad_sum[name].to(s.sum_sq.dtype)
-                else:
-                    stats.grad_sum[name] = torch.zeros_like(s.sum_sq)
         for name in self._unowned:
             excluded.setdefault(name, "no module owns it as a direct parameter")
         self._unscale(stats, batch)
