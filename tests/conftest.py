@@ -40,6 +40,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
+def partial_backward(loss: Tensor, inputs: list[Tensor], how: str) -> None:
+    """A backward that runs only the graph on a path to ``inputs``: ``loss.backward(inputs=...)``
+    (``how="backward"``) or ``torch.autograd.grad(loss, inputs)`` (``"autograd.grad"``)."""
+    if how == "backward":
+        loss.backward(inputs=inputs)
+    else:
+        torch.autograd.grad(loss, inputs)
+
+
 def squared_error(out: Any, target: Tensor) -> Tensor:
     """``(B,)`` per-sample loss ``sum (out - target)**2`` over everything but the batch dim.
 

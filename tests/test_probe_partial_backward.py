@@ -16,7 +16,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import assert_close, squared_error
+from conftest import assert_close, partial_backward, squared_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import expected_stats, per_sample_grads
@@ -67,11 +67,7 @@ def test_layers_below_the_inputs_are_refused(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with GradientProbe(model, sum_grad_squared=sum_sq, verify="never") as probe:
-            loss = squared_error(model(x), y).mean()
-            if how == "backward":
-                loss.backward(inputs=asked)
-            else:
-                torch.autograd.grad(loss, asked)
+            partial_backward(squared_error(model(x), y).mean(), asked, how)
     stats = probe.stats
     below = linears[: linears.index(target)]
     for layer in linears:
@@ -171,10 +167,7 @@ def test_branch_beside_the_inputs_is_refused_given_the_loss(how: str) -> None:
     with pytest.warns(UserWarning, match=UNREACHED), probe:
         loss = squared_error(model(x), y).mean()
         probe.set_loss(loss)
-        if how == "backward":
-            loss.backward(inputs=asked)
-        else:
-            torch.autograd.grad(loss, asked)
+        partial_backward(loss, asked, how)
     stats = probe.stats
     assert UNREACHED in stats.excluded["left.weight"]
     assert UNREACHED in stats.excluded["left.bias"]
