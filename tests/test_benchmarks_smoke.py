@@ -167,3 +167,11 @@ def test_step_anatomy_runs_and_restores_the_hooks() -> None:
     assert plain > 0 and head > 0
     assert per_step["probe: output-gradient hook (the rule)"] > 0
     assert (_Capture._make_grad_hook, GradientWeightAlignment.on_after_backward) == before
+
+
+def test_attention_blocks_runs() -> None:
+    """``benchmarks/attention_blocks.py`` on one block with an unused head, one pair."""
+    from benchmarks import attention_blocks
+
+    value, plain_ms = attention_blocks.ratio(blocks=1, repeats=1, aux_head=True)
+    assert value > 0 and plain_ms > 0
