@@ -35,6 +35,7 @@ else:  # pragma: no cover - exercised by the floor-version CI run
 __all__ = [
     "LIGHTNING_GE_2_6",
     "EarlyStoppingReason",
+    "active_grad_scaler",
     "apply_to_collection",
     "batches_that_stepped",
     "current_hook_name",
@@ -49,6 +50,14 @@ __all__ = [
     "reset_metric_in_place",
     "update_callback_metrics",
 ]
+
+
+def active_grad_scaler(trainer: pl.Trainer) -> Any | None:
+    """The ``torch.amp.GradScaler`` of the trainer's precision plugin when it is enabled
+    (``precision="16-mixed"``), else ``None``. ``MixedPrecision.scaler`` is an attribute of
+    that one plugin class, not part of the ``Precision`` interface."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def batches_that_stepped(trainer: pl.Trainer) -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -263,3 +264,17 @@ def test_redirected_call_runs_the_method_as_a_call_of_the_wrapper() -> None:
     out = internals.redirected_call(Wrapper(module), module, "training_step", torch.ones(3), 0)
     assert calls == ["wrapper"]
     assert float(out) == 6.0
+
+
+def test_active_grad_scaler_only_under_mixed_precision(tmp_path: Path) -> None:
+    """The plugin's ``GradScaler`` where ``precision="16-mixed"`` enables one (the CPU has
+    none: bf16 there), ``None`` for full precision."""
+    trainer = pl.Trainer(accelerator="cpu", precision="32-true", logger=False)
+    assert internals.active_grad_scaler(trainer) is None
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False)
+    assert internals.active_grad_scaler(trainer) is scaler
+    disabled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", enabled=False))
+    trainer = pl.Trainer(accelerator="cpu", plugins=[disabled], logger=False)
+    assert internals.active_grad_scaler(trainer) is None

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from .._lightning import active_grad_scaler
 from ..probe import GradientProbe, ProbeStats
 from ..probe.probe import LossReduction
 from ..probe.stats import NonfiniteCount
@@ -35,8 +36,8 @@ def lightning_loss_scale(trainer: pl.Trainer) -> float | Tensor:
     module = trainer.lightning_module
     if module.automatic_optimization:
         scale /= trainer.accumulate_grad_batches
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
+    scaler = active_grad_scaler(trainer)
+    if scaler is not None:
         one = torch.ones((), dtype=torch.float32, device=module.device)
         return scaler.scale(one).to(torch.float64) * scale
     return scale

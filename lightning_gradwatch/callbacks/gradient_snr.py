@@ -21,7 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from .. import keys
-from .._lightning import batches_that_stepped
+from .._lightning import active_grad_scaler, batches_that_stepped
 from ..functional import noise as F
 from ..loggers import (
     add_custom_scalars,
@@ -452,8 +452,7 @@ class GradientSNR(ProbeCallback):
         sums = self.sums.synced()
         device = sums.grad_sum.device
         finite = sums.nonfinite.reshape(()).to(device) == 0
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if active_grad_scaler(trainer) is not None:
             # The GradScaler skips optimizer.step when any gradient is non-finite after
             # unscaling (done before this hook). The probe's statistics, formed in float32 from
             # the 16-bit backprops, can stay finite on such a step while the 16-bit batch
