@@ -36,6 +36,24 @@ def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+def _conv_and_input(
+    nd: int,
+    batch: int,
+    size: tuple[int, ...] | list[int],
+    groups: int,
+    in_per_group: int,
+    out_per_group: int,
+    kernel: int | tuple[int, ...],
+    **conv_kwargs: object,
+) -> tuple[nn.Module, torch.Tensor]:
+    """A float64 ``(conv, tanh)`` pair and a ``(batch, channels, *size)`` input for it."""
+    conv = _CONV[nd](
+        groups * in_per_group, groups * out_per_group, kernel, groups=groups, **conv_kwargs
+    )
+    model = nn.Sequential(conv, nn.Tanh()).double()
+    return model, torch.randn(batch, groups * in_per_group, *size, dtype=torch.float64)
+
+
 class _Twice(nn.Module):
     """One convolution called twice in one forward."""
 
@@ -100,19 +118,20 @@ def test_conv_routes_property(
         assume(padding_mode != "circular" or pad <= n)
     _force(monkeypatch, mode, nd)
     torch.manual_seed(seed)
-    conv = _CONV[nd](
-        groups * in_per_group,
-        groups * out_per_group,
+    model, x = _conv_and_input(
+        nd,
+        batch,
+        size,
+        groups,
+        in_per_group,
+        out_per_group,
         kernel,
         stride=stride,
         padding=padding,
         dilation=dilation,
-        groups=groups,
         bias=bias,
         padding_mode=padding_mode,
     )
-    model = nn.Sequential(conv, nn.Tanh()).double()
-    x = torch.randn(batch, groups * in_per_group, *size, dtype=torch.float64)
     assert_matches_oracle(
         model,
         x,
@@ -218,19 +237,20 @@ def test_gram_route_property(
     assume(padding_mode != "circular" or pad <= size)
     monkeypatch.setattr(conv_rule.ROUTES, "forced", "gram")
     torch.manual_seed(seed)
-    conv = nn.Conv1d(
-        groups * in_per_group,
-        groups * out_per_group,
+    model, x = _conv_and_input(
+        1,
+        batch,
+        (size,),
+        groups,
+        in_per_group,
+        out_per_group,
         kernel,
         stride=stride,
         padding=padding,
         dilation=dilation,
-        groups=groups,
         bias=bias,
         padding_mode=padding_mode,
     )
-    model = nn.Sequential(conv, nn.Tanh()).double()
-    x = torch.randn(batch, groups * in_per_group, size, dtype=torch.float64)
     assert_matches_oracle(model, x, _target(model, x, seed), chunk_elements=chunk_elements)
 
 
