@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ._linalg import sq_norm
 from .call_edges import (
     accumulator,
     call_edges,
@@ -441,7 +442,7 @@ class _Finalize:
             flat = param.reshape(-1)
             if flat.dtype != s.dot.dtype:
                 flat = flat.to(s.dot.dtype)
-            stats.param_sq_norm[name] = torch.dot(flat, flat)  # what `flat @ flat` runs
+            stats.param_sq_norm[name] = sq_norm(flat)
             if self.sum_grad_squared and s.sum_sq is not None:
                 stats.sum_sq[name] = s.sum_sq
                 if s.grad_sum is not None:

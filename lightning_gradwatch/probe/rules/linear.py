@@ -11,6 +11,7 @@ from .._linalg import (
     require_one_batch,
     row_sq_norm,
     rowdot,
+    rows_times,
 )
 from ..input_grad import InputGrad, input_grad_route
 from ..registry import Call, LayerRule, ParamStats, RuleContext, SkipModule, register_rule
@@ -142,7 +143,7 @@ class LinearRule(LayerRule):
         assert z is not None
         z = z if z.dtype == ctx.dtype else z.to(ctx.dtype)
         # <G_i, W> = delta_i . (z_i - b): see compute.
-        return self._single_position(module, a, delta, torch.linalg.vecdot(delta, z), ctx)
+        return self._single_position(module, a, delta, rowdot(delta, z), ctx)
 
     @staticmethod
     def _single_position(
@@ -168,7 +169,7 @@ class LinearRule(LayerRule):
         bias_dot = None
         if module.bias is not None:
             bias = module.bias.detach()
-            bias_dot = delta @ (bias if bias.dtype == ctx.dtype else bias.to(ctx.dtype))
+            bias_dot = rows_times(delta, bias if bias.dtype == ctx.dtype else bias.to(ctx.dtype))
             if "bias" in ctx.want:
                 out["bias"] = ParamStats(
                     dot=bias_dot,
