@@ -19,6 +19,8 @@ variance, which is Cockpit's ``MeanGSNR`` convention.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -216,7 +218,7 @@ def noise_statistics(
     zero_variance_rtol: float | None = None,
     *,
     complete: Tensor | None = None,
-    workspace: list[Tensor] | None = None,
+    workspace: list[Any] | None = None,
     consume: bool = False,
 ) -> dict[str, Tensor]:
     """Every quantity at once, in a few passes over the ``(D,)`` sums (what the callback uses).
@@ -234,8 +236,9 @@ def noise_statistics(
         complete: optional ``(L,)`` bool; a layer marked False is left out exactly as if its
             entries of ``S`` and ``Q`` and its ``N`` were zero (every entry zero-variance, no
             share of ``N`` or ``|gbar|^2``), without a ``(D,)`` pass to zero them.
-        workspace: optional list that keeps ``(D,)`` scratch tensors between calls (empty on
-            the first call), so a caller computing every step does not allocate them anew.
+        workspace: optional list that keeps the scratch tensors between calls (empty on the
+            first call; its contents are this function's), so a caller computing every step
+            does not allocate them anew.
         consume: with ``eps == 0``, ``grad_sum`` and ``grad_sq_sum`` may be overwritten (they
             serve as two of the scratch tensors; their values are meaningless afterwards).
             Fewer ``(D,)`` tensors in flight: each pass then touches less memory.
@@ -270,19 +273,18 @@ def noise_statistics(
         eb_ratio_mean = (mean_sq / unbiased).mean()
         included = torch.tensor(layer_sizes, dtype=grad_sum.dtype, device=grad_sum.device)
     else:
-        # The same arithmetic as gsnr_per_entry, in place in four (D,) scratch tensors: at
-        # this size every fresh allocation and every extra pass costs about as much as the
-        # arithmetic itself. The zero-variance mask is a float 0/1 tensor: on a CPU, bool
-        # masks (masked_fill_, summing a bool) cost ten times a float pass.
-        if consume:  # the same arithmetic, in place in the sums themselves
-            mean_sq, variance = grad_sum, grad_sq_sum
-            ratio, excluded = _scratch(workspace, grad_sum, 2)
-            mean_sq.div_(count)
-            variance.div_(count)
-        else:
-            mean_sq, variance, ratio, excluded = _scratch(workspace, grad_sum, 4)
-            torch.div(grad_sum, count, out=mean_sq)
-            torch.div(grad_sq_sum, count, out=variance)
+        # The same arithmetic as gsnr_per_entry, in place in (D,) scratch rows: at this size
+        # every fresh allocation and every extra pass costs about as much as the arithmetic
+        # itself. The zero-variance mask is a float 0/1 row: on a CPU, bool masks
+        # (masked_fill_, summing a bool) cost ten times a float pass. The three rows summed
+        # per layer (mean square, ratio, mask) are one (3, D) block, so that each layer's
+        # three sums are one reduction: a kernel per layer rather than four (with many
+        # layers, the small kernels cost more than the passes over the entries).
+        block, sizes = _scratch(workspace, grad_sum, 3 if consume else 4, layer_sizes)
+        mean_sq, ratio, excluded = block[0], block[1], block[2]
+        variance = grad_sq_sum if consume else block[3]  # consume: in place in the sums
+        torch.div(grad_sum, count, out=mean_sq)
+        torch.div(grad_sq_sum, count, out=variance)
         mean_sq.mul_(mean_sq)
         torch.mul(variance, zero_variance_rtol, out=ratio)  # the threshold, for now
         variance -= mean_sq
@@ -292,18 +294,18 @@ def noise_statistics(
         torch.maximum(variance, ratio, out=variance).add_(excluded)
         torch.div(mean_sq, variance, out=ratio)
         torch.addcmul(ratio, ratio, excluded, value=-1.0, out=ratio)
-        # Kept entries per layer, counted exactly: a sum of 0/1 values is exact in float32 up
-        # to 2**24 entries (float64 beyond, which would cast the layer's part to a temporary
-        # copy); the sizes stay Python ints: no host-to-device copy per call.
-        included = torch.stack(
-            [
-                part.numel()
-                - (part.sum() if part.numel() <= _EXACT_FLOAT32_COUNT else part.double().sum())
-                for part in excluded.split(layer_sizes)
-            ]
-        ).to(grad_sum.dtype)
-    layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
-    layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
+        spans = zip(_offsets(layer_sizes), layer_sizes, strict=True)
+        per_layer = torch.stack([block[:3, start : start + n].sum(1) for start, n in spans])
+        layer_mean_sq, layer_ratio_sum, left_out = per_layer.unbind(1)
+        if max(layer_sizes) > _EXACT_FLOAT32_COUNT and grad_sum.dtype != torch.float64:
+            # A sum of 0/1 values is an exact count in float32 up to 2**24 entries only.
+            left_out = torch.stack(
+                [part.double().sum() for part in excluded.split(layer_sizes)]
+            ).to(grad_sum.dtype)
+        included = sizes - left_out
+    if eps > 0:
+        layer_ratio_sum = torch.stack([part.sum() for part in ratio.split(layer_sizes)])
+        layer_mean_sq = torch.stack([part.sum() for part in mean_sq.split(layer_sizes)])
     if complete is not None and eps == 0:
         # A left-out layer: every entry excluded, nothing summed.
         zero = torch.zeros((), dtype=grad_sum.dtype, device=grad_sum.device)
@@ -329,20 +331,27 @@ def noise_statistics(
     }
 
 
-def _scratch(workspace: list[Tensor] | None, like: Tensor, count: int) -> list[Tensor]:
-    """``count`` ``(D,)`` tensors like ``like``, reused from ``workspace`` when it holds that
-    many whose shape, dtype and device still match."""
-    if (
-        workspace
-        and len(workspace) == count
-        and all(
-            getattr(tensor, attr) == getattr(like, attr)
-            for tensor in workspace
-            for attr in ("shape", "dtype", "device")
-        )
-    ):
-        return workspace
-    tensors = [torch.empty_like(like) for _ in range(count)]
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each of ``sizes`` starts in their concatenation."""
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += size
+    return starts
+
+
+def _scratch(
+    workspace: list[Any] | None, like: Tensor, rows: int, layer_sizes: list[int]
+) -> tuple[Tensor, Tensor]:
+    """A ``(rows, D)`` scratch block like ``like`` and the layer sizes as a ``(L,)`` tensor
+    of its dtype on its device, reused from ``workspace`` when it holds them for the same
+    rows, sizes, dtype and device (no allocation, and no host-to-device copy of the sizes,
+    per call)."""
+    key = (rows, tuple(layer_sizes), like.dtype, like.device)
+    if workspace and len(workspace) == 3 and workspace[0] == key:
+        return workspace[1], workspace[2]
+    block = like.new_empty(rows, like.numel())
+    sizes = torch.tensor(layer_sizes, dtype=like.dtype, device=like.device)
     if workspace is not None:
-        workspace[:] = tensors
-    return tensors
+        workspace[:] = [key, block, sizes]
+    return block, sizes
