@@ -280,12 +280,16 @@ def noise_statistics(
         # per layer (mean square, ratio, mask) are one (3, D) block, so that each layer's
         # three sums are one reduction: a kernel per layer rather than four (with many
         # layers, the small kernels cost more than the passes over the entries).
+        #
+        # The rows hold B**2 times the per-entry quantities (``S**2`` and ``B*Q - S**2``
+        # rather than ``(S/B)**2`` and ``Q/B - (S/B)**2``): the ratio and the zero-variance
+        # test are the same, and the factor comes out of the per-layer sums, which saves a
+        # pass over the entries.
         block, sizes = _scratch(workspace, grad_sum, 3 if consume else 4, layer_sizes)
         mean_sq, ratio, excluded = block[0], block[1], block[2]
         variance = grad_sq_sum if consume else block[3]  # consume: in place in the sums
-        torch.div(grad_sum, count, out=mean_sq)
-        torch.div(grad_sq_sum, count, out=variance)
-        mean_sq.mul_(mean_sq)
+        torch.mul(grad_sum, grad_sum, out=mean_sq)
+        torch.mul(grad_sq_sum, count, out=variance)
         torch.mul(variance, zero_variance_rtol, out=ratio)  # the threshold, for now
         variance -= mean_sq
         torch.le(variance, ratio, out=excluded)  # 1.0 where left out
@@ -296,7 +300,8 @@ def noise_statistics(
         torch.addcmul(ratio, ratio, excluded, value=-1.0, out=ratio)
         spans = zip(_offsets(layer_sizes), layer_sizes, strict=True)
         per_layer = torch.stack([block[:3, start : start + n].sum(1) for start, n in spans])
-        layer_mean_sq, layer_ratio_sum, left_out = per_layer.unbind(1)
+        layer_mean_sq_b2, layer_ratio_sum, left_out = per_layer.unbind(1)
+        layer_mean_sq = layer_mean_sq_b2 / (count * count)
         if max(layer_sizes) > _EXACT_FLOAT32_COUNT and grad_sum.dtype != torch.float64:
             # A sum of 0/1 values is an exact count in float32 up to 2**24 entries only.
             left_out = torch.stack(
