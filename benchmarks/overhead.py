@@ -34,6 +34,7 @@ import copy
 import ctypes
 import importlib
 import json
+import math
 import os
 import pkgutil
 import platform
@@ -671,6 +672,9 @@ class CallbackRow:
     mean_ratio: float
     target: float | None
     error: str | None = None
+    #: The lowest and highest of the runs' paired ratios: how far one run can stray (the
+    #: machine's speed drifts between runs by as much as some budgets).
+    ratio_range: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def time_callback_part(
@@ -744,6 +748,7 @@ def time_callback_part(
                     else float("nan"),
                     target=case.target.get(key),
                     error=error,
+                    ratio_range=(min(ratios), max(ratios)) if ratios else (math.nan, math.nan),
                 )
             )
             print(f"  timed {case.label} on {key}", file=sys.stderr, flush=True)
@@ -752,19 +757,20 @@ def time_callback_part(
 
 def callback_table(rows: list[CallbackRow]) -> str:
     lines = [
-        "| case | model | plain step (ms) | with callbacks (ms) | ratio | ratio of means | target "
-        "| met |",
-        "|---|---|---:|---:|---:|---:|---:|:-:|",
+        "| case | model | plain step (ms) | with callbacks (ms) | ratio | paired ratios, min-max "
+        "| ratio of means | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         if r.error is not None:
-            lines.append(f"| {r.case} | {r.model} | | | failed: {r.error[:120]} | | | |")
+            lines.append(f"| {r.case} | {r.model} | | | failed: {r.error[:120]} | | | | |")
             continue
         target = f"<= {r.target:.2f}" if r.target is not None else ""
         met = "" if r.target is None else ("yes" if r.ratio <= r.target else "**no**")
         lines.append(
             f"| {r.case} | {r.model} | {r.plain_ms:.1f} | {r.case_ms:.1f} | {r.ratio:.2f}x "
-            f"| {r.mean_ratio:.2f}x | {target} | {met} |"
+            f"| {r.ratio_range[0]:.2f}-{r.ratio_range[1]:.2f}x | {r.mean_ratio:.2f}x | {target} "
+            f"| {met} |"
         )
     return "\n".join(lines)
 
