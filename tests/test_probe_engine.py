@@ -546,6 +546,32 @@ def test_statistics_dtype(dtype: torch.dtype) -> None:
             )
 
 
+def test_complex_layers_are_left_out_with_a_reason() -> None:
+    """A complex layer (complex weights, or real weights fed complex inputs) gets complex
+    backprops, for which the rules' real algebra gives no defined statistics: it is left out
+    with a reason, and the real layers of the same model keep theirs."""
+
+    class ComplexThenReal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.complex = nn.Linear(4, 3, dtype=torch.complex64)
+            self.real = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.real(self.complex(x).abs())
+
+    torch.manual_seed(0)
+    model = ComplexThenReal()
+    probe = GradientProbe(model, verify="never")
+    with pytest.warns(UserWarning, match="complex"), probe:
+        model(torch.randn(5, 4, dtype=torch.complex64)).pow(2).sum().backward()
+    stats = probe.stats
+    assert set(stats.excluded) == {"complex.weight", "complex.bias"}
+    assert all("complex" in reason for reason in stats.excluded.values())
+    assert set(stats.dot) == {"real.weight", "real.bias"}
+    assert all(not value.is_complex() for value in stats.sq_norm.values())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_statistics_live_on_the_parameters_device(device: str) -> None:
     torch.manual_seed(0)

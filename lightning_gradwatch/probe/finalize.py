@@ -148,6 +148,15 @@ class _Finalize:
             owner.seen_shape = next(
                 (tuple(a.shape) for c in calls for a in c.args if isinstance(a, Tensor)), None
             )
+        if sample.dtype.is_complex:
+            # The rules' algebra (inner products, squared norms) is that of real tensors.
+            self._exclude(
+                owner,
+                f"its output gradients are complex ({sample.dtype}), and per-sample "
+                f"statistics are defined here for real-valued layers only; leave it out "
+                f"with params=[...]",
+            )
+            return True
         batch_dim = owner.batch_dim
         if owner.native_dim is not None:
             batch_dim = 0  # the rule finds the sample dim itself
