@@ -56,12 +56,17 @@ class _SampleDims:
             for o in self._owners
             if o.calls and o.calls[0].args and isinstance(o.calls[0].args[0], Tensor)
         }
-        replayed: dict[int, Tensor] = {}
+        # Per module, the dims its replayed first input differs along only at sample 0, found
+        # as the replay reaches it: the replayed input is not kept, so the check holds no
+        # second copy of the model's activations.
+        replayed: dict[int, set[int]] = {}
 
         def record(module: nn.Module, module_args: tuple) -> None:
             first = module_args[0] if module_args else None
             if id(module) in seen and id(module) not in replayed and isinstance(first, Tensor):
-                replayed[id(module)] = first.detach()
+                before = seen[id(module)]
+                if before.shape == first.shape:
+                    replayed[id(module)] = _confined_dims(before, first.detach(), batch)
 
         # Buffers are replaced by copies for the replay: in-place updates (running statistics)
         # must not touch the originals, whose version counters autograd checks.
@@ -101,10 +106,9 @@ class _SampleDims:
         for owner in self._owners:
             if id(owner.module) in self._declared_dims:
                 continue  # the user's declaration stands
-            before, after = seen.get(id(owner.module)), replayed.get(id(owner.module))
-            if before is None or after is None or before.shape != after.shape:
+            found = replayed.get(id(owner.module))
+            if found is None:
                 continue
-            found = _confined_dims(before, after, batch)
             native = owner.native_dim
             if found and native is not None:
                 # The rule reads samples along its own dim: the evidence must agree with it.
