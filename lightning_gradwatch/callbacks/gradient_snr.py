@@ -201,8 +201,8 @@ class GradientSNR(ProbeCallback):
         #: model to its precision) in the parameters' dtype, at least float32.
         self.sums: GradientNoiseSums | None = None
         self._layer_sizes: dict[str, int] = {}
-        # (D,) scratch tensors of noise_statistics, kept between steps (no per-step allocation)
-        self._workspace: list[Any] = []  # noise_statistics' scratch, kept between steps
+        # noise_statistics' scratch tensors, kept between steps (no per-step allocation)
+        self._workspace: list[Any] = []
         self._last_computed: ComputedStep | None = None
         self._last_vector: Tensor | None = None
         # Resolved on the host by _resolve(): the last valid step's values and step.

@@ -239,9 +239,9 @@ def noise_statistics(
         workspace: optional list that keeps the scratch tensors between calls (empty on the
             first call; its contents are this function's), so a caller computing every step
             does not allocate them anew.
-        consume: with ``eps == 0``, ``grad_sum`` and ``grad_sq_sum`` may be overwritten (they
-            serve as two of the scratch tensors; their values are meaningless afterwards).
-            Fewer ``(D,)`` tensors in flight: each pass then touches less memory.
+        consume: with ``eps == 0``, ``grad_sum`` and ``grad_sq_sum`` may be overwritten
+            (``grad_sq_sum`` serves as a scratch tensor; treat both as meaningless
+            afterwards). Fewer ``(D,)`` tensors in flight: each pass then touches less memory.
 
     Returns:
         ``()`` tensors: ``gsnr_mean``, ``noise_scale``, ``trace_sigma``, ``grad_sq_norm``,

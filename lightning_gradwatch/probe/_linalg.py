@@ -18,9 +18,11 @@ from .registry import Call, ParamStats, SkipModule
 #: several times its next (the backward's own kernels evict what its dispatch needs: 15-25 us
 #: against 4-6 us, measured on a 2-core AMD EPYC), so on small tensors reusing the two kernels
 #: every rule runs beats fewer passes through more kinds (``vector_norm``, a matrix-vector
-#: product): 40-50 us less per ``nn.Linear`` head. Above it the product's temporary (a fresh
-#: allocation the size of the operand) costs more than the kernels' first calls: 64 KiB in
-#: float32, well inside the allocator's reused heap.
+#: product): about 30 us less per step in an ``nn.Linear`` head's rule, 20 in the assembly
+#: of its statistics (GWA head mode, 512-wide MLP). On large operands the product's temporary
+#: (a fresh allocation the size of the operand) costs more: 2-3x slower rules on the MLP's
+#: 256 x 512 ones. The bound, 64 KiB in float32, keeps those temporaries well inside the
+#: allocator's reused heap (below glibc's 128 KiB threshold for fresh mappings).
 SMALL_ROWS_ELEMENTS = 2**14
 
 
