@@ -168,7 +168,12 @@ class GradientNoiseSums(Metric):
             torch._foreach_copy_(targets, sources)
         else:
             torch._foreach_add_(targets, sources)
-        norms = torch.stack([sample_sq_norm[name].sum().to(dtype) for name, _ in present])
+        per_sample = [sample_sq_norm[name] for name, _ in present]
+        if len({(t.shape, t.dtype, t.device) for t in per_sample}) == 1:
+            # One (L, b) stack and one reduction rather than a sum per layer (each a kernel).
+            norms = torch.stack(per_sample).sum(1).to(dtype)
+        else:
+            norms = torch.stack([t.sum().to(dtype) for t in per_sample])
         if len(present) == len(self._index):
             self.sample_sq_norm_sum += norms
             self.layer_count += batch_size
