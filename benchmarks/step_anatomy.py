@@ -7,13 +7,17 @@ Two measurements, each printed as a table:
   after. The first call of each distinct op costs several times the second: the backward's
   own kernels have evicted the code and data the op's dispatch needs. A callback's per-step
   work pays that for every distinct op it runs, whatever the tensors' sizes.
+- ``--part noise``: ``noise_statistics`` (the per-entry GSNR arithmetic ``GradientSNR`` runs on
+  every computed step) on the benchmark MLP's parameter sizes and on 80 small layers, warm,
+  beside one pass over the same entries: how many passes it costs, and what the number of
+  layers adds.
 - ``--part hooks``: ``GradientWeightAlignment`` in head mode (defaults, TensorBoard logger) in
   ``Trainer.fit`` on a benchmark model, with ``time.perf_counter`` wrappers around the probe's
   hooks and the callback's own hooks: microseconds per step in each, beside the plain step.
 
 Usage::
 
-    python benchmarks/step_anatomy.py [--part cold|hooks|all] [--model mlp] [--steps 60]
+    python benchmarks/step_anatomy.py [--part cold|noise|hooks|all] [--model mlp] [--steps 60]
 
 Numbers, not tests; see ``benchmarks/README.md``.
 """
@@ -75,6 +79,56 @@ def cold_ops(model_key: str, steps: int) -> list[tuple[str, float]]:
     handle.remove()
     skip = min(20, steps // 4)
     return [(label, 1e6 * statistics.median(v[skip:])) for label, v in times.items()]
+
+
+def _process_micros(function: Callable[[], Any], repeats: int) -> float:
+    """Microseconds of process CPU time per call of ``function``, after 5 warm-up calls."""
+    for _ in range(5):
+        function()
+    start = time.process_time()
+    for _ in range(repeats):
+        function()
+    return 1e6 * (time.process_time() - start) / repeats
+
+
+def _noise_cost(sizes: list[int], repeats: int) -> tuple[float, float]:
+    """(microseconds per ``noise_statistics`` call, per pass over the entries) for ``sizes``."""
+    from lightning_gradwatch.functional.noise import noise_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    grad_sum = torch.randn(sum(sizes), generator=generator)
+    grad_sq_sum = grad_sum * grad_sum + torch.rand(sum(sizes), generator=generator)
+    sums, squares = grad_sum.clone(), grad_sq_sum.clone()
+    norms = torch.rand(len(sizes), generator=generator)
+    count = torch.tensor(256.0)
+    workspace: list[Any] = []
+
+    def copies() -> None:  # fresh sums for every call: the callback's are consumed
+        sums.copy_(grad_sum)
+        squares.copy_(grad_sq_sum)
+
+    def call() -> None:
+        copies()
+        noise_statistics(sums, squares, norms, count, sizes, workspace=workspace, consume=True)
+
+    def one_pass() -> None:
+        sums.mul_(1.0)
+
+    call_us = _process_micros(call, repeats) - _process_micros(copies, repeats)
+    return call_us, _process_micros(one_pass, repeats)
+
+
+def noise_costs(repeats: int = 50) -> list[tuple[str, float, float]]:
+    """(label, microseconds per ``noise_statistics`` call, microseconds per pass over the
+    entries) for the benchmark MLP's parameter sizes and for 80 small tensors."""
+    model, _, _ = make_model("mlp")
+    mlp_sizes = [p.numel() for p in model.parameters()]
+    many = [4096, 64] * 40
+    sets = (
+        (f"benchmark MLP, {len(mlp_sizes)} tensors, {sum(mlp_sizes)} entries", mlp_sizes),
+        (f"{len(many)} tensors (40 x (4096 + 64)), {sum(many)} entries", many),
+    )
+    return [(label, *_noise_cost(sizes, repeats)) for label, sizes in sets]
 
 
 def hook_costs(
@@ -170,7 +224,7 @@ def hook_costs(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("cold", "hooks", "all"), default="all")
+    parser.add_argument("--part", choices=("cold", "noise", "hooks", "all"), default="all")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
@@ -184,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| op | median (us) |\n|---|---:|")
         for label, micros in cold_ops(args.model, steps):
             print(f"| {label} | {micros:.1f} |")
+        print()
+    if args.part in ("noise", "all"):
+        print("## noise_statistics, warm (the sums consumed, as GradientSNR calls it)\n")
+        print("| layers | us per call | us per pass over the entries |\n|---|---:|---:|")
+        for label, call_us, pass_us in noise_costs():
+            print(f"| {label} | {call_us:.0f} | {pass_us:.0f} |")
         print()
     if args.part in ("hooks", "all"):
         plain, head, per_step = hook_costs(args.model, args.steps)

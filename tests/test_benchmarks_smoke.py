@@ -154,7 +154,7 @@ def test_early_stopping_study_quick_mode(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_step_anatomy_runs_and_restores_the_hooks() -> None:
-    """Both parts of ``benchmarks/step_anatomy.py`` on a few steps: every row is a positive
+    """The parts of ``benchmarks/step_anatomy.py`` on a few steps: every row is a positive
     time, and the timing wrappers are removed afterwards."""
     from benchmarks import step_anatomy
     from lightning_gradwatch import GradientWeightAlignment
@@ -167,6 +167,8 @@ def test_step_anatomy_runs_and_restores_the_hooks() -> None:
     assert plain > 0 and head > 0
     assert per_step["probe: output-gradient hook (the rule)"] > 0
     assert (_Capture._make_grad_hook, GradientWeightAlignment.on_after_backward) == before
+    noise = step_anatomy.noise_costs(repeats=2)
+    assert len(noise) == 2 and all(call > 0 and one > 0 for _, call, one in noise)
 
 
 def test_attention_blocks_runs() -> None:
