@@ -39,3 +39,34 @@ def test_outer_product_moments_matches_direct(
     assert sum_sq2 is not None
     assert_close(sq2, sq_norm, "sq_norm without the sum")
     assert_close(sum_sq2, sum_sq, "sum_sq without the sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [7, 2**14 // 4, 2**14 // 4 + 1, 30000])
+def test_row_reductions_on_both_sides_of_the_small_bound(dtype: torch.dtype, width: int) -> None:
+    """``row_sq_norm``, ``rowdot``, ``rows_times`` and ``sq_norm`` choose their kernels by size
+    (``SMALL_ROWS_ELEMENTS``): below, at, just over and far over the bound (4 rows) they agree
+    with the definitions computed in float64."""
+    from lightning_gradwatch.probe._linalg import (
+        SMALL_ROWS_ELEMENTS,
+        row_sq_norm,
+        rowdot,
+        rows_times,
+        sq_norm,
+    )
+
+    assert SMALL_ROWS_ELEMENTS == 2**14  # the widths above straddle it with 4 rows
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(4, width, generator=generator, dtype=dtype)
+    y = torch.randn(4, width, generator=generator, dtype=dtype)
+    v = torch.randn(width, generator=generator, dtype=dtype)
+    xd, yd, vd = x.double(), y.double(), v.double()
+    checks = {
+        "row_sq_norm": (row_sq_norm(x), (xd * xd).sum(1)),
+        "rowdot": (rowdot(x, y), (xd * yd).sum(1)),
+        "rows_times": (rows_times(x, v), xd @ vd),
+        "sq_norm": (sq_norm(x.reshape(-1)), (xd * xd).sum()),
+    }
+    for name, (got, want) in checks.items():
+        assert got.dtype == dtype, name
+        assert_close(got, want, name)
