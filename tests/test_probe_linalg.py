@@ -1,5 +1,6 @@
 """``outer_product_moments`` against the per-sample outer products formed directly, in both
-orientations of its product (``k_in < k_out`` forms ``G_i^T``), with groups and chunks."""
+orientations of its product (``k_in < k_out`` forms ``G_i^T``), with groups and chunks; the
+per-sample reductions against their definitions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 from conftest import assert_close
 
-from lightning_gradwatch.probe._linalg import outer_product_moments
+from lightning_gradwatch.probe._linalg import (
+    SMALL_ROWS_ELEMENTS,
+    outer_product_moments,
+    row_sq_norm,
+    rowdot,
+    rows_times,
+    sq_norm,
+)
 
 
 @pytest.mark.parametrize("k_in,k_out", [(3, 7), (7, 3), (5, 5)])
@@ -47,14 +55,6 @@ def test_row_reductions_on_both_sides_of_the_small_bound(dtype: torch.dtype, wid
     """``row_sq_norm``, ``rowdot``, ``rows_times`` and ``sq_norm`` choose their kernels by size
     (``SMALL_ROWS_ELEMENTS``): below, at, just over and far over the bound (4 rows) they agree
     with the definitions computed in float64."""
-    from lightning_gradwatch.probe._linalg import (
-        SMALL_ROWS_ELEMENTS,
-        row_sq_norm,
-        rowdot,
-        rows_times,
-        sq_norm,
-    )
-
     assert SMALL_ROWS_ELEMENTS == 2**14  # the widths above straddle it with 4 rows
     generator = torch.Generator().manual_seed(width)
     x = torch.randn(4, width, generator=generator, dtype=dtype)
