@@ -11,7 +11,15 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_matches_oracle, run_probe, squared_error
+from conftest import (
+    DEVICES,
+    assert_close,
+    assert_matches_oracle,
+    expected_stats,
+    per_sample_grads,
+    run_probe,
+    squared_error,
+)
 from torch import Tensor, nn
 
 from lightning_gradwatch import GradientProbe, ParameterUseError
@@ -544,6 +552,41 @@ def test_statistics_dtype(dtype: torch.dtype) -> None:
             torch.testing.assert_close(
                 low.sq_norm[name].double(), ref.sq_norm[name], rtol=0.1, atol=1e-3
             )
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_model_called_through_torch_compile(backend: str) -> None:
+    """The probe on a module whose forward runs through ``torch.compile(module)`` (dynamo's
+    own backends: no C++ compiler needed) gives the per-sample loop's statistics on every
+    step, including the first (the one-time checks run under dynamo too)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.LayerNorm(15), nn.Linear(15, 2)
+    ).double()
+    x = torch.randn(5, 2, 5, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    grads = per_sample_grads(model, squared_error, x, y, names)
+    model.zero_grad(set_to_none=True)
+    dot, sq, sum_sq = expected_stats(model, grads)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    probe = GradientProbe(model, sum_grad_squared=True)
+    for _ in range(2):  # the first step runs the one-time checks
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's notes on global module hooks
+            with probe:
+                squared_error(compiled(x), y).mean().backward()
+        stats = probe.stats
+        assert sorted(stats.names) == sorted(names), stats.excluded
+        for n in names:
+            assert_close(stats.dot[n], dot[n], f"dot[{n}]")
+            assert_close(stats.sq_norm[n], sq[n], f"sq_norm[{n}]")
+            assert_close(stats.sum_sq[n], sum_sq[n], f"sum_sq[{n}]")
+        model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
 
 
 def test_complex_layers_are_left_out_with_a_reason() -> None:
