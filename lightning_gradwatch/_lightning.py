@@ -48,6 +48,8 @@ __all__ = [
     "overrides",
     "redirected_call",
     "reset_metric_in_place",
+    "runs_redirected_training_step",
+    "training_step_redirected",
     "update_callback_metrics",
 ]
 
@@ -152,13 +154,29 @@ def mark_metric_loaded(metric: Any, updated: bool) -> None:
     metric._computed = None
 
 
+def training_step_redirected(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether the strategy wraps the LightningModule (DDP, ``ddp_spawn``), in which case
+    Lightning runs ``training_step`` as a call of the module itself, through its forward
+    redirection (see :func:`runs_redirected_training_step`)."""
+    return trainer.strategy.model is not pl_module
+
+
+def runs_redirected_training_step(module: Any) -> bool:
+    """Whether the LightningModule ``module`` is being called by Lightning's forward
+    redirection: it sets ``forward`` on the instance before the wrapper calls the module, so
+    the instance's own ``__dict__`` holds a ``forward`` (it also leaves the original, bound,
+    there afterwards: ask only for the outermost call of a step already known to be
+    redirected, see :func:`training_step_redirected`)."""
+    return "forward" in vars(module)
+
+
 def redirected_call(wrapper: Any, module: pl.LightningModule, method_name: str, *args: Any) -> Any:
     """``module.<method_name>(*args)`` run as a call of ``wrapper``, the path Lightning's
     strategies take for ``training_step`` under DDP (its private ``_ForwardRedirection``).
 
-    The GWA head detector treats a step as redirected when ``trainer.strategy.model is not
-    pl_module`` (public API); this reproduces the call path itself, so the detector can be
-    checked against it in one process.
+    The GWA head detector treats a step as redirected as :func:`training_step_redirected`
+    and :func:`runs_redirected_training_step` say; this reproduces the call path itself, so
+    the detector can be checked against it in one process.
     """
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientSNR
+from lightning_gradwatch._lightning import active_grad_scaler
 from lightning_gradwatch.callbacks.gradient_snr import optimizer_steps_done
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -276,10 +277,10 @@ class ScaleRecorder(pl.Callback):
         self._scale = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        self._scale = trainer.precision_plugin.scaler.get_scale()
+        self._scale = active_grad_scaler(trainer).get_scale()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        self.skipped.append(trainer.precision_plugin.scaler.get_scale() < self._scale)
+        self.skipped.append(active_grad_scaler(trainer).get_scale() < self._scale)
 
 
 def test_gradscaler_overflow_steps_are_skipped_and_counted(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .._lightning import runs_redirected_training_step
 from ..probe.rules.parametrized import reparametrized_tensors
 
 
@@ -101,7 +102,7 @@ class HeadDetector:
             self.redirected
             and module is self.root
             and self.depth == 0
-            and "forward" in vars(module)  # Lightning's instance-level forward patch
+            and runs_redirected_training_step(module)
         )
 
     def _pre(self, module: nn.Module, args: Any) -> None:

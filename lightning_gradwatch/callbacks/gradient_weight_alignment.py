@@ -28,6 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from .. import keys
+from .._lightning import training_step_redirected
 from ..data import INDEX_KEY, IndexSpec, batch_indices
 from ..functional.stopping import select_epoch
 from ..loggers import (
@@ -365,7 +366,7 @@ class GradientWeightAlignment(ProbeCallback):
             self._detector = HeadDetector(
                 pl_module,
                 set(self._candidates),
-                redirected=trainer.strategy.model is not pl_module,
+                redirected=training_step_redirected(trainer, pl_module),
             )
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
