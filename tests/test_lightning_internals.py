@@ -276,37 +276,14 @@ def test_redirected_call_runs_the_method_as_a_call_of_the_wrapper() -> None:
 def test_training_step_not_redirected_on_one_device(tmp_path: Path) -> None:
     """On a single-device strategy the LightningModule is not wrapped: ``training_step`` runs
     directly (the DDP side is covered by the head-mode DDP tests)."""
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.Linear(2, 1)
-
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     seen: list[bool] = []
 
-    class Record(pl.Callback):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
             seen.append(internals.training_step_redirected(trainer, pl_module))
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Record()],
-    )
-    data = torch.utils.data.TensorDataset(torch.ones(2, 2))
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
-    assert seen == [False]
+    _fit(tmp_path, [Record()], max_steps=2, logger=False)
+    assert seen == [False, False]
 
 
 def test_active_grad_scaler_only_under_mixed_precision(tmp_path: Path) -> None:
