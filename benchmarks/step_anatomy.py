@@ -11,13 +11,18 @@ Two measurements, each printed as a table:
   every computed step) on the benchmark MLP's parameter sizes and on 80 small layers, warm,
   beside one pass over the same entries: how many passes it costs, and what the number of
   layers adds.
+- ``--part windows``: the convolutions' default per-sample route (``window_moments``: patches
+  copied into a buffer, one batched product, the weight's inner products and norms), warm, on
+  the benchmark CNNs' layers as they are (padded) and without their padding, which copies
+  every kernel offset's windows at once instead of one offset at a time.
 - ``--part hooks``: ``GradientWeightAlignment`` in head mode (defaults, TensorBoard logger) in
   ``Trainer.fit`` on a benchmark model, with ``time.perf_counter`` wrappers around the probe's
   hooks and the callback's own hooks: microseconds per step in each, beside the plain step.
 
 Usage::
 
-    python benchmarks/step_anatomy.py [--part cold|noise|hooks|all] [--model mlp] [--steps 60]
+    python benchmarks/step_anatomy.py [--part cold|noise|windows|hooks|all] [--model mlp]
+        [--steps 60]
 
 Numbers, not tests; see ``benchmarks/README.md``.
 """
@@ -25,6 +30,7 @@ Numbers, not tests; see ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import logging
 import statistics
@@ -131,6 +137,45 @@ def noise_costs(repeats: int = 50) -> list[tuple[str, float, float]]:
     return [(label, *_noise_cost(sizes, repeats)) for label, sizes in sets]
 
 
+def window_costs(repeats: int = 50) -> list[tuple[str, float]]:
+    """(layer, microseconds per ``window_moments`` call) for each convolution of the benchmark
+    CNNs, on the input it sees in the benchmark (its full batch), as it is and with its padding
+    removed (the input then as large as the padded one, so the output keeps its size)."""
+    from lightning_gradwatch.probe._conv_windows import window_moments
+
+    rows = []
+    for key in ("cnn", "cnn2d"):
+        model, x, _ = make_model(key)
+        with torch.no_grad():
+            for module in model:
+                if isinstance(module, torch.nn.modules.conv._ConvNd):
+                    unpadded = copy.deepcopy(module)
+                    unpadded.padding = (0,) * len(module.kernel_size)
+                    grow = [2 * p for p in module.padding]
+                    wider = torch.nn.functional.pad(
+                        x, [g // 2 for g in reversed(grow) for _ in range(2)]
+                    )
+                    for label, conv, inputs in (
+                        ("padded", module, x),
+                        ("no padding", unpadded, wider),
+                    ):
+                        delta = torch.randn_like(conv(inputs))
+                        weight = conv.weight.detach()
+
+                        def call(
+                            conv: Any = conv,
+                            inputs: Any = inputs,
+                            delta: Any = delta,
+                            weight: Any = weight,
+                        ) -> None:
+                            window_moments(inputs, delta, conv, weight, False, False, 2**24)
+
+                        name = f"{key} {module}, {label}, input {tuple(inputs.shape)}"
+                        rows.append((name, _process_micros(call, repeats)))
+                x = module(x)
+    return rows
+
+
 def hook_costs(
     model_key: str, steps: int, epochs: int = 4
 ) -> tuple[float, float, dict[str, float]]:
@@ -224,7 +269,9 @@ def hook_costs(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("cold", "noise", "hooks", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("cold", "noise", "windows", "hooks", "all"), default="all"
+    )
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
@@ -244,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| layers | us per call | us per pass over the entries |\n|---|---:|---:|")
         for label, call_us, pass_us in noise_costs():
             print(f"| {label} | {call_us:.0f} | {pass_us:.0f} |")
+        print()
+    if args.part in ("windows", "all"):
+        print("## window_moments, warm (the convolutions' default route)\n")
+        print("| layer | us per call |\n|---|---:|")
+        for label, micros in window_costs():
+            print(f"| {label} | {micros:.0f} |")
         print()
     if args.part in ("hooks", "all"):
         plain, head, per_step = hook_costs(args.model, args.steps)

@@ -169,6 +169,9 @@ def test_step_anatomy_runs_and_restores_the_hooks() -> None:
     assert (_Capture._make_grad_hook, GradientWeightAlignment.on_after_backward) == before
     noise = step_anatomy.noise_costs(repeats=2)
     assert len(noise) == 2 and all(call > 0 and one > 0 for _, call, one in noise)
+    windows = step_anatomy.window_costs(repeats=1)
+    # Six convolutions (three per CNN), each as it is and without its padding.
+    assert len(windows) == 12 and all(micros > 0 for _, micros in windows)
 
 
 def test_attention_blocks_runs() -> None:

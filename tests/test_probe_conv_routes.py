@@ -259,11 +259,14 @@ def test_routes_on_inputs_that_are_not_contiguous(
     monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
     """A channels-last 2-D input and a transposed 1-D one (their channels cannot be split
-    into groups by a view of the memory order the routes assume)."""
+    into groups by a view of the memory order the routes assume), to padded layers and to
+    layers without padding (whose windows the windows route copies at once)."""
     torch.manual_seed(0)
     cases = [
         (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 4, 7, 6)),
         (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), torch.randn(3, 7, 4)),
+        (nn.Conv2d(4, 6, 3, dilation=(1, 2), groups=2), torch.randn(3, 4, 7, 6)),
+        (nn.Conv1d(4, 6, 3, stride=2, groups=2), torch.randn(3, 7, 4)),
     ]
     for conv, x in cases:
         _force(monkeypatch, route, conv.weight.dim() - 2)

@@ -63,12 +63,17 @@ def chunk_size(batch: int, elements_per_sample: int, budget: int) -> int:
 
 
 def stats_from_grad_sample(
-    grad_sample: Tensor, weight: Tensor, need_sum_sq: bool, keep: bool
+    grad_sample: Tensor,
+    weight: Tensor,
+    need_sum_sq: bool,
+    keep: bool,
+    dot: Tensor | None = None,
 ) -> ParamStats:
-    """Statistics from materialised per-sample gradients ``(B, *weight.shape)``."""
+    """Statistics from materialised per-sample gradients ``(B, *weight.shape)``; ``dot``, the
+    inner products with ``weight`` ``(B,)``, where known already."""
     flat = grad_sample.flatten(1)
     return ParamStats(
-        dot=flat @ weight.reshape(-1).to(flat.dtype),
+        dot=flat @ weight.reshape(-1).to(flat.dtype) if dot is None else dot,
         sq_norm=row_sq_norm(flat),
         sum_sq=grad_sample.pow(2).sum(0) if need_sum_sq else None,
         grad_sample=grad_sample if keep else None,
@@ -210,9 +215,12 @@ def outer_product_moments(
     return sq_norm, sum_sq, grad_sample, grad_sum
 
 
-def bias_stats(delta_sum: Tensor, bias: Tensor, need_sum_sq: bool, keep: bool) -> ParamStats:
-    """Statistics of a bias whose per-sample gradient is ``delta_sum`` ``(B, *bias.shape)``."""
-    return stats_from_grad_sample(delta_sum, bias, need_sum_sq, keep)
+def bias_stats(
+    delta_sum: Tensor, bias: Tensor, need_sum_sq: bool, keep: bool, dot: Tensor | None = None
+) -> ParamStats:
+    """Statistics of a bias whose per-sample gradient is ``delta_sum`` ``(B, *bias.shape)``;
+    ``dot``: its inner products with ``bias`` ``(B,)`` where the rule formed them already."""
+    return stats_from_grad_sample(delta_sum, bias, need_sum_sq, keep, dot)
 
 
 def require_one_batch(calls: list[Call], batch_dim: int = 0) -> None:

@@ -228,7 +228,7 @@ class ConvRule(LayerRule):
         offset_route = "weight" in ctx.want and route in ("offsets", "windows", "gram")
         grouped_route = route == "grouped"
         padding = zero_padding(module) if grouped_route else None
-        dots, patches, deltas, bias_grads = [], [], [], []
+        dots, patches, deltas, bias_grads, bias_dots = [], [], [], [], []
         padded_inputs: list[Tensor] = []
         require_one_batch(calls)
         for call in calls:
@@ -248,7 +248,10 @@ class ConvRule(LayerRule):
                 # output-sized ones.)
                 if call.output_intact():
                     dot = rowdot(delta, call.outputs[0].to(ctx.dtype))
-                    dots.append(dot - bias_grad @ bias if bias is not None else dot)
+                    if bias is not None:
+                        bias_dots.append(bias_grad @ bias)  # the bias's own dot, too
+                        dot = dot - bias_dots[-1]
+                    dots.append(dot)
                 else:
                     dots.append(rowdot(delta, module._conv_forward(x, weight, None)))
             if "weight" in ctx.want and grouped_route:
@@ -303,7 +306,7 @@ class ConvRule(LayerRule):
                 a, delta, ctx.need_sum_sq, keep, ctx.chunk_elements, ctx.need_grad_sum
             )
             out["weight"] = ParamStats(
-                dot=torch.stack(dots).sum(0),
+                dot=_total(dots),
                 sq_norm=sq_norm,
                 sum_sq=sum_sq.reshape(weight.shape) if sum_sq is not None else None,
                 grad_sample=grad_sample.reshape(-1, *weight.shape) if keep else None,
@@ -311,10 +314,11 @@ class ConvRule(LayerRule):
             )
         if bias is not None and "bias" in ctx.want:
             out["bias"] = bias_stats(
-                torch.stack(bias_grads).sum(0),
+                _total(bias_grads),
                 bias,
                 ctx.need_sum_sq,
                 "bias" in ctx.need_grad_sample,
+                dot=_total(bias_dots) if len(bias_dots) == len(bias_grads) else None,
             )
         return out
 
@@ -358,3 +362,8 @@ class ConvRule(LayerRule):
         return ParamStats(
             dot=dot, sq_norm=sq_norm, sum_sq=sum_sq, grad_sample=grad_sample, grad_sum=grad_sum
         )
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of the calls' ``(B, ...)`` parts (the one part itself for one call)."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
