@@ -142,6 +142,72 @@ def test_conv_routes_property(
     )
 
 
+@SETTINGS
+@given(
+    nd=st.integers(1, 3),
+    batch=st.integers(1, 4),
+    groups=st.integers(1, 2),
+    in_per_group=st.integers(1, 3),
+    kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    stride=st.lists(st.integers(1, 2), min_size=3, max_size=3),
+    dilation=st.lists(st.integers(1, 2), min_size=3, max_size=3),
+    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    padding_mode=st.sampled_from(["zeros", "zeros", "reflect"]),
+    size=st.lists(st.integers(2, 6), min_size=3, max_size=3),
+    sum_grad_squared=st.booleans(),
+    bound=st.sampled_from([1, 100, 2**19]),
+    seed=st.integers(0, 2**16),
+)
+def test_windows_route_fills_property(
+    monkeypatch: pytest.MonkeyPatch,
+    nd: int,
+    batch: int,
+    groups: int,
+    in_per_group: int,
+    kernel: list[int],
+    stride: list[int],
+    dilation: list[int],
+    padding: int | str,
+    padding_mode: str,
+    size: list[int],
+    sum_grad_squared: bool,
+    bound: int,
+    seed: int,
+) -> None:
+    """The windows route's three ways of filling its patch buffer (every window in one copy,
+    zero-padded chunks of an N-d input, one copy per offset), each against the oracle, with
+    the kept workspaces small enough to take one sample per chunk or none at all."""
+    from lightning_gradwatch.probe import _conv_windows
+
+    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
+    if padding == "same":
+        stride = [1] * nd
+    for k, dl, n in zip(kernel, dilation, size, strict=True):
+        span = dl * (k - 1) + 1
+        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+        assume(n + 2 * pad >= span)
+        assume(padding_mode != "reflect" or pad < n)
+    monkeypatch.setattr(_conv_windows, "WINDOW_CHUNK_ELEMENTS", bound)
+    monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
+    torch.manual_seed(seed)
+    model, x = _conv_and_input(
+        nd,
+        batch,
+        size,
+        groups,
+        in_per_group,
+        2,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=padding_mode,
+    )
+    assert_matches_oracle(
+        model, x, _target(model, x, seed), sum_grad_squared=sum_grad_squared, chunk_elements=2**24
+    )
+
+
 @pytest.mark.parametrize("sum_grad_squared", [False, True])
 def test_offset_route_on_a_wide_strided_layer(sum_grad_squared: bool) -> None:
     """A thin layer (2 input channels, no per-offset candidate) and a wide strided one (16,

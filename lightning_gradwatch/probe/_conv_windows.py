@@ -10,16 +10,26 @@ the output), and one batched product with the output gradients gives each sample
 Unlike the per-offset products of :mod:`._conv_linalg`, the products are as long as the output
 (no padding of the output gradient, no extra positions), and their rows number ``C_in/G * k``
 rather than ``C_in/G``: the form for thin layers (few input channels, e.g. an image's 1 or 3),
-whose per-offset products would be too thin for the matrix kernels. A padded layer's buffer is
-filled one copy per kernel offset from the input itself, the positions that read zero padding
-zeroed (no padded copy of the input); a layer without padding takes every offset's window in
-one copy, a strided view of the input (measured on a 2-core CPU: ``Conv2d(32, 64, 3, stride=2)``
-on 64 images 11.2 -> 9.3 ms, ``Conv1d(1, 32, 5)`` on 256 samples 204 -> 161 us; on a
-``Conv1d(32, 32, 3)``, 771 -> 802 us). Either copy moves runs of the output's last dimension,
-contiguous on a unit stride, unlike the ``(B, L, C k)`` gather of ``Tensor.unfold`` or
-``F.unfold`` (both measured slower on a CPU). (The one copy from a padded copy of the input,
-timed as a route of its own, was within 10% of the per-offset copies on padded layers, where
-the padded copy costs as much as it saves.)
+whose per-offset products would be too thin for the matrix kernels. The buffer is filled in
+one of three ways, each copy moving runs of the output's last dimension (contiguous on a unit
+stride, unlike the ``(B, L, C k)`` gather of ``Tensor.unfold`` or ``F.unfold``, both measured
+slower on a CPU):
+
+- no window reads padding (no padding, or a padding mode other than zeros, applied to a copy of
+  the input first): every offset's window in one copy, a strided view of the input;
+- an N-d kernel with symmetric zero padding: each chunk's samples are first written into a
+  zero-bordered buffer (kept, like the patch buffer), then copied in one go. Its
+  ``k_1 k_2 ...`` offsets would each be a copy strided in every spatial dim, several per chunk;
+- otherwise (a 1-D kernel, ``padding="same"``): one copy per offset from the input itself, the
+  positions that read zero padding zeroed. A 1-D kernel has few offsets, and the padded copy
+  would cost more than it saves.
+
+Measured warm on a 2-core CPU with ``python benchmarks/step_anatomy.py --part windows`` (the
+previous code: one copy per offset throughout): ``Conv2d(3, 32, 3, padding=1)`` on 64 images
+3.0 -> 2.6 ms, ``Conv2d(32, 64, 3, stride=2, padding=1)`` 14.3 -> 11.9 ms; without padding,
+``Conv1d(1, 32, 5)`` on 256 samples 223 -> 174 us and ``Conv2d(32, 64, 3, stride=2)`` 11.7 ->
+10.8 ms; a padded ``Conv1d(32, 32, 3, stride=2)`` was 9% slower through a padded chunk (1.08
+-> 1.18 ms), hence the per-offset copies in 1-D.
 
 The chunk's gradients are then at hand whole, so ``<G_i, W>`` is one product with the weight
 (cheaper than reading the output and its gradient when the layer has fewer weights than
@@ -73,12 +83,18 @@ def window_moments(
     """
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     nd = len(kernel)
-    # Without padding, every offset's windows in one copy; else one copy per offset, leaving
-    # the positions that read zero padding zero (no padded copy of the input).
-    one_copy = not needs_padding(conv)
-    before = (0,) * nd if one_copy else _zero_padding_before(conv)
+    before = _zero_padding_before(conv)
     if before is None:  # another padding mode: pad a copy of the input first
         x, before = pad_input(x, conv), (0,) * nd
+    # How the patch buffer is filled (see the module docstring): all offsets in one copy where
+    # no window reads padding, or from a padded copy of each chunk for an N-d kernel with
+    # symmetric zero padding; else one copy per offset, the padding left zero.
+    if conv.padding_mode != "zeros" or not needs_padding(conv):
+        fill = "one copy"  # padded above, or nothing to pad
+    elif nd >= 2 and conv.padding != "same":
+        fill = "padded chunks"
+    else:
+        fill = "offsets"
     batch, c_in, *size = x.shape
     c_out, out_size = delta.shape[1], tuple(delta.shape[2:])
     groups = conv.groups
@@ -94,16 +110,12 @@ def window_moments(
     flat_weight = weight.reshape(groups, og, rows).transpose(1, 2).reshape(-1)
     grouped_x = x.reshape(batch, groups, cg, *size)
     windows = []
-    if one_copy:
-        # (B, G, C_in/G, *kernel, *L): every offset's window, a view of the input.
-        all_windows = grouped_x
-        for d in range(nd):
-            span = dilation[d] * (kernel[d] - 1) + 1
-            all_windows = all_windows.unfold(3 + d, span, stride[d])
-            if dilation[d] > 1:
-                all_windows = all_windows[..., :: dilation[d]]
-        all_windows = all_windows.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
-    else:
+    if fill == "padded chunks":
+        full = [n + 2 * p for n, p in zip(size, before, strict=True)]
+        padded = workspace("padded", step * c_in * math.prod(full), x)
+        padded = padded.view(step, groups, cg, *full)
+        inside = tuple(slice(p, p + n) for p, n in zip(before, size, strict=True))
+    elif fill == "offsets":
         # Per kernel offset: whether some of its positions read the zero padding (they are
         # zeroed first), and the output positions and input positions it copies (None: none).
         for j, index in enumerate(itertools.product(*(range(n) for n in kernel))):
@@ -126,8 +138,13 @@ def window_moments(
         hi = min(batch, lo + step)
         n = hi - lo
         chunk = cols[:n]
-        if one_copy:
-            chunk.view(n, groups, cg, *kernel, *out_size).copy_(all_windows[lo:hi])
+        if fill == "one copy":
+            every_window = _all_windows(grouped_x[lo:hi], kernel, stride, dilation)
+            chunk.view(n, groups, cg, *kernel, *out_size).copy_(every_window)
+        elif fill == "padded chunks":
+            _pad_into(padded[:n], grouped_x[lo:hi], before, inside)
+            every_window = _all_windows(padded[:n], kernel, stride, dilation)
+            chunk.view(n, groups, cg, *kernel, *out_size).copy_(every_window)
         else:
             samples = grouped_x[lo:hi]
             for j, clipped, target, source in windows:
@@ -157,6 +174,31 @@ def window_moments(
     dot = dots[0] if len(dots) == 1 else torch.cat(dots)
     sq_norm = sq_norms[0] if len(sq_norms) == 1 else torch.cat(sq_norms)
     return dot, sq_norm, to_weight(sum_sq), to_weight(grad_sum)
+
+
+def _all_windows(
+    x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
+    """Every kernel offset's window of ``x`` ``(n, G, C_in/G, *S)`` (already padded), as a
+    view ``(n, G, C_in/G, *kernel, *L)``."""
+    nd = len(kernel)
+    for d in range(nd):
+        x = x.unfold(3 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
+        if dilation[d] > 1:
+            x = x[..., :: dilation[d]]
+    return x.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
+
+
+def _pad_into(out: Tensor, x: Tensor, before: tuple[int, ...], inside: tuple[slice, ...]) -> None:
+    """Write ``x`` ``(n, G, C_in/G, *S)`` into ``out`` with ``before[d]`` zeros on both sides of
+    each spatial dim: its border slabs zeroed, then ``x`` copied inside."""
+    everything = slice(None)
+    for d, (pad, keep) in enumerate(zip(before, inside, strict=True)):
+        if pad:
+            lead = (everything,) * (3 + d)
+            out[(*lead, slice(0, pad))].zero_()
+            out[(*lead, slice(keep.stop, None))].zero_()
+    out[(everything,) * 3 + inside].copy_(x)
 
 
 def needs_padding(conv: nn.modules.conv._ConvNd) -> bool:
@@ -217,8 +259,9 @@ def workspace(name: str, numel: int, like: Tensor) -> Tensor:
     (larger ones are allocated each time): the chunked routes reuse it on every step instead
     of allocating fresh memory, whose pages the allocator may have handed back to the system
     (faulting them in again was measured to cost as much as the products on a CPU). Its
-    contents are scratch. The convolution routes share two, by ``name``: ``"inputs"`` (patches,
-    or an input's Gram matrices) and ``"products"`` (gradients, or the output gradient's)."""
+    contents are scratch. The convolution routes share three, by ``name``: ``"inputs"``
+    (patches, or an input's Gram matrices), ``"products"`` (gradients, or the output
+    gradient's) and ``"padded"`` (a chunk of zero-padded inputs)."""
     if numel > WINDOW_CHUNK_ELEMENTS:  # a chunk of one sample over the bound: not kept
         return like.new_empty(numel)
     buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
