@@ -15,21 +15,24 @@ one of three ways, each copy moving runs of the output's last dimension (contigu
 stride, unlike the ``(B, L, C k)`` gather of ``Tensor.unfold`` or ``F.unfold``, both measured
 slower on a CPU):
 
-- no window reads padding (no padding, or a padding mode other than zeros, applied to a copy of
-  the input first): every offset's window in one copy, a strided view of the input;
-- an N-d kernel with symmetric zero padding: each chunk's samples are first written into a
-  zero-bordered buffer (kept, like the patch buffer), then copied in one go. Its
-  ``k_1 k_2 ...`` offsets would each be a copy strided in every spatial dim, several per chunk;
-- otherwise (a 1-D kernel, ``padding="same"``): one copy per offset from the input itself, the
-  positions that read zero padding zeroed. A 1-D kernel has few offsets, and the padded copy
-  would cost more than it saves.
+- one copy per kernel offset from the input itself, the positions that read zero padding
+  zeroed: a 1-D layer with :data:`PER_OFFSET_MIN_CHANNELS` or more input channels per group
+  (few offsets, each copy large), and ``padding="same"``;
+- otherwise, where no window reads padding (no padding, or a padding mode other than zeros,
+  applied to a copy of the input first): every offset's window in one copy, a strided view of
+  the input;
+- otherwise (symmetric zero padding): each chunk's samples are first written into a
+  zero-bordered buffer (kept, like the patch buffer), then copied in one go. An N-d kernel's
+  ``k_1 k_2 ...`` offsets would each be a copy strided in every spatial dim, several per
+  chunk, and a thin layer's would each move little.
 
-Measured warm on a 2-core CPU with ``python benchmarks/step_anatomy.py --part windows`` (the
-previous code: one copy per offset throughout): ``Conv2d(3, 32, 3, padding=1)`` on 64 images
-3.0 -> 2.6 ms, ``Conv2d(32, 64, 3, stride=2, padding=1)`` 14.3 -> 11.9 ms; without padding,
-``Conv1d(1, 32, 5)`` on 256 samples 223 -> 174 us and ``Conv2d(32, 64, 3, stride=2)`` 11.7 ->
-10.8 ms; a padded ``Conv1d(32, 32, 3, stride=2)`` was 9% slower through a padded chunk (1.08
--> 1.18 ms), hence the per-offset copies in 1-D.
+Measured warm on a 2-core CPU with ``python benchmarks/step_anatomy.py --part windows``, against
+one copy per offset throughout: ``Conv2d(3, 32, 3, padding=1)`` on 64 images 2.97 -> 2.73 ms,
+``Conv2d(32, 64, 3, stride=2, padding=1)`` 15.2 -> 11.8 ms, ``Conv1d(1, 32, 5, padding=2)`` on
+256 samples 236-246 -> 210 us; without padding, ``Conv2d(32, 64, 3, stride=2)`` 11.9 -> 11.2 ms
+and ``Conv1d(1, 32, 5)`` 219 -> 179-184 us. ``Conv1d(32, 32, 3, stride=2)`` was 5-9% slower
+in one copy (unpadded) and 9-11% slower through a padded chunk, hence the per-offset copies
+for wide 1-D layers.
 
 The chunk's gradients are then at hand whole, so ``<G_i, W>`` is one product with the weight
 (cheaper than reading the output and its gradient when the layer has fewer weights than
@@ -54,6 +57,12 @@ from ._linalg import chunk_size, row_sq_norm, rows_times
 #: microseconds); layers as small as a 32-channel 1-D convolution on 20 positions take
 #: 256 samples in 2 chunks.
 WINDOW_CHUNK_ELEMENTS = 2**19
+
+
+#: A 1-D convolution with at least this many input channels per group fills its patch buffer
+#: one kernel offset at a time (see the module docstring): its few offsets' copies are large,
+#: and one copy of all of them, or a padded copy of the input first, was measured slower.
+PER_OFFSET_MIN_CHANNELS = 8
 
 
 def window_moments(
@@ -86,12 +95,14 @@ def window_moments(
     before = _zero_padding_before(conv)
     if before is None:  # another padding mode: pad a copy of the input first
         x, before = pad_input(x, conv), (0,) * nd
-    # How the patch buffer is filled (see the module docstring): all offsets in one copy where
-    # no window reads padding, or from a padded copy of each chunk for an N-d kernel with
-    # symmetric zero padding; else one copy per offset, the padding left zero.
-    if conv.padding_mode != "zeros" or not needs_padding(conv):
+    # How the patch buffer is filled (see the module docstring): one copy per offset for a
+    # wide 1-D layer; else all offsets in one copy where no window reads padding, or from a
+    # zero-bordered copy of each chunk; one copy per offset for padding="same".
+    if nd == 1 and conv.in_channels // conv.groups >= PER_OFFSET_MIN_CHANNELS:
+        fill = "offsets"
+    elif conv.padding_mode != "zeros" or not needs_padding(conv):
         fill = "one copy"  # padded above, or nothing to pad
-    elif nd >= 2 and conv.padding != "same":
+    elif conv.padding != "same":
         fill = "padded chunks"
     else:
         fill = "offsets"
