@@ -36,6 +36,14 @@ def _target(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+def _per_dim(low: int, high: int) -> st.SearchStrategy[list[int]]:
+    """One value per spatial dim, for up to three; a test keeps the first ``nd``."""
+    return st.lists(st.integers(low, high), min_size=3, max_size=3)
+
+
+_PADDINGS = st.sampled_from([0, 1, 2, "same", "valid"])
+
+
 def _conv_and_input(
     nd: int,
     batch: int,
@@ -52,6 +60,29 @@ def _conv_and_input(
     )
     model = nn.Sequential(conv, nn.Tanh()).double()
     return model, torch.randn(batch, groups * in_per_group, *size, dtype=torch.float64)
+
+
+def _geometry(
+    nd: int,
+    kernel: list[int],
+    stride: list[int],
+    dilation: list[int],
+    size: list[int],
+    padding: int | str,
+    padding_mode: str,
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The first ``nd`` entries of each list (stride 1 with ``padding="same"``, which torch
+    requires), assuming away inputs too small for the kernel or for the padding mode."""
+    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
+    if padding == "same":
+        stride = [1] * nd
+    for k, dl, n in zip(kernel, dilation, size, strict=True):
+        span = dl * (k - 1) + 1
+        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
+        assume(n + 2 * pad >= span)
+        assume(padding_mode != "reflect" or pad < n)
+        assume(padding_mode != "circular" or pad <= n)
+    return kernel, stride, dilation, size
 
 
 class _Twice(nn.Module):
@@ -73,12 +104,12 @@ class _Twice(nn.Module):
     groups=st.integers(1, 3),
     in_per_group=st.integers(1, 2),
     out_per_group=st.integers(1, 3),
-    kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
-    stride=st.lists(st.integers(1, 3), min_size=3, max_size=3),
-    dilation=st.lists(st.integers(1, 2), min_size=3, max_size=3),
-    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    kernel=_per_dim(1, 3),
+    stride=_per_dim(1, 3),
+    dilation=_per_dim(1, 2),
+    padding=_PADDINGS,
     padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
-    size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
+    size=_per_dim(1, 7),
     bias=st.booleans(),
     reduction=st.sampled_from(["mean", "sum"]),
     sum_grad_squared=st.booleans(),
@@ -105,17 +136,11 @@ def test_conv_routes_property(
     chunk_elements: int,
     seed: int,
 ) -> None:
-    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
     if nd == 3:
         size = [min(n, 4) for n in size]
-    if padding == "same":
-        stride = [1] * nd
-    for k, dl, n in zip(kernel, dilation, size, strict=True):
-        span = dl * (k - 1) + 1
-        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
-        assume(n + 2 * pad >= span)
-        assume(padding_mode != "reflect" or pad < n)
-        assume(padding_mode != "circular" or pad <= n)
+    kernel, stride, dilation, size = _geometry(
+        nd, kernel, stride, dilation, size, padding, padding_mode
+    )
     _force(monkeypatch, mode, nd)
     torch.manual_seed(seed)
     model, x = _conv_and_input(
@@ -149,12 +174,12 @@ def test_conv_routes_property(
     groups=st.integers(1, 2),
     # 8: a 1-D layer that wide fills its buffer one offset at a time (PER_OFFSET_MIN_CHANNELS).
     in_per_group=st.sampled_from([1, 2, 3, 8]),
-    kernel=st.lists(st.integers(1, 3), min_size=3, max_size=3),
-    stride=st.lists(st.integers(1, 2), min_size=3, max_size=3),
-    dilation=st.lists(st.integers(1, 2), min_size=3, max_size=3),
-    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    kernel=_per_dim(1, 3),
+    stride=_per_dim(1, 2),
+    dilation=_per_dim(1, 2),
+    padding=_PADDINGS,
     padding_mode=st.sampled_from(["zeros", "zeros", "reflect"]),
-    size=st.lists(st.integers(2, 6), min_size=3, max_size=3),
+    size=_per_dim(2, 6),
     sum_grad_squared=st.booleans(),
     bound=st.sampled_from([100, 2**16]),
     seed=st.integers(0, 2**16),
@@ -182,14 +207,9 @@ def test_windows_route_fills_property(
     from lightning_gradwatch.probe import _conv_windows
 
     assert _conv_windows.PER_OFFSET_MIN_CHANNELS == 8
-    kernel, stride, dilation, size = kernel[:nd], stride[:nd], dilation[:nd], size[:nd]
-    if padding == "same":
-        stride = [1] * nd
-    for k, dl, n in zip(kernel, dilation, size, strict=True):
-        span = dl * (k - 1) + 1
-        pad = span // 2 + 1 if padding == "same" else (padding if isinstance(padding, int) else 0)
-        assume(n + 2 * pad >= span)
-        assume(padding_mode != "reflect" or pad < n)
+    kernel, stride, dilation, size = _geometry(
+        nd, kernel, stride, dilation, size, padding, padding_mode
+    )
     monkeypatch.setattr(_conv_windows, "WINDOW_CHUNK_ELEMENTS", bound)
     monkeypatch.setattr(conv_rule.ROUTES, "forced", "windows")
     # Kept workspaces full of NaN: a position the fill leaves unwritten shows in the result.
