@@ -49,6 +49,7 @@ __all__ = [
     "redirected_call",
     "reset_metric_in_place",
     "runs_redirected_training_step",
+    "train_step_context",
     "training_step_redirected",
     "update_callback_metrics",
 ]
@@ -60,6 +61,13 @@ def active_grad_scaler(trainer: pl.Trainer) -> Any | None:
     that one plugin class, not part of the ``Precision`` interface."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def train_step_context(trainer: pl.Trainer) -> Any:
+    """The context manager Lightning's training loop enters around ``training_step`` for the
+    trainer's precision (autocast under mixed precision, a no-op in full precision): its
+    precision plugin's ``train_step_context``, reached through ``Trainer.precision_plugin``."""
+    return trainer.precision_plugin.train_step_context()
 
 
 def batches_that_stepped(trainer: pl.Trainer) -> int:

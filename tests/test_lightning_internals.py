@@ -286,6 +286,19 @@ def test_training_step_not_redirected_on_one_device(tmp_path: Path) -> None:
     assert seen == [False, False]
 
 
+def test_train_step_context_follows_the_precision() -> None:
+    """Autocast around ``training_step`` where the precision asks for it (bf16 on the CPU),
+    none in full precision."""
+    trainer = pl.Trainer(accelerator="cpu", precision="32-true", logger=False)
+    with internals.train_step_context(trainer):
+        assert not torch.is_autocast_enabled("cpu")
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    with internals.train_step_context(trainer):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_active_grad_scaler_only_under_mixed_precision(tmp_path: Path) -> None:
     """The plugin's ``GradScaler`` where ``precision="16-mixed"`` enables one (the CPU has
     none: bf16 there), ``None`` for full precision."""

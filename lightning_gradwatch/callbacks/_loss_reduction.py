@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from .._lightning import apply_to_collection
+from .._lightning import apply_to_collection, train_step_context
 from ..probe.probe import LossReduction
 
 #: Largest relative tolerance on the ratio at which a decision is still made: above it, the
@@ -175,17 +175,16 @@ def measure_loss_reduction(
     doubled = samples(lambda t: torch.cat([t, t]))
     split = (batch_size + 1) // 2
     halves = [samples(lambda t: t[:split]), samples(lambda t: t[split:])] if batch_size > 1 else []
-    step_context = trainer.precision_plugin.train_step_context
     with torch.no_grad(), _side_effects_undone(pl_module):
         rng_state = torch.random.get_rng_state()
         cuda_state = torch.cuda.get_rng_state() if pl_module.device.type == "cuda" else None
-        with step_context():
+        with train_step_context(trainer):
             first = _loss_of(pl_module.training_step(batch, batch_idx))
             second = _loss_of(pl_module.training_step(batch, batch_idx))
         torch.random.set_rng_state(rng_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state)
-        with step_context():
+        with train_step_context(trainer):
             twice = _loss_of(pl_module.training_step(doubled, batch_idx))
             parts = [_loss_of(pl_module.training_step(half, batch_idx)) for half in halves]
     losses = [first, second, twice, *parts]
