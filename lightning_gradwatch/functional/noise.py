@@ -19,6 +19,7 @@ variance, which is Cockpit's ``MeanGSNR`` convention.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -298,7 +299,8 @@ def noise_statistics(
         torch.maximum(variance, ratio, out=variance).add_(excluded)
         torch.div(mean_sq, variance, out=ratio)
         torch.addcmul(ratio, ratio, excluded, value=-1.0, out=ratio)
-        spans = zip(_offsets(layer_sizes), layer_sizes, strict=True)
+        starts = itertools.accumulate(layer_sizes[:-1], initial=0)
+        spans = zip(starts, layer_sizes, strict=True)
         per_layer = torch.stack([block[:3, start : start + n].sum(1) for start, n in spans])
         layer_mean_sq_b2, layer_ratio_sum, left_out = per_layer.unbind(1)
         layer_mean_sq = layer_mean_sq_b2 / (count * count)
@@ -334,15 +336,6 @@ def noise_statistics(
         "layer_gsnr": layer_ratio_sum / included,
         "layer_coherence": _coherence(layer_mean_sq, sample_sq_norm_sum, count),
     }
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    """Where each of ``sizes`` starts in their concatenation."""
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += size
-    return starts
 
 
 def _scratch(

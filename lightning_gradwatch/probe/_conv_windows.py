@@ -22,7 +22,8 @@ slower on a CPU):
   applied to a copy of the input first): every offset's window in one copy, a strided view of
   the input;
 - otherwise (symmetric zero padding): each chunk's samples are first written into a
-  zero-bordered buffer (kept, like the patch buffer), then copied in one go. An N-d kernel's
+  zero-bordered buffer (kept, like the patch buffer; its borders zeroed once per call), then
+  copied in one go. An N-d kernel's
   ``k_1 k_2 ...`` offsets would each be a copy strided in every spatial dim, several per
   chunk, and a thin layer's would each move little.
 
@@ -125,7 +126,11 @@ def window_moments(
         full = [n + 2 * p for n, p in zip(size, before, strict=True)]
         padded = workspace("padded", step * c_in * math.prod(full), x)
         padded = padded.view(step, groups, cg, *full)
-        inside = tuple(slice(p, p + n) for p, n in zip(before, size, strict=True))
+        inside = (slice(None),) * 3 + tuple(
+            slice(p, p + n) for p, n in zip(before, size, strict=True)
+        )
+        # Once per call: each chunk then writes only inside the borders.
+        _zero_borders(padded, before, size)
     elif fill == "offsets":
         # Per kernel offset: whether some of its positions read the zero padding (they are
         # zeroed first), and the output positions and input positions it copies (None: none).
@@ -153,7 +158,7 @@ def window_moments(
             every_window = _all_windows(grouped_x[lo:hi], kernel, stride, dilation)
             chunk.view(n, groups, cg, *kernel, *out_size).copy_(every_window)
         elif fill == "padded chunks":
-            _pad_into(padded[:n], grouped_x[lo:hi], before, inside)
+            padded[:n][inside].copy_(grouped_x[lo:hi])
             every_window = _all_windows(padded[:n], kernel, stride, dilation)
             chunk.view(n, groups, cg, *kernel, *out_size).copy_(every_window)
         else:
@@ -200,16 +205,15 @@ def _all_windows(
     return x.permute(0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
 
 
-def _pad_into(out: Tensor, x: Tensor, before: tuple[int, ...], inside: tuple[slice, ...]) -> None:
-    """Write ``x`` ``(n, G, C_in/G, *S)`` into ``out`` with ``before[d]`` zeros on both sides of
-    each spatial dim: its border slabs zeroed, then ``x`` copied inside."""
+def _zero_borders(out: Tensor, before: tuple[int, ...], size: list[int]) -> None:
+    """Zero the ``before[d]`` positions on both sides of each spatial dim of ``out``
+    ``(n, G, C_in/G, *S_padded)``, around an input of spatial ``size``."""
     everything = slice(None)
-    for d, (pad, keep) in enumerate(zip(before, inside, strict=True)):
+    for d, (pad, n) in enumerate(zip(before, size, strict=True)):
         if pad:
             lead = (everything,) * (3 + d)
             out[(*lead, slice(0, pad))].zero_()
-            out[(*lead, slice(keep.stop, None))].zero_()
-    out[(everything,) * 3 + inside].copy_(x)
+            out[(*lead, slice(pad + n, None))].zero_()
 
 
 def needs_padding(conv: nn.modules.conv._ConvNd) -> bool:
