@@ -28,8 +28,8 @@ slower on a CPU):
   chunk, and a thin layer's would each move little.
 
 Measured warm on a 2-core CPU with ``python benchmarks/step_anatomy.py --part windows``, against
-one copy per offset throughout: ``Conv2d(3, 32, 3, padding=1)`` on 64 images 2.97 -> 2.73 ms,
-``Conv2d(32, 64, 3, stride=2, padding=1)`` 15.2 -> 11.8 ms, ``Conv1d(1, 32, 5, padding=2)`` on
+one copy per offset throughout: ``Conv2d(3, 32, 3, padding=1)`` on 64 images 2.97 -> 2.53 ms,
+``Conv2d(32, 64, 3, stride=2, padding=1)`` 15.2 -> 11.3 ms, ``Conv1d(1, 32, 5, padding=2)`` on
 256 samples 236-246 -> 210 us; without padding, ``Conv2d(32, 64, 3, stride=2)`` 11.9 -> 11.2 ms
 and ``Conv1d(1, 32, 5)`` 219 -> 179-184 us. ``Conv1d(32, 32, 3, stride=2)`` was 5-9% slower
 in one copy (unpadded) and 9-11% slower through a padded chunk, hence the per-offset copies
